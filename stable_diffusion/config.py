@@ -1,0 +1,260 @@
+"""Configuration of each component, read from the model's own Hugging Face ``config.json``.
+
+``from_dict`` is the only place that knows the diffusers/transformers spellings. Defaults are the
+Stable Diffusion 2.1-base values. A config value that changes the math and is not implemented
+raises ``ValueError`` rather than being ignored.
+"""
+
+from dataclasses import dataclass, field, fields
+from typing import Optional, Tuple, Union
+
+
+def _as_tuple(value, n: int) -> tuple:
+    """Broadcast an int (or a length-1 list) to ``n`` entries, the way diffusers does."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"expected {n} values per block, got {list(value)}")
+        return tuple(value)
+    return (value,) * n
+
+
+def _require(config: dict, key: str, allowed, what: str):
+    value = config.get(key, allowed[0])
+    if value not in allowed:
+        raise ValueError(f"{what}: {key}={value!r} is not supported (supported: {list(allowed)})")
+
+
+@dataclass
+class CLIPTextModelConfig:
+    num_layers: int = 23
+    model_dims: int = 1024
+    num_heads: int = 16
+    max_length: int = 77
+    vocab_size: int = 49408
+    intermediate_size: int = 4096
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407
+    # Set for CLIPTextModelWithProjection (SDXL's second encoder): the pooled output is projected.
+    projection_dim: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "CLIPTextModelConfig":
+        archs = config.get("architectures") or ["CLIPTextModel"]
+        with_projection = "CLIPTextModelWithProjection" in archs
+        if config.get("hidden_act", "quick_gelu") not in ("gelu", "quick_gelu"):
+            raise ValueError(f"text encoder: hidden_act={config['hidden_act']!r} is not supported")
+        return cls(
+            num_layers=config["num_hidden_layers"],
+            model_dims=config["hidden_size"],
+            num_heads=config["num_attention_heads"],
+            max_length=config.get("max_position_embeddings", 77),
+            vocab_size=config["vocab_size"],
+            intermediate_size=config["intermediate_size"],
+            hidden_act=config.get("hidden_act", "quick_gelu"),
+            layer_norm_eps=config.get("layer_norm_eps", 1e-5),
+            eos_token_id=config.get("eos_token_id", 49407),
+            projection_dim=config.get("projection_dim") if with_projection else None,
+        )
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: Tuple[int, ...] = (2, 2, 2, 2)
+    mid_block_layers: int = 1
+    transformer_layers_per_block: Tuple[int, ...] = (1, 1, 1, 1)
+    # Up blocks read transformer depths in reverse unless the config gives them explicitly.
+    reverse_transformer_layers_per_block: Optional[Tuple[int, ...]] = None
+    num_attention_heads: Tuple[int, ...] = (5, 10, 20, 20)
+    cross_attention_dim: Tuple[int, ...] = (1024, 1024, 1024, 1024)
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    down_block_types: Tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
+    up_block_types: Tuple[str, ...] = (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
+    mid_block_type: Optional[str] = "UNetMidBlock2DCrossAttn"
+    downsample_padding: int = 1
+    use_linear_projection: bool = True
+    upcast_attention: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    # SDXL: "text_time" adds an embedding of the pooled text and the size/crop time ids.
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None
+    projection_class_embeddings_input_dim: Optional[int] = None
+    time_cond_proj_dim: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "UNetConfig":
+        what = "unet"
+        for key, allowed in [
+            ("act_fn", ("silu",)),
+            ("resnet_time_scale_shift", ("default",)),
+            ("time_embedding_type", ("positional",)),
+            ("class_embed_type", (None,)),
+            ("encoder_hid_dim_type", (None,)),
+            ("addition_embed_type", (None, "text_time")),
+            ("dual_cross_attention", (False,)),
+            ("only_cross_attention", (False,)),
+            ("center_input_sample", (False,)),
+            ("attention_type", ("default",)),
+            ("mid_block_type", ("UNetMidBlock2DCrossAttn", None)),
+            ("time_cond_proj_dim", (None,)),
+            ("resnet_skip_time_act", (False,)),
+            ("resnet_out_scale_factor", (1.0,)),
+            ("mid_block_scale_factor", (1,)),
+            ("cross_attention_norm", (None,)),
+            ("time_embedding_dim", (None,)),
+            ("timestep_post_act", (None,)),
+        ]:
+            _require(config, key, allowed, what)
+        for t in config["down_block_types"]:
+            if t not in ("CrossAttnDownBlock2D", "DownBlock2D"):
+                raise ValueError(f"unet: down block type {t!r} is not supported")
+        for t in config["up_block_types"]:
+            if t not in ("CrossAttnUpBlock2D", "UpBlock2D"):
+                raise ValueError(f"unet: up block type {t!r} is not supported")
+
+        n = len(config["block_out_channels"])
+        # diffusers' historical naming: when num_attention_heads is absent, attention_head_dim
+        # holds the number of heads (SD 1: 8, SD 2: [5, 10, 20, 20]).
+        heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+        reverse = config.get("reverse_transformer_layers_per_block")
+        if reverse is not None:
+            if any(isinstance(r, (list, tuple)) and len(set(r)) != 1 for r in reverse):
+                raise ValueError("unet: per-layer reverse_transformer_layers_per_block is not supported")
+            reverse = tuple(r[0] if isinstance(r, (list, tuple)) else r for r in reverse)
+        return cls(
+            in_channels=config.get("in_channels", 4),
+            out_channels=config.get("out_channels", 4),
+            conv_in_kernel=config.get("conv_in_kernel", 3),
+            conv_out_kernel=config.get("conv_out_kernel", 3),
+            block_out_channels=tuple(config["block_out_channels"]),
+            layers_per_block=_as_tuple(config.get("layers_per_block", 2), n),
+            transformer_layers_per_block=_as_tuple(config.get("transformer_layers_per_block", 1), n),
+            reverse_transformer_layers_per_block=reverse,
+            num_attention_heads=_as_tuple(heads, n),
+            cross_attention_dim=_as_tuple(config.get("cross_attention_dim", 1280), n),
+            norm_num_groups=config.get("norm_num_groups", 32),
+            norm_eps=config.get("norm_eps", 1e-5),
+            down_block_types=tuple(config["down_block_types"]),
+            up_block_types=tuple(config["up_block_types"]),
+            mid_block_type=config.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
+            downsample_padding=config.get("downsample_padding", 1),
+            use_linear_projection=config.get("use_linear_projection", False),
+            upcast_attention=config.get("upcast_attention", False) or False,
+            flip_sin_to_cos=config.get("flip_sin_to_cos", True),
+            freq_shift=config.get("freq_shift", 0),
+            addition_embed_type=config.get("addition_embed_type"),
+            addition_time_embed_dim=config.get("addition_time_embed_dim"),
+            projection_class_embeddings_input_dim=config.get("projection_class_embeddings_input_dim"),
+        )
+
+
+@dataclass
+class AutoencoderConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: Tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: Optional[float] = None
+    # SDXL's VAE overflows in float16: diffusers decodes it in float32 when this is set.
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "AutoencoderConfig":
+        _require(config, "act_fn", ("silu",), "vae")
+        for t in config.get("down_block_types", ()):
+            if t != "DownEncoderBlock2D":
+                raise ValueError(f"vae: down block type {t!r} is not supported")
+        for t in config.get("up_block_types", ()):
+            if t != "UpDecoderBlock2D":
+                raise ValueError(f"vae: up block type {t!r} is not supported")
+        if config.get("latents_mean") is not None:
+            raise ValueError("vae: latents_mean/latents_std normalisation is not supported")
+        return cls(
+            in_channels=config.get("in_channels", 3),
+            out_channels=config.get("out_channels", 3),
+            latent_channels=config.get("latent_channels", 4),
+            block_out_channels=tuple(config["block_out_channels"]),
+            layers_per_block=config.get("layers_per_block", 2),
+            norm_num_groups=config.get("norm_num_groups", 32),
+            scaling_factor=config.get("scaling_factor", 0.18215),
+            shift_factor=config.get("shift_factor"),
+            force_upcast=config.get("force_upcast", True),
+            use_quant_conv=config.get("use_quant_conv", True),
+            use_post_quant_conv=config.get("use_post_quant_conv", True),
+            mid_block_add_attention=config.get("mid_block_add_attention", True),
+        )
+
+
+@dataclass
+class SchedulerConfig:
+    """The union of what diffusers' Euler, Euler ancestral, DDIM and DPM-Solver++ configs use."""
+
+    class_name: str = "EulerDiscreteScheduler"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    # None: the default of the diffusers class the sampler follows (DDIM "leading", others "linspace").
+    timestep_spacing: Optional[str] = "leading"
+    steps_offset: int = 1
+    use_karras_sigmas: bool = False
+    interpolation_type: str = "linear"
+    final_sigmas_type: str = "zero"
+    rescale_betas_zero_snr: bool = False
+    # DDIM
+    set_alpha_to_one: bool = False
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    # DPM-Solver
+    solver_order: int = 2
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "SchedulerConfig":
+        if config.get("trained_betas") is not None:
+            raise ValueError("scheduler: trained_betas is not supported")
+        for key in ("use_exponential_sigmas", "use_beta_sigmas", "thresholding"):
+            if config.get(key):
+                raise ValueError(f"scheduler: {key}=True is not supported")
+        if config.get("beta_schedule", "linear") not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            raise ValueError(f"scheduler: beta_schedule={config['beta_schedule']!r} is not supported")
+        if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"scheduler: prediction_type={config['prediction_type']!r} is not supported")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in config.items() if k in known and v is not None}
+        values["class_name"] = config.get("_class_name", cls.class_name)
+        values.setdefault("beta_start", 0.0001)
+        values.setdefault("beta_end", 0.02)
+        values.setdefault("beta_schedule", "linear")
+        values.setdefault("timestep_spacing", None)
+        values.setdefault("steps_offset", 0)
+        return cls(**values)
