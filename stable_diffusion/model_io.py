@@ -176,6 +176,16 @@ def load_weights_strict(model, weights: dict, where: str):
     model.load_weights(list(weights.items()), strict=True)
 
 
+def read_model_index(root: Path) -> dict:
+    path = root / "model_index.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot be read as JSON ({e})") from None
+
+
 def load_component(root: Path, component: str, model_cls, config_cls, dtype=mx.float32, float16_files: bool = False):
     """Build ``model_cls(config_cls.from_dict(config.json))`` and load its safetensors weights."""
     folder = component_dir(root, component)
@@ -190,5 +200,4 @@ def load_component(root: Path, component: str, model_cls, config_cls, dtype=mx.f
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     load_weights_strict(model, weights, str(paths[0]) if len(paths) == 1 else str(folder))
     model.eval()
-    mx.eval(model.parameters())
-    return model
+    return model  # parameters stay lazy until first use (or ensure_models_are_loaded)
