@@ -1,0 +1,437 @@
+"""The Stable Diffusion denoising UNet (SD 1.x, SD 2.x, SDXL), in NHWC.
+
+Follows diffusers' ``UNet2DConditionModel`` (models/unets/unet_2d_condition.py) and the blocks it
+builds: ``ResnetBlock2D`` (resnet.py), ``Downsample2D``/``Upsample2D``, ``CrossAttnDownBlock2D``,
+``DownBlock2D``, ``UNetMidBlock2DCrossAttn``, ``CrossAttnUpBlock2D``, ``UpBlock2D``
+(unet_2d_blocks.py), ``Transformer2DModel`` and ``BasicTransformerBlock`` with a GEGLU feed-forward
+(transformers/transformer_2d.py, attention.py), ``Timesteps``/``TimestepEmbedding``
+(embeddings.py) and SDXL's "text_time" added embedding. Module names are the diffusers state-dict
+keys, so ``sanitize`` only moves conv weights to MLX's (out, kh, kw, in) layout.
+
+Numerics: the model runs in the dtype of its weights. Normalisation statistics are taken in
+float32, the timestep sinusoids are computed in float32 (then cast, as diffusers does), and the
+attention softmax runs in float32 inside ``mx.fast.scaled_dot_product_attention``.
+"""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import UNetConfig
+
+
+def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> mx.array:
+    """diffusers' ``get_timestep_embedding``: (N,) timesteps -> (N, dim) sinusoids, in float32."""
+    half = dim // 2
+    exponent = -math.log(10000) * mx.arange(half, dtype=mx.float32) / (half - freq_shift)
+    args = t.astype(mx.float32)[:, None] * mx.exp(exponent)[None]  # (N, half)
+    sin, cos = mx.sin(args), mx.cos(args)
+    emb = mx.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = mx.pad(emb, [(0, 0), (0, 1)])
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """linear_1 -> SiLU -> linear_2 (diffusers ``TimestepEmbedding`` with act_fn="silu")."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(nn.silu(self.linear_1(x)))
+
+
+class GroupNorm(nn.Module):
+    """PyTorch ``GroupNorm`` on NHWC input, statistics in float32, without transposing to NCHW."""
+
+    def __init__(self, num_groups: int, dims: int, eps: float):
+        super().__init__()
+        self.num_groups = num_groups
+        self.eps = eps
+        self.weight = mx.ones((dims,))
+        self.bias = mx.zeros((dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        g = x.reshape(B, H * W, self.num_groups, C // self.num_groups).astype(mx.float32)  # (B, HW, G, C/G)
+        mean = mx.mean(g, axis=(1, 3), keepdims=True)
+        var = mx.var(g, axis=(1, 3), keepdims=True)
+        g = (g - mean) * mx.rsqrt(var + self.eps)
+        return g.reshape(B, H, W, C).astype(x.dtype) * self.weight + self.bias
+
+
+def _attention_scores_stay_float32() -> bool:
+    # On a CUDA GPU, fp16/bf16 attention runs in cuDNN's fused kernel, which keeps the scores in
+    # float32. The composed fallback (CPU, or Metal for some head sizes) stores Q·K^T in the input
+    # dtype before its float32 softmax.
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+class Attention(nn.Module):
+    """Multi-head attention with bias-free q/k/v and a biased output projection (diffusers ``Attention``)."""
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None, upcast: bool = False):
+        super().__init__()
+        inner = heads * head_dim
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.scale = head_dim**-0.5
+        self.upcast = upcast
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = [nn.Linear(inner, query_dim)]
+
+    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
+        context = x if context is None else context
+        B, L, _ = x.shape
+        S = context.shape[1]
+        q = self.to_q(x).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)  # (B, h, L, d)
+        k = self.to_k(context).reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)  # (B, h, S, d)
+        v = self.to_v(context).reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)
+        dtype = q.dtype
+        if self.upcast and dtype != mx.float32 and not _attention_scores_stay_float32():
+            # upcast_attention: scores in float32 (SD 2.x overflows fp16 otherwise).
+            q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale).astype(dtype)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, h*d)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """proj -> (hidden, gate) halves -> hidden * gelu(gate), exact (erf) GELU."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        hidden, gate = mx.split(self.proj(x), 2, axis=-1)
+        return hidden * nn.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """diffusers ``FeedForward`` with activation_fn="geglu", mult=4: net.0 (GEGLU), net.1 (dropout), net.2."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = [GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention and feed-forward, each with a residual."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, upcast: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn1 = Attention(dim, heads, head_dim, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.ff = FeedForward(dim)
+
+    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm (eps 1e-6) -> proj_in -> transformer blocks -> proj_out, plus the input."""
+
+    def __init__(self, config: UNetConfig, channels: int, heads: int, depth: int, context_dim: int):
+        super().__init__()
+        head_dim = channels // heads
+        inner = heads * head_dim
+        self.norm = GroupNorm(config.norm_num_groups, channels, eps=1e-6)
+        # A 1x1 conv on NHWC is a per-pixel linear map: both spellings keep their diffusers names.
+        if config.use_linear_projection:
+            self.proj_in = nn.Linear(channels, inner)
+            self.proj_out = nn.Linear(inner, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, kernel_size=1)
+            self.proj_out = nn.Conv2d(inner, channels, kernel_size=1)
+        self.transformer_blocks = [
+            BasicTransformerBlock(inner, heads, head_dim, context_dim, config.upcast_attention) for _ in range(depth)
+        ]
+
+    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        h = self.proj_in(self.norm(x))
+        h = h.reshape(B, H * W, -1)  # (B, HW, inner)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = h.reshape(B, H, W, -1)
+        return self.proj_out(h) + x
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv, plus the projected time embedding, GroupNorm-SiLU-conv, plus a shortcut."""
+
+    def __init__(self, config: UNetConfig, in_channels: int, out_channels: int, temb_channels: int):
+        super().__init__()
+        groups, eps = config.norm_num_groups, config.norm_eps
+        self.norm1 = GroupNorm(groups, in_channels, eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = GroupNorm(groups, out_channels, eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    def __call__(self, x: mx.array, temb_act: mx.array) -> mx.array:
+        """``temb_act`` is SiLU(time embedding), computed once for all resnets."""
+        h = self.conv1(nn.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(temb_act)[:, None, None, :]
+        h = self.conv2(nn.silu(self.norm2(h)))
+        shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
+        return shortcut + h
+
+
+class Downsample2D(nn.Module):
+    """A stride-2 3x3 conv; with padding 0 the input is first padded on the right and bottom only."""
+
+    def __init__(self, channels: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.padding == 0:
+            x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
+        return self.conv(x)
+
+
+def upsample_nearest(x: mx.array, size: tuple[int, int]) -> mx.array:
+    """PyTorch ``F.interpolate(mode="nearest")`` to ``size``: 2x by broadcasting, any other size by gathering."""
+    B, H, W, C = x.shape
+    if size == (2 * H, 2 * W):
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
+        return x.reshape(B, 2 * H, 2 * W, C)
+    # PyTorch's source index: floor(dst * (in / out)) in float32, clamped to in - 1.
+    rows, cols = (
+        np.minimum(np.floor(np.arange(out, dtype=np.float32) * np.float32(n / out)), n - 1).astype(np.int32)
+        for n, out in ((H, size[0]), (W, size[1]))
+    )
+    return mx.take(mx.take(x, mx.array(rows), axis=1), mx.array(cols), axis=2)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour upsampling (to the skip connection's size) followed by a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
+        return self.conv(upsample_nearest(x, size))
+
+
+class DownBlock(nn.Module):
+    """``DownBlock2D`` / ``CrossAttnDownBlock2D``: resnets (each followed by a transformer when
+    cross-attending), then an optional downsample; every intermediate output is a skip."""
+
+    def __init__(self, config: UNetConfig, i: int, in_channels: int, temb_channels: int):
+        super().__init__()
+        out_channels = config.block_out_channels[i]
+        n = config.layers_per_block[i]
+        self.resnets = [
+            ResnetBlock2D(config, in_channels if j == 0 else out_channels, out_channels, temb_channels)
+            for j in range(n)
+        ]
+        if config.down_block_types[i] == "CrossAttnDownBlock2D":
+            self.attentions = [
+                Transformer2DModel(
+                    config,
+                    out_channels,
+                    config.num_attention_heads[i],
+                    config.transformer_layers_per_block[i],
+                    config.cross_attention_dim[i],
+                )
+                for _ in range(n)
+            ]
+        if i < len(config.block_out_channels) - 1:
+            self.downsamplers = [Downsample2D(out_channels, config.downsample_padding)]
+
+    def __call__(self, x: mx.array, temb_act: mx.array, context: mx.array) -> tuple[mx.array, list[mx.array]]:
+        skips = []
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(x, temb_act)
+            if "attentions" in self:
+                x = self.attentions[j](x, context)
+            skips.append(x)
+        if "downsamplers" in self:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    """resnet, then (transformer, resnet) pairs."""
+
+    def __init__(self, config: UNetConfig, temb_channels: int):
+        super().__init__()
+        channels = config.block_out_channels[-1]
+        self.resnets = [
+            ResnetBlock2D(config, channels, channels, temb_channels) for _ in range(config.mid_block_layers + 1)
+        ]
+        self.attentions = [
+            Transformer2DModel(
+                config,
+                channels,
+                config.num_attention_heads[-1],
+                config.transformer_layers_per_block[-1],
+                config.cross_attention_dim[-1],
+            )
+            for _ in range(config.mid_block_layers)
+        ]
+
+    def __call__(self, x: mx.array, temb_act: mx.array, context: mx.array) -> mx.array:
+        x = self.resnets[0](x, temb_act)
+        for attn, resnet in zip(self.attentions, self.resnets[1:]):
+            x = resnet(attn(x, context), temb_act)
+        return x
+
+
+class UpBlock(nn.Module):
+    """``UpBlock2D`` / ``CrossAttnUpBlock2D``: layers_per_block + 1 resnets, each on the running
+    features concatenated with one skip (last in, first out), then an optional upsample."""
+
+    def __init__(self, config: UNetConfig, i: int, prev_channels: int, temb_channels: int):
+        super().__init__()
+        reversed_channels = config.block_out_channels[::-1]
+        out_channels = reversed_channels[i]
+        skip_in = reversed_channels[min(i + 1, len(reversed_channels) - 1)]
+        n = config.layers_per_block[::-1][i] + 1
+        self.resnets = [
+            ResnetBlock2D(
+                config,
+                (prev_channels if j == 0 else out_channels) + (skip_in if j == n - 1 else out_channels),
+                out_channels,
+                temb_channels,
+            )
+            for j in range(n)
+        ]
+        if config.up_block_types[i] == "CrossAttnUpBlock2D":
+            depths = config.reverse_transformer_layers_per_block or config.transformer_layers_per_block[::-1]
+            self.attentions = [
+                Transformer2DModel(
+                    config,
+                    out_channels,
+                    config.num_attention_heads[::-1][i],
+                    depths[i],
+                    config.cross_attention_dim[::-1][i],
+                )
+                for _ in range(n)
+            ]
+        if i < len(reversed_channels) - 1:
+            self.upsamplers = [Upsample2D(out_channels)]
+
+    def __call__(
+        self, x: mx.array, skips: list[mx.array], temb_act: mx.array, context: mx.array, size: tuple[int, int] | None
+    ) -> mx.array:
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(mx.concatenate([x, skips.pop()], axis=-1), temb_act)
+            if "attentions" in self:
+                x = self.attentions[j](x, context)
+        if "upsamplers" in self:
+            x = self.upsamplers[0](x, size)
+        return x
+
+
+class UNetModel(nn.Module):
+    """diffusers ``UNet2DConditionModel`` for SD 1.x / 2.x / SDXL, NHWC in and out."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        if config.mid_block_type not in ("UNetMidBlock2DCrossAttn", None):
+            raise ValueError(f"unet: mid_block_type={config.mid_block_type!r} is not supported")
+        if config.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"unet: addition_embed_type={config.addition_embed_type!r} is not supported")
+        if config.time_cond_proj_dim is not None:
+            raise ValueError("unet: time_cond_proj_dim is not supported")
+        self.config = config
+        channels = config.block_out_channels
+        time_embed_dim = 4 * channels[0]
+
+        self.conv_in = nn.Conv2d(
+            config.in_channels, channels[0], config.conv_in_kernel, padding=(config.conv_in_kernel - 1) // 2
+        )
+        self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim)
+        if config.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, time_embed_dim)
+
+        self.down_blocks = [
+            DownBlock(config, i, channels[max(i - 1, 0)], time_embed_dim) for i in range(len(channels))
+        ]
+        if config.mid_block_type == "UNetMidBlock2DCrossAttn":
+            self.mid_block = UNetMidBlock2DCrossAttn(config, time_embed_dim)
+        self.up_blocks = [
+            UpBlock(config, i, channels[::-1][max(i - 1, 0)], time_embed_dim) for i in range(len(channels))
+        ]
+
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], config.norm_eps)
+        self.conv_out = nn.Conv2d(
+            channels[0], config.out_channels, config.conv_out_kernel, padding=(config.conv_out_kernel - 1) // 2
+        )
+
+    def __call__(
+        self,
+        x: mx.array,
+        timestep: mx.array,
+        encoder_x: mx.array,
+        text_time: tuple[mx.array, mx.array] | None = None,
+    ) -> mx.array:
+        """x (B, H, W, C_in); timestep scalar or (B,); encoder_x (B, L, D); SDXL's text_time =
+        (pooled text embeds (B, P), time ids (B, 6)). Returns (B, H, W, C_out)."""
+        config = self.config
+        dtype = self.conv_in.weight.dtype
+        B = x.shape[0]
+        x = x.astype(dtype)
+        encoder_x = encoder_x.astype(dtype)
+
+        t = mx.broadcast_to(mx.array(timestep).astype(mx.float32).reshape(-1), (B,))
+        t_emb = timestep_embedding(t, config.block_out_channels[0], config.flip_sin_to_cos, config.freq_shift)
+        emb = self.time_embedding(t_emb.astype(dtype))
+        if config.addition_embed_type == "text_time":
+            if text_time is None:
+                raise ValueError("this UNet (SDXL) needs text_time=(text_embeds, time_ids)")
+            text_embeds, time_ids = text_time
+            time_embeds = timestep_embedding(
+                time_ids.reshape(-1), config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift
+            ).reshape(B, -1)  # (B, 6 * addition_time_embed_dim)
+            add_embeds = mx.concatenate([text_embeds.astype(mx.float32), time_embeds], axis=-1).astype(dtype)
+            emb = emb + self.add_embedding(add_embeds)
+        temb_act = nn.silu(emb)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, temb_act, encoder_x)
+            skips += block_skips
+
+        if "mid_block" in self:
+            h = self.mid_block(h, temb_act, encoder_x)
+
+        for block in self.up_blocks:
+            block_skips = skips[-len(block.resnets) :]
+            skips = skips[: -len(block.resnets)]
+            # Upsample to the next skip's size: 2x, or diffusers' forwarded size for odd inputs.
+            size = tuple(skips[-1].shape[1:3]) if skips else None
+            h = block(h, block_skips, temb_act, encoder_x, size)
+
+        h = nn.silu(self.conv_norm_out(h))
+        return self.conv_out(h)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        # PyTorch convs are (out, in, kh, kw); MLX wants (out, kh, kw, in). This includes the 1x1
+        # conv proj_in/proj_out of SD 1.x transformers.
+        return {k: v.transpose(0, 2, 3, 1) if v.ndim == 4 else v for k, v in weights.items()}

@@ -1,0 +1,149 @@
+"""UNet parity with diffusers' UNet2DConditionModel on tiny random models (NCHW there, NHWC here)."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+import tiny_models
+from stable_diffusion.config import UNetConfig
+from stable_diffusion.model_io import ModelLoadError, load_component
+from stable_diffusion.unet import UNetModel
+
+POOLED_DIM = 32
+TIME_EMBED_DIM = 8
+SDXL_UNET = dict(  # SDXL's layout at toy size: no attention at the top level, deeper transformers below
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2),
+    reverse_transformer_layers_per_block=(3, 1, 1),
+    attention_head_dim=(2, 4, 8),
+    cross_attention_dim=64,
+    norm_num_groups=8,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=TIME_EMBED_DIM,
+    projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_EMBED_DIM,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_unet(tmp_path_factory):
+    """A model folder holding only an SDXL-shaped unet/."""
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(**SDXL_UNET)
+    tiny_models._randomize(unet)
+    root = tmp_path_factory.mktemp("tiny_sdxl_unet")
+    unet.save_pretrained(root / "unet")
+    return root
+
+
+def _inputs(batch=2, size=(16, 16), context_dim=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, *size, 4)).astype(np.float32)
+    context = rng.standard_normal((batch, 7, context_dim)).astype(np.float32)
+    return x, context
+
+
+def _sdxl_conditioning(batch=2, seed=1):
+    rng = np.random.default_rng(seed)
+    text_embeds = rng.standard_normal((batch, POOLED_DIM)).astype(np.float32)
+    time_ids = np.array([[1024, 1024, 0, 0, 1024, 1024], [768, 1344, 32, 16, 1024, 1024]], np.float32)[:batch]
+    return text_embeds, time_ids
+
+
+def _reference(root, x, t, context, text_time=None):
+    unet = UNet2DConditionModel.from_pretrained(root / "unet").eval()
+    added = None
+    if text_time is not None:
+        added = {"text_embeds": torch.from_numpy(text_time[0]), "time_ids": torch.from_numpy(text_time[1])}
+    with torch.no_grad():
+        out = unet(
+            torch.from_numpy(x.transpose(0, 3, 1, 2)),
+            torch.tensor(t),
+            encoder_hidden_states=torch.from_numpy(context),
+            added_cond_kwargs=added,
+        ).sample
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
+def _ours(model, x, t, context, text_time=None):
+    if text_time is not None:
+        text_time = (mx.array(text_time[0]), mx.array(text_time[1]))
+    out = model(mx.array(x), mx.array(t), mx.array(context), text_time)
+    assert out.dtype == model.conv_in.weight.dtype
+    return np.array(out.astype(mx.float32))
+
+
+def _rel(ours, ref):
+    return np.abs(ours - ref).max() / np.abs(ref).max()
+
+
+TIMESTEPS = [517.3, np.array([517.3, 20.7], np.float32)]
+
+
+@pytest.mark.parametrize("flavour", ["tiny_sd1", "tiny_sd2"])
+def test_unet_matches_diffusers_for_float_and_per_sample_timesteps(flavour, request):
+    root = request.getfixturevalue(flavour)
+    model = load_component(root, "unet", UNetModel, UNetConfig)
+    x, context = _inputs()
+    for t in TIMESTEPS:
+        ref = _reference(root, x, t, context)
+        assert _rel(_ours(model, x, t, context), ref) <= 1e-5
+
+
+def test_sdxl_shaped_unet_matches_diffusers_with_text_time(tiny_sdxl_unet):
+    model = load_component(tiny_sdxl_unet, "unet", UNetModel, UNetConfig)
+    x, context = _inputs(context_dim=64)
+    text_time = _sdxl_conditioning()
+    for t in TIMESTEPS:
+        ref = _reference(tiny_sdxl_unet, x, t, context, text_time)
+        assert _rel(_ours(model, x, t, context, text_time), ref) <= 1e-5
+
+
+def test_sdxl_shaped_unet_requires_text_time(tiny_sdxl_unet):
+    model = load_component(tiny_sdxl_unet, "unet", UNetModel, UNetConfig)
+    x, context = _inputs(context_dim=64)
+    with pytest.raises(ValueError, match="text_time"):
+        model(mx.array(x), mx.array(10.0), mx.array(context))
+
+
+def test_unet_upsamples_to_the_skip_size_for_latents_not_a_multiple_of_four(tiny_sd1):
+    # 10x14 latents: 10 -> 5 -> 3 and 14 -> 7 -> 4 going down; diffusers forwards the skip sizes up.
+    model = load_component(tiny_sd1, "unet", UNetModel, UNetConfig)
+    x, context = _inputs(size=(10, 14))
+    ref = _reference(tiny_sd1, x, 517.3, context)
+    out = _ours(model, x, 517.3, context)
+    assert out.shape == x.shape
+    assert _rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("flavour", ["tiny_sd2", "tiny_sdxl_unet"])
+def test_float16_unet_is_finite_and_close_to_the_float32_reference(flavour, request):
+    root = request.getfixturevalue(flavour)
+    model = load_component(root, "unet", UNetModel, UNetConfig, dtype=mx.float16)
+    sdxl = flavour == "tiny_sdxl_unet"
+    x, context = _inputs(context_dim=64 if sdxl else 32)
+    text_time = _sdxl_conditioning() if sdxl else None
+    t = np.array([517.3, 20.7], np.float32)
+    out = _ours(model, x, t, context, text_time)
+    assert np.isfinite(out).all()
+    assert _rel(out, _reference(root, x, t, context, text_time)) <= 1e-2
+
+
+def test_unet_with_an_unsupported_config_value_is_refused(tiny_sd1, tmp_path):
+    shutil.copytree(tiny_sd1 / "unet", tmp_path / "unet")
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    config["resnet_time_scale_shift"] = "scale_shift"
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="resnet_time_scale_shift"):
+        load_component(tmp_path, "unet", UNetModel, UNetConfig)
