@@ -1,0 +1,277 @@
+"""Image files for the scripts: read any picture as RGB, resize to a multiple, grids, A1111 metadata, safe writes.
+
+Also the few command-line helpers the scripts share: one-line user errors with exit status 2,
+Ctrl-C as exit status 130, output paths checked before any model loads.
+
+The PNG metadata is the ``parameters`` text chunk written by AUTOMATIC1111's web UI
+(``modules/infotext_utils.py``), which A1111's PNG Info, ComfyUI importers and Civitai read::
+
+    a photo of an astronaut
+    Negative prompt: blurry
+    Steps: 50, Sampler: Euler, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd-2.1-base
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Extension -> PIL format. Only PNG carries the parameters chunk.
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+class UsageError(Exception):
+    """Bad input from the user: the message is printed as one line and the script exits with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_cli(main, prog: str):
+    """Run ``main()``; user errors become one stderr line and exit 2, Ctrl-C exits 130."""
+    from .model_io import ModelLoadError
+
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{prog}: warning: {message}\n"
+    try:
+        main()
+    except (UsageError, ModelLoadError) as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+def check_output_path(path: str) -> Path:
+    """Fail early (before any model loads) when ``path`` cannot be written."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in FORMATS:
+        known = ", ".join(FORMATS)
+        raise UsageError(f"output {str(path)!r}: unknown image extension {path.suffix or '(none)'!r}; use one of {known}")
+    if path.is_dir():
+        raise UsageError(f"output {str(path)!r} is a directory; give a file name such as {str(path / 'out.png')!r}")
+    folder = path.parent
+    if not folder.exists():
+        raise UsageError(f"output directory {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise UsageError(f"output directory {str(folder)!r} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {str(folder)!r} is not writable")
+    return path
+
+
+def sibling(path: Path, *suffixes) -> Path:
+    """``out.png`` -> ``out_<s1>_<s2>.png``: interim and individual images sit beside the output."""
+    return path.with_name("_".join([path.stem, *map(str, suffixes)]) + path.suffix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_image(path: str) -> Image.Image:
+    """Open any image file as an 8-bit RGB picture, EXIF orientation applied.
+
+    Transparency (RGBA, LA, P with a transparent colour) is composited over white; 16-bit and
+    32-bit greyscale are scaled to 8 bits; CMYK and the other modes go through PIL's conversion.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"input image {str(path)!r} does not exist")
+    if p.is_dir():
+        raise UsageError(f"input image {str(path)!r} is a directory")
+    try:
+        with Image.open(p) as image:
+            image.load()
+            image = _oriented(image)
+            return to_rgb(image)
+    except PermissionError:
+        raise UsageError(f"input image {str(path)!r} cannot be read (permission denied)") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise UsageError(f"input image {str(path)!r} is not an image PIL can read ({one_line(e)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise UsageError(f"input image {str(path)!r} is corrupt or truncated ({one_line(e)})") from None
+
+
+def _oriented(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block only loses the rotation, not the picture
+        return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        # Integer greyscale is 16-bit data (PNG); float data is taken as [0, 1] when it fits there.
+        scale = 1 / 257 if image.mode != "F" else (255 if a.max(initial=0) <= 1 else 1)
+        grey = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_to_multiple(image: Image.Image, multiple: int, allow_resize: bool = True) -> Image.Image:
+    """Shrink each side down to a multiple of ``multiple`` (Lanczos), or refuse when resizing is off."""
+    w, h = image.size
+    if w < multiple or h < multiple:
+        raise UsageError(f"the input image is {w}x{h}; each side must be at least {multiple} px")
+    new = (w // multiple * multiple, h // multiple * multiple)
+    if new == (w, h):
+        return image
+    if not allow_resize:
+        raise UsageError(f"the input image is {w}x{h}, not a multiple of {multiple} px on each side (--no-resize is set)")
+    print(f"resizing the input image from {w}x{h} to {new[0]}x{new[1]} (multiples of {multiple} px)", file=sys.stderr)
+    return image.resize(new, Image.Resampling.LANCZOS)
+
+
+def to_model_input(image: Image.Image) -> np.ndarray:
+    """RGB picture -> (H, W, 3) float32 in [-1, 1], what the facade's img2img takes."""
+    return np.asarray(image, dtype=np.float32) / 127.5 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Building pictures
+
+
+def to_uint8(images) -> np.ndarray:
+    """(N, H, W, 3) floats in [0, 1] (mx or numpy) -> uint8, NaN as black."""
+    a = np.nan_to_num(np.asarray(images, dtype=np.float32), nan=0.0)
+    return np.clip(np.rint(a * 255), 0, 255).astype(np.uint8)
+
+
+def grid(images: np.ndarray, n_rows: int) -> np.ndarray:
+    """(N, H, W, C) -> one (n_rows H, N/n_rows W, C) picture, images in reading order."""
+    n, h, w, c = images.shape
+    if n % n_rows:
+        raise ValueError(f"{n} images do not fill {n_rows} rows")
+    n_cols = n // n_rows
+    x = images.reshape(n_rows, n_cols, h, w, c)
+    return x.transpose(0, 2, 1, 3, 4).reshape(n_rows * h, n_cols * w, c)  # (rows*H, cols*W, C)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata
+
+
+def _quote(value) -> str:
+    """A1111's quoting: values holding a comma, colon or newline are written as JSON strings."""
+    text = str(value)
+    if "," not in text and ":" not in text and "\n" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def format_parameters(prompt: str, negative_prompt: str = "", **fields) -> str:
+    """The A1111 ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value`` pairs.
+
+    Field names are given with underscores (``CFG_scale=7.5``) and written with spaces; None is skipped.
+    """
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    pairs = [f"{k.replace('_', ' ')}: {_quote(v)}" for k, v in fields.items() if v is not None]
+    lines.append(", ".join(pairs))
+    return "\n".join(lines)
+
+
+_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's re_param
+
+
+def parse_parameters(text: str) -> dict:
+    """Read A1111 ``parameters`` text back: {"Prompt", "Negative prompt", and every Key: value}."""
+    *head, last = text.strip("\n").split("\n")
+    if len(_PAIR.findall(last)) < 3:  # no parameter line at all: everything is prompt
+        head, last = [*head, last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in head:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    result = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PAIR.findall(last):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value)
+        result[key.strip()] = value
+    return result
+
+
+def read_parameters(path) -> str | None:
+    """The ``parameters`` text chunk of a PNG file, or None."""
+    with Image.open(path) as image:
+        return image.info.get("parameters")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_image(picture, path: Path, parameters: str | None = None) -> Path:
+    """Write a picture (PIL image or (H, W, 3) uint8) atomically: a temporary file in the same folder, then a rename.
+
+    Ctrl-C or an error leaves no partial file, and an existing file is replaced only once the
+    new one is complete. PNGs get the A1111 ``parameters`` text chunk.
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    path = Path(path)
+    image = picture if isinstance(picture, Image.Image) else Image.fromarray(np.asarray(picture), "RGB")
+    fmt = FORMATS[path.suffix.lower()]
+    options = {}
+    if fmt == "PNG" and parameters is not None:
+        info = PngInfo()
+        info.add_text("parameters", parameters)  # tEXt as A1111 writes it; PIL switches to UTF-8 iTXt when needed
+        options["pnginfo"] = info
+    elif fmt == "JPEG":
+        options["quality"] = 95
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt, **options)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
