@@ -1,0 +1,268 @@
+"""The Stable Diffusion variational autoencoder (KL-regularised), in NHWC.
+
+Follows diffusers' ``AutoencoderKL`` (models/autoencoders/autoencoder_kl.py) with its ``Encoder`` and
+``Decoder`` (autoencoders/vae.py), ``DownEncoderBlock2D``, ``UpDecoderBlock2D`` and
+``UNetMidBlock2D`` (unets/unet_2d_blocks.py), ``ResnetBlock2D``, ``Downsample2D`` and
+``Upsample2D`` (resnet.py, downsampling.py, upsampling.py) and the mid block's ``Attention`` with
+``AttnProcessor2_0`` (attention_processor.py). Module names are the diffusers state-dict keys.
+"""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import AutoencoderConfig
+
+EPS = 1e-6
+
+# Attention key spellings of checkpoints saved before diffusers' Attention class (the "deprecated
+# attention block"), still found on the Hub; diffusers renames them on load the same way.
+_LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+class GroupNorm(nn.GroupNorm):
+    """PyTorch-compatible GroupNorm with float32 statistics, computed without transposes."""
+
+    def __init__(self, num_groups: int, dims: int):
+        super().__init__(num_groups, dims, eps=EPS, pytorch_compatible=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        g = x.reshape(B, H * W, self.num_groups, C // self.num_groups).astype(mx.float32)
+        mean = g.mean(axis=(1, 3), keepdims=True)
+        g = g - mean
+        var = mx.square(g).mean(axis=(1, 3), keepdims=True)
+        g = (g * mx.rsqrt(var + self.eps)).reshape(B, H, W, C)
+        return (g * self.weight + self.bias).astype(x.dtype)
+
+
+class ResnetBlock2D(nn.Module):
+    """Two GroupNorm-SiLU-conv layers with a residual (1x1 conv when the width changes); no time embedding."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = GroupNorm(groups, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv2(nn.silu(self.norm2(h)))
+        if "conv_shortcut" in self:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all pixels, with its own GroupNorm and a residual."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = GroupNorm(groups, channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = [nn.Linear(channels, channels)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        h = self.group_norm(x).reshape(B, 1, H * W, C)  # (B, heads=1, HW, C)
+        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
+        # The fused kernels, and their fallback (a precise softmax), take the softmax in float32.
+        h = mx.fast.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(C))
+        h = self.to_out[0](h).reshape(B, H, W, C)
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv after zero padding one row and column at the bottom/right only."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # The original LDM encoder pads asymmetrically, so the kernel windows start at pixel 0.
+        x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
+        x = x.reshape(B, H * 2, W * 2, C)
+        return self.conv(x)
+
+
+class DownEncoderBlock2D(nn.Module):
+    """Resnets, then an optional downsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_downsample: bool):
+        super().__init__()
+        self.resnets = [
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
+        ]
+        if add_downsample:
+            self.downsamplers = [Downsample2D(out_channels)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if "downsamplers" in self:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    """Resnets, then an optional upsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_upsample: bool):
+        super().__init__()
+        self.resnets = [
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
+        ]
+        if add_upsample:
+            self.upsamplers = [Upsample2D(out_channels)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if "upsamplers" in self:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class UNetMidBlock2D(nn.Module):
+    """Resnet, attention, resnet (the attention is optional)."""
+
+    def __init__(self, channels: int, groups: int, add_attention: bool):
+        super().__init__()
+        self.attentions = [Attention(channels, groups)] if add_attention else []
+        self.resnets = [ResnetBlock2D(channels, channels, groups) for _ in range(2)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.resnets[0](x)
+        for attention in self.attentions:
+            x = attention(x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Module):
+    """Image -> the mean and log-variance of the latent posterior, concatenated on channels."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        channels = config.block_out_channels
+        groups = config.norm_num_groups
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.down_blocks = [
+            DownEncoderBlock2D(
+                channels[max(i - 1, 0)],
+                channels[i],
+                config.layers_per_block,
+                groups,
+                add_downsample=i < len(channels) - 1,
+            )
+            for i in range(len(channels))
+        ]
+        self.mid_block = UNetMidBlock2D(channels[-1], groups, config.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(groups, channels[-1])
+        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """Latents -> image; each up block has one more resnet than the encoder's down blocks."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        channels = tuple(reversed(config.block_out_channels))
+        groups = config.norm_num_groups
+        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], 3, padding=1)
+        self.mid_block = UNetMidBlock2D(channels[0], groups, config.mid_block_add_attention)
+        self.up_blocks = [
+            UpDecoderBlock2D(
+                channels[max(i - 1, 0)],
+                channels[i],
+                config.layers_per_block + 1,
+                groups,
+                add_upsample=i < len(channels) - 1,
+            )
+            for i in range(len(channels))
+        ]
+        self.conv_norm_out = GroupNorm(groups, channels[-1])
+        self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.conv_in(x)
+        x = self.mid_block(x)
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class Autoencoder(nn.Module):
+    """diffusers' AutoencoderKL: ``encode`` gives the posterior, ``decode`` the image."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        latent = config.latent_channels
+        if config.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+        if config.use_post_quant_conv:
+            self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+
+    def encode(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """(B, H, W, in_channels) in [-1, 1] -> the posterior's (mean, logvar), each (B, H/f, W/f, latent_channels).
+
+        Unscaled: the caller multiplies latents by ``scaling_factor``.
+        """
+        h = self.encoder(x.astype(self.encoder.conv_in.weight.dtype))
+        if "quant_conv" in self:
+            h = self.quant_conv(h)
+        mean, logvar = mx.split(h, 2, axis=-1)
+        # As diffusers' DiagonalGaussianDistribution.
+        return mean, mx.clip(logvar, -30.0, 20.0)
+
+    def decode(self, z: mx.array) -> mx.array:
+        """(B, h, w, latent_channels), already divided by ``scaling_factor`` -> (B, h*f, w*f, out_channels), unclipped."""
+        z = z.astype(self.decoder.conv_in.weight.dtype)
+        if "post_quant_conv" in self:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Rename legacy attention keys and move PyTorch layouts to MLX's."""
+        out = {}
+        for key, value in weights.items():
+            if ".attentions." in key:
+                path, name, param = key.rsplit(".", 2)
+                key = f"{path}.{_LEGACY_ATTENTION_NAMES.get(name, name)}.{param}"
+                # Legacy checkpoints store these projections as 1x1 convs (O, I, 1, 1).
+                if name != "group_norm" and value.ndim == 4:
+                    value = value.reshape(value.shape[:2])
+            if value.ndim == 4:
+                # PyTorch convs are (out, in, kh, kw); MLX wants (out, kh, kw, in).
+                value = value.transpose(0, 2, 3, 1)
+            out[key] = value
+        return out
