@@ -229,12 +229,14 @@ class SchedulerConfig:
     interpolation_type: str = "linear"
     final_sigmas_type: str = "zero"
     rescale_betas_zero_snr: bool = False
-    # DDIM
-    set_alpha_to_one: bool = False
-    clip_sample: bool = False
+    # DDIM. None (missing from the config): DDIMScheduler's default, True.
+    set_alpha_to_one: Optional[bool] = False
+    clip_sample: Optional[bool] = False
     clip_sample_range: float = 1.0
     # DPM-Solver
     solver_order: int = 2
+    algorithm_type: str = "dpmsolver++"
+    solver_type: str = "midpoint"
     lower_order_final: bool = True
     euler_at_final: bool = False
 
@@ -242,9 +244,23 @@ class SchedulerConfig:
     def from_dict(cls, config: dict) -> "SchedulerConfig":
         if config.get("trained_betas") is not None:
             raise ValueError("scheduler: trained_betas is not supported")
-        for key in ("use_exponential_sigmas", "use_beta_sigmas", "thresholding"):
+        for key in (
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "thresholding",
+            "use_lu_lambdas",
+            "use_flow_sigmas",
+            "use_dynamic_shifting",
+        ):
             if config.get(key):
                 raise ValueError(f"scheduler: {key}=True is not supported")
+        for key in ("sigma_min", "sigma_max", "variance_type"):
+            if config.get(key) is not None:
+                raise ValueError(f"scheduler: {key}={config[key]!r} is not supported")
+        if config.get("timestep_type", "discrete") != "discrete":
+            raise ValueError(f"scheduler: timestep_type={config['timestep_type']!r} is not supported")
+        if config.get("lambda_min_clipped", -float("inf")) != -float("inf"):
+            raise ValueError(f"scheduler: lambda_min_clipped={config['lambda_min_clipped']!r} is not supported")
         if config.get("beta_schedule", "linear") not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
             raise ValueError(f"scheduler: beta_schedule={config['beta_schedule']!r} is not supported")
         if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction", "sample"):
@@ -257,4 +273,6 @@ class SchedulerConfig:
         values.setdefault("beta_schedule", "linear")
         values.setdefault("timestep_spacing", None)
         values.setdefault("steps_offset", 0)
+        values.setdefault("set_alpha_to_one", None)
+        values.setdefault("clip_sample", None)
         return cls(**values)

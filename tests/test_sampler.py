@@ -1,0 +1,317 @@
+"""Sampler parity with diffusers' schedulers built by ``Class.from_config(scheduler_config)``.
+
+Both sides run the same trajectory: the "model output" is a fixed function of the scaled input
+and the timestep, computed identically in torch and MLX, and Euler ancestral gets the same
+torch-drawn noise on both sides.
+"""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+
+import tiny_models
+from stable_diffusion.config import SchedulerConfig
+from stable_diffusion.sampler import (
+    DDIMSampler,
+    DPMPP2MSampler,
+    EulerAncestralSampler,
+    EulerSampler,
+    make_sampler,
+)
+
+# diffusers' schedulers call np.array() on torch tensors, which numpy 2 warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+REFERENCE = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+TURBO_SCHEDULER = dict(  # sdxl-turbo-like
+    _class_name="EulerAncestralDiscreteScheduler",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="trailing",
+)
+CONFIGS = {"sd1": tiny_models.SD1_SCHEDULER, "sd2": tiny_models.SD2_SCHEDULER, "turbo": TURBO_SCHEDULER}
+# (sampler, use_karras_sigmas): Karras sigmas exist only in diffusers' Euler and DPM-Solver.
+SAMPLER_VARIANTS = [
+    ("euler", False),
+    ("euler", True),
+    ("euler_a", False),
+    ("ddim", False),
+    ("dpm++2m", False),
+    ("dpm++2m", True),
+]
+SHAPE = (1, 4, 6, 6)
+STEP_COUNTS = (1, 4, 25)
+
+
+def rel_err(ours: mx.array, ref: torch.Tensor) -> float:
+    ref = ref.double().numpy()
+    return float(np.abs(np.array(ours.astype(mx.float32), dtype=np.float64) - ref).max() / np.abs(ref).max())
+
+
+def model_output(x, t: float):
+    """A stand-in denoiser, the same function of (scaled input, timestep) on both sides."""
+    return 0.3 * x + math.sin(t / 100)
+
+
+def build(name: str, config: dict):
+    cls, overrides = REFERENCE[name]
+    return cls.from_config(dict(config), **overrides), make_sampler(name, SchedulerConfig.from_dict(dict(config)))
+
+
+def assert_same_schedule(ref, ours, num_steps: int):
+    assert ours.timesteps.dtype == mx.float32 and ours.timesteps.shape == (num_steps,)
+    np.testing.assert_allclose(np.array(ours.timesteps), ref.timesteps.double().numpy(), rtol=1e-6, atol=1e-4)
+    if hasattr(ref, "sigmas") and not isinstance(ref, DDIMScheduler):
+        np.testing.assert_allclose(np.array(ours.sigmas), ref.sigmas.double().numpy(), rtol=1e-6)
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+
+
+def run_both(ref, ours, num_steps: int, dtype=torch.float32, seed: int = 0):
+    """Step both samplers through a whole trajectory; return (ours, ref) latents after every step."""
+    ref.set_timesteps(num_steps)
+    ours.set_timesteps(num_steps)
+    assert_same_schedule(ref, ours, num_steps)
+    if hasattr(ref, "set_begin_index"):
+        # Step by index like ours: diffusers otherwise looks the first timestep up, which picks the
+        # wrong step when timesteps repeat (DPM-Solver with cosine betas and Karras sigmas).
+        ref.set_begin_index(0)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    x_ref = noise * ref.init_noise_sigma
+    x = mx.array(noise.float().numpy()).astype(mx.float16 if dtype == torch.float16 else mx.float32)
+    x = x * ours.init_noise_sigma
+    trajectory = []
+    for i, t in enumerate(ref.timesteps):
+        out_ref = model_output(ref.scale_model_input(x_ref, t), float(t))
+        out = model_output(ours.scale_model_input(x, i), float(ours.timesteps[i].item()))
+        if ours.needs_noise:
+            step_noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1000 + i)).to(dtype)
+            x_ref = ref.step(out_ref, t, x_ref, generator=torch.Generator().manual_seed(1000 + i)).prev_sample
+            x = ours.step(out, i, x, mx.array(step_noise.float().numpy()).astype(out.dtype))
+        else:
+            x_ref = ref.step(out_ref, t, x_ref).prev_sample
+            x = ours.step(out, i, x)
+        trajectory.append((x, x_ref))
+    return trajectory
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", [None, "linspace", "leading", "trailing"])
+@pytest.mark.parametrize("name, karras", SAMPLER_VARIANTS)
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_sampler_trajectory_matches_diffusers(config_name, name, karras, spacing, prediction_type):
+    config = dict(CONFIGS[config_name], prediction_type=prediction_type, use_karras_sigmas=karras)
+    if spacing is None:  # missing -> the target class's own default
+        config.pop("timestep_spacing", None)
+    else:
+        config["timestep_spacing"] = spacing
+    for num_steps in STEP_COUNTS:
+        ref, ours = build(name, config)
+        for x, x_ref in run_both(ref, ours, num_steps):
+            assert x.dtype == mx.float32
+            assert rel_err(x, x_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("name, karras", SAMPLER_VARIANTS)
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        dict(beta_schedule="linear"),  # diffusers' default betas 1e-4 .. 2e-2
+        dict(beta_schedule="squaredcos_cap_v2"),
+        dict(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            rescale_betas_zero_snr=True,
+            prediction_type="v_prediction",
+        ),
+    ],
+    ids=["linear", "cosine", "zero_snr"],
+)
+def test_beta_schedules_match_diffusers(schedule, name, karras):
+    config = dict(num_train_timesteps=1000, timestep_spacing="trailing", use_karras_sigmas=karras, **schedule)
+    for num_steps in (1, 10):
+        ref, ours = build(name, config)
+        np.testing.assert_allclose(ours.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-6)
+        for x, x_ref in run_both(ref, ours, num_steps):
+            assert rel_err(x, x_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["euler", "ddim", "dpm++2m"])
+def test_sample_prediction_matches_diffusers(name):
+    ref, ours = build(name, dict(tiny_models.SD1_SCHEDULER, prediction_type="sample"))
+    for x, x_ref in run_both(ref, ours, 8):
+        assert rel_err(x, x_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["euler", "dpm++2m"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(final_sigmas_type="sigma_min"),
+        dict(final_sigmas_type="sigma_min", euler_at_final=True),
+        dict(final_sigmas_type="sigma_min", lower_order_final=False),
+    ],
+    ids=["sigma_min", "sigma_min_euler_at_final", "sigma_min_no_lower_order_final"],
+)
+def test_final_sigma_options_match_diffusers(name, options):
+    for num_steps in (5, 20):  # DPM-Solver's last step is second order from 15 steps on
+        ref, ours = build(name, dict(tiny_models.SD2_SCHEDULER, **options))
+        for x, x_ref in run_both(ref, ours, num_steps):
+            assert rel_err(x, x_ref) <= 1e-5
+
+
+def test_dpm_heun_solver_type_matches_diffusers():
+    ref, ours = build("dpm++2m", dict(tiny_models.SD1_SCHEDULER, solver_type="heun"))
+    for x, x_ref in run_both(ref, ours, 10):
+        assert rel_err(x, x_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("clip_sample, set_alpha_to_one", [(True, False), (False, True)])
+def test_ddim_clip_and_final_alpha_match_diffusers(clip_sample, set_alpha_to_one):
+    config = dict(
+        tiny_models.SD1_SCHEDULER, clip_sample=clip_sample, set_alpha_to_one=set_alpha_to_one, clip_sample_range=0.5
+    )
+    ref, ours = build("ddim", config)
+    for x, x_ref in run_both(ref, ours, 10):
+        assert rel_err(x, x_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_float16_trajectory_is_close_and_stays_float16(name):
+    ref, ours = build(name, tiny_models.SD1_SCHEDULER)
+    for x, x_ref in run_both(ref, ours, 6, dtype=torch.float16):
+        assert x.dtype == mx.float16 and x_ref.dtype == torch.float16
+        assert np.isfinite(np.array(x.astype(mx.float32))).all()
+        assert rel_err(x, x_ref) <= 1e-2
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+@pytest.mark.parametrize("config_name", ["sd1", "sd2"])
+def test_add_noise_at_img2img_start_matches_diffusers(config_name, name):
+    num_steps, start = 10, 4
+    ref, ours = build(name, CONFIGS[config_name])
+    ref.set_timesteps(num_steps)
+    ours.set_timesteps(num_steps)
+    if hasattr(ref, "set_begin_index"):  # as StableDiffusionImg2ImgPipeline.get_timesteps does
+        ref.set_begin_index(start * ref.order)
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    expected = ref.add_noise(x0, noise, ref.timesteps[start : start + 1])
+    got = ours.add_noise(mx.array(x0.numpy()), mx.array(noise.numpy()), start)
+    assert rel_err(got, expected) <= 1e-6
+
+
+def test_img2img_trajectory_from_a_start_index_matches_diffusers():
+    ref, ours = build("dpm++2m", tiny_models.SD2_SCHEDULER)
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    ref.set_begin_index(3)
+    x_ref = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    x = mx.array(x_ref.numpy())
+    for i in range(3, 10):
+        t = ref.timesteps[i]
+        x_ref = ref.step(model_output(ref.scale_model_input(x_ref, t), float(t)), t, x_ref).prev_sample
+        x = ours.step(model_output(ours.scale_model_input(x, i), float(ours.timesteps[i].item())), i, x)
+        assert rel_err(x, x_ref) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "class_name, expected",
+    [
+        ("PNDMScheduler", EulerSampler),
+        ("LMSDiscreteScheduler", EulerSampler),
+        ("EulerDiscreteScheduler", EulerSampler),
+        ("EulerAncestralDiscreteScheduler", EulerAncestralSampler),
+        ("DDIMScheduler", DDIMSampler),
+        ("DPMSolverMultistepScheduler", DPMPP2MSampler),
+    ],
+)
+def test_no_sampler_name_picks_the_models_own_scheduler_else_euler(class_name, expected):
+    config = SchedulerConfig.from_dict(dict(tiny_models.SD1_SCHEDULER, _class_name=class_name))
+    assert type(make_sampler(None, config)) is expected
+
+
+def test_pndm_config_falls_back_to_euler_as_diffusers_builds_it():
+    ours = make_sampler(None, SchedulerConfig.from_dict(tiny_models.SD1_SCHEDULER))
+    ref = EulerDiscreteScheduler.from_config(tiny_models.SD1_SCHEDULER)
+    for x, x_ref in run_both(ref, ours, 5):
+        assert rel_err(x, x_ref) <= 1e-5
+
+
+def test_unknown_sampler_name_lists_the_valid_names():
+    with pytest.raises(ValueError, match="euler, euler_a, ddim, dpm\\+\\+2m"):
+        make_sampler("heun", SchedulerConfig.from_dict(tiny_models.SD1_SCHEDULER))
+
+
+@pytest.mark.parametrize("name", ["euler_a", "ddim"])
+def test_karras_sigmas_raise_for_samplers_without_them(name):
+    config = SchedulerConfig.from_dict(dict(tiny_models.SD1_SCHEDULER, use_karras_sigmas=True))
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        make_sampler(name, config)
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("euler", dict(interpolation_type="log_linear"), "interpolation_type"),
+        ("euler_a", dict(prediction_type="sample"), "prediction_type"),
+        ("euler", dict(timestep_spacing="karras"), "timestep_spacing"),
+    ],
+)
+def test_unsupported_config_values_raise(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        make_sampler(name, SchedulerConfig.from_dict(dict(tiny_models.SD1_SCHEDULER, **options)))
+
+
+def test_models_own_dpm_solver_of_another_kind_raises():
+    config = dict(tiny_models.SD1_SCHEDULER, _class_name="DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++")
+    config = SchedulerConfig.from_dict(config)
+    with pytest.raises(ValueError, match="sde-dpmsolver"):
+        make_sampler(None, config)
+    assert type(make_sampler("dpm++2m", config)) is DPMPP2MSampler
+
+
+def test_euler_ancestral_step_without_noise_raises():
+    sampler = make_sampler("euler_a", SchedulerConfig.from_dict(TURBO_SCHEDULER))
+    sampler.set_timesteps(1)
+    x = mx.zeros(SHAPE)
+    with pytest.raises(ValueError, match="noise"):
+        sampler.step(x, 0, x)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(timestep_type="continuous"),
+        dict(sigma_min=0.002),
+        dict(use_lu_lambdas=True),
+        dict(lambda_min_clipped=-5.1),
+        dict(variance_type="learned_range"),
+    ],
+)
+def test_scheduler_config_rejects_unimplemented_options(options):
+    with pytest.raises(ValueError, match=next(iter(options))):
+        SchedulerConfig.from_dict(dict(tiny_models.SD1_SCHEDULER, **options))
+
+
+def test_ddim_defaults_apply_when_the_config_omits_them():
+    ours = make_sampler("ddim", SchedulerConfig.from_dict(tiny_models.SD2_SCHEDULER))
+    ref = DDIMScheduler.from_config(tiny_models.SD2_SCHEDULER)
+    assert (ours.clip_sample, ours.set_alpha_to_one) == (ref.config.clip_sample, ref.config.set_alpha_to_one) == (True, True)
