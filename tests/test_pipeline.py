@@ -1,0 +1,204 @@
+"""Whole-pipeline parity: our facade vs diffusers' pipelines on the same tiny weights and noise."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from stable_diffusion import StableDiffusion
+
+SIZE = 32  # pixels; the tiny VAE downsamples 4x, so latents are 8x8
+PROMPT = "A photo of an astronaut riding a horse on Mars."
+
+DIFFUSERS_SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm++2m": "DPMSolverMultistepScheduler",
+}
+
+
+def relative_error(ours, ref) -> float:
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def nchw(x: mx.array) -> torch.Tensor:
+    return torch.from_numpy(np.array(x.astype(mx.float32))).permute(0, 3, 1, 2).contiguous()
+
+
+def nhwc(x: torch.Tensor) -> mx.array:
+    return mx.array(x.permute(0, 2, 3, 1).float().numpy())
+
+
+def reference_pipeline(folder, sampler: str, img2img: bool = False):
+    import diffusers
+
+    cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
+    pipe = cls.from_pretrained(folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler_cls = getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler])
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def inject_step_noise(sd: StableDiffusion, seed: int):
+    """Give our stochastic sampler the per-step noise diffusers draws from torch.Generator(seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    sd.step_noise = lambda step, shape, key: nhwc(torch.randn((shape[0], shape[3], shape[1], shape[2]), generator=generator))
+
+
+def run_ours(latent_iter):
+    latents = [x for x in latent_iter]
+    mx.eval(latents)
+    return latents
+
+
+@pytest.mark.parametrize(
+    "flavour, cfg, negative",
+    [
+        ("sd1", 7.5, ""),  # epsilon, PNDM config -> Euler
+        ("sd1", 5.0, "blurry, low quality"),
+        ("sd2", 7.5, ""),  # v-prediction
+        ("sd2", 1.0, ""),  # guidance off
+    ],
+)
+def test_txt2img_matches_diffusers(request, flavour, cfg, negative):
+    folder = request.getfixturevalue(f"tiny_{flavour}")
+    steps, n = 6, 2
+    init = torch.randn((n, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(3))
+
+    sd = StableDiffusion(str(folder))
+    latents = run_ours(
+        sd.generate_latents(PROMPT, n_images=n, num_steps=steps, cfg_weight=cfg, negative_text=negative, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init))
+    )
+    images = sd.decode(latents[-1])
+
+    pipe = reference_pipeline(folder, "euler")
+    common = dict(
+        prompt=PROMPT,
+        negative_prompt=negative or None,
+        num_images_per_prompt=n,
+        num_inference_steps=steps,
+        guidance_scale=cfg,
+        height=SIZE,
+        width=SIZE,
+        latents=init.clone(),
+    )
+    ref_latents = pipe(**common, output_type="latent").images
+    ref_images = pipe(**common, output_type="np").images
+
+    assert len(latents) == steps
+    assert relative_error(latents[-1], nhwc(ref_latents)) <= 1e-4
+    assert images.shape == (n, SIZE, SIZE, 3)
+    assert relative_error(images, ref_images) <= 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "ddim", "dpm++2m"])
+@pytest.mark.parametrize("flavour", ["sd1", "sd2"])
+def test_txt2img_with_each_sampler_matches_diffusers(request, sampler, flavour):
+    folder = request.getfixturevalue(f"tiny_{flavour}")
+    steps = 5
+    init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(5))
+
+    sd = StableDiffusion(str(folder), sampler=sampler)
+    inject_step_noise(sd, seed=11)
+    latents = run_ours(sd.generate_latents(PROMPT, num_steps=steps, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
+
+    pipe = reference_pipeline(folder, sampler)
+    ref = pipe(
+        PROMPT,
+        num_inference_steps=steps,
+        height=SIZE,
+        width=SIZE,
+        latents=init.clone(),
+        generator=torch.Generator().manual_seed(11),
+        output_type="latent",
+    ).images
+    assert relative_error(latents[-1], nhwc(ref)) <= 1e-4
+
+
+@pytest.fixture
+def posterior_mean_img2img(monkeypatch):
+    """diffusers' img2img samples the VAE posterior; we start from its mean (issue 2). Make diffusers do the same."""
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as module
+
+    retrieve = module.retrieve_latents
+    monkeypatch.setattr(module, "retrieve_latents", lambda out, generator=None, sample_mode="sample": retrieve(out, generator, "argmax"))
+
+
+@pytest.mark.parametrize(
+    "flavour, sampler, strength, steps",
+    [
+        ("sd1", "euler", 0.6, 10),
+        ("sd2", "euler", 0.8, 7),
+        ("sd1", "ddim", 0.5, 8),
+        ("sd2", "dpm++2m", 0.75, 8),
+        ("sd1", "euler_a", 1.0, 4),
+    ],
+)
+def test_img2img_matches_diffusers(request, posterior_mean_img2img, flavour, sampler, strength, steps):
+    folder = request.getfixturevalue(f"tiny_{flavour}")
+    n = 2
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (SIZE, SIZE, 3)).astype(np.float32)
+    noise = torch.randn((n, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(7))
+
+    sd = StableDiffusion(str(folder), sampler=sampler)
+    noise_generator = torch.Generator().manual_seed(7)
+    torch.randn((n, 4, SIZE // 4, SIZE // 4), generator=noise_generator)  # diffusers draws the start noise first
+    sd.step_noise = lambda step, shape, key: nhwc(torch.randn((shape[0], shape[3], shape[1], shape[2]), generator=noise_generator))
+    latents = run_ours(
+        sd.generate_latents_from_image(
+            mx.array(image * 2 - 1), PROMPT, n_images=n, strength=strength, num_steps=steps, negative_text="ugly", noise=nhwc(noise)
+        )
+    )
+    images = sd.decode(latents[-1])
+
+    pipe = reference_pipeline(folder, sampler, img2img=True)
+    ref = pipe(
+        PROMPT,
+        image=image[None],
+        strength=strength,
+        num_inference_steps=steps,
+        negative_prompt="ugly",
+        num_images_per_prompt=n,
+        generator=torch.Generator().manual_seed(7),
+        output_type="np",
+    ).images
+
+    assert len(latents) == min(int(steps * strength), steps)
+    assert relative_error(images, ref) <= 1e-4
+
+
+def test_float16_pipeline_is_finite_and_close_to_diffusers_float32(tiny_sd2):
+    init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(3))
+    sd = StableDiffusion(str(tiny_sd2), float16=True)
+    assert sd.unet.conv_in.weight.dtype == mx.float16
+    assert sd.autoencoder.encoder.conv_in.weight.dtype == mx.float32  # the VAE stays fp32
+    latents = run_ours(sd.generate_latents(PROMPT, num_steps=4, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
+    images = np.array(sd.decode(latents[-1]))
+
+    ref = reference_pipeline(tiny_sd2, "euler")(
+        PROMPT, num_inference_steps=4, height=SIZE, width=SIZE, latents=init.clone(), output_type="np"
+    ).images
+    assert np.isfinite(images).all()
+    assert relative_error(images, ref) <= 2e-2
+
+
+def test_generate_latents_is_lazy_and_seeded(tiny_sd1):
+    sd = StableDiffusion(str(tiny_sd1))
+    first = sd.generate_latents(PROMPT, num_steps=3, latent_size=(8, 8), seed=42)
+    x = next(first)
+    assert x.shape == (1, 8, 8, 4)
+    again = run_ours(sd.generate_latents(PROMPT, num_steps=3, latent_size=(8, 8), seed=42))
+    other = run_ours(sd.generate_latents(PROMPT, num_steps=3, latent_size=(8, 8), seed=43))
+    rest = run_ours(first)
+    assert np.array_equal(np.array(rest[-1]), np.array(again[-1]))
+    assert not np.array_equal(np.array(again[-1]), np.array(other[-1]))
+
+
+def test_decode_in_chunks_equals_decode_at_once(tiny_sd1):
+    sd = StableDiffusion(str(tiny_sd1))
+    z = mx.random.normal((5, 8, 8, 4), key=mx.random.key(0))
+    np.testing.assert_allclose(np.array(sd.decode(z, batch_size=2)), np.array(sd.decode(z, batch_size=8)), atol=1e-6)
