@@ -1,0 +1,149 @@
+"""The CLIP tokenizer against transformers' CLIPTokenizer built on the same real CLIP vocabulary."""
+
+import json
+import random
+import shutil
+
+import pytest
+import tiny_models
+
+from stable_diffusion.model_io import ModelLoadError
+from stable_diffusion.tokenizer import Tokenizer
+
+LONG_PROMPT = ", ".join(["a highly detailed matte painting of a castle on a hill at sunset"] * 8)
+
+PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "A Photograph Of An ASTRONAUT riding a HoRsE",
+    "Hello, world!!! What?!... (masterpiece:1.2), [[best quality]] {x|y} #art @user ~~~",
+    "1234567 3.14 2024-01-01 10,000 1st 4k 8K 0.5x",
+    "don't I'M we'll they're you've she'd it's Ain'T",
+    "''quoted'' 'single' `tick` \"double\"",
+    "café naïve Ångström façade jalapeño Straße ÆØÅ",
+    "cafe\u0301 e\u0301te\u0301 (decomposed accents)",
+    "ΟΔΟΣ Σίσυφος İstanbul ǅ",
+    "東京の夜景、猫が寝ている 한국어 中文字符",
+    "a cat 😀👍🏽 👨\u200d👩\u200d👧 🇫🇷 ❤️ ★",
+    "  leading and trailing  ",
+    "tabs\tand\nnewlines\r\n\n and    runs\u00a0nbsp\u3000ideographic\u2003em\u200bzwsp",
+    "<b>bold</b> &amp; <br/> <div class=\"x\">html</div> a <|endoftext|> b",
+    "x<|startoftext|>y <|ENDOFTEXT|> <|StartOfText|>'d",
+    "ﬁne ＦＵＬＬＷＩＤＴＨ ² ½ ٣ Ⅻ",
+    "supercalifragilisticexpialidocious aaaaaaaaaaaaaaaaaaaaaaa",
+    LONG_PROMPT,
+    "",
+    "   \t\n ",
+]
+
+
+def _read_merges(folder):
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    return [tuple(line.split(" ")) for line in lines if line]
+
+
+@pytest.fixture(scope="module")
+def reference(clip_vocab_dir):
+    return tiny_models.clip_tokenizer(clip_vocab_dir)
+
+
+@pytest.fixture(scope="module")
+def ours(clip_vocab_dir):
+    vocab = json.loads((clip_vocab_dir / "vocab.json").read_text(encoding="utf-8"))
+    return Tokenizer(vocab, _read_merges(clip_vocab_dir))
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=range(len(PROMPTS)))
+def test_tokenizer_ids_equal_clip_tokenizer(ours, reference, prompt):
+    assert ours.tokenize(prompt) == reference(prompt).input_ids
+
+
+def test_tokenizer_ids_equal_clip_tokenizer_on_random_mixed_text(ours, reference):
+    pool = list("abcXYZ019'!?.,-_:;()[]<>|/\\\"#&*  \t\n\u00a0\u3000") + [
+        "é", "e\u0301", "Σ", "ß", "İ", "日本", "😀", "👍🏽", "'s", "'LL", "don't", "<|endoftext|>",
+        "<|ENDOFTEXT|>", "photo", "render", "lllll", "aaaaaaaa", "ｆｕｌｌ",
+    ]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 25))) for _ in range(2000)]
+    expected = reference(texts).input_ids
+    mismatches = [t for t, e in zip(texts, expected) if ours.tokenize(t) != e]
+    assert mismatches == []
+
+
+def test_tokenizer_starts_with_bos_and_ends_with_eos(ours, reference):
+    assert (ours.bos, ours.eos) == (reference.bos_token_id, reference.eos_token_id) == (49406, 49407)
+    assert ours.tokenize("") == [49406, 49407]
+
+
+@pytest.mark.parametrize("flavour", ["tiny_sd1", "tiny_sd2"])
+def test_pad_and_truncate_equals_padding_max_length_with_the_models_pad_token(request, flavour):
+    from transformers import CLIPTokenizer
+
+    folder = request.getfixturevalue(flavour) / "tokenizer"
+    ours = Tokenizer.from_folder(folder)
+    reference = CLIPTokenizer.from_pretrained(folder)
+    # SD 1 pads with <|endoftext|>, SD 2 with "!" (id 0).
+    assert ours.pad == reference.pad_token_id == (49407 if flavour == "tiny_sd1" else 0)
+    assert ours.max_length == reference.model_max_length == 77
+    for prompt in PROMPTS + ["wow! so bright!!", "!"]:
+        ids, _ = ours.pad_and_truncate(ours.tokenize(prompt))
+        expected = reference(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        assert ids == expected, prompt
+
+
+def test_sd2_pad_token_exclamation_mark_is_a_special_token_in_prompts(tiny_sd2):
+    from transformers import CLIPTokenizer
+
+    folder = tiny_sd2 / "tokenizer"
+    ours = Tokenizer.from_folder(folder)
+    reference = CLIPTokenizer.from_pretrained(folder)
+    for prompt in ["hello!", "wow!!! amazing", "a!b", "!?!"]:
+        assert ours.tokenize(prompt) == reference(prompt).input_ids
+    # transformers cuts special tokens out of the text first, so SD 2 reads "!" as the pad id.
+    assert ours.tokenize("hello!")[-2] == ours.pad == 0
+
+
+def test_pad_and_truncate_drops_content_tokens_beyond_max_length_and_counts_them(tiny_sd1):
+    from transformers import CLIPTokenizer
+
+    folder = tiny_sd1 / "tokenizer"
+    ours = Tokenizer.from_folder(folder)
+    reference = CLIPTokenizer.from_pretrained(folder)
+    full = reference(LONG_PROMPT).input_ids
+    assert len(full) > 77
+    ids, dropped = ours.pad_and_truncate(ours.tokenize(LONG_PROMPT))
+    assert ids == reference(LONG_PROMPT, padding="max_length", max_length=77, truncation=True).input_ids
+    assert ids[0] == 49406 and ids[-1] == 49407
+    assert dropped == len(full) - 77
+    assert ours.pad_and_truncate(ours.tokenize("a short prompt"))[1] == 0
+    exactly_77 = ours.tokenize(" ".join(["cat"] * 75))
+    assert len(exactly_77) == 77 and ours.pad_and_truncate(exactly_77) == (exactly_77, 0)
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"tokenizer_config.json": {"pad_token": {"__type": "AddedToken", "content": "!", "lstrip": False, "normalized": False}}},
+        {"tokenizer_config.json": {"model_max_length": 77}, "special_tokens_map.json": {"pad_token": "!"}},
+        {"special_tokens_map.json": {"pad_token": {"content": "!"}}},
+        {},
+    ],
+    ids=["config-dict", "special-tokens-map", "special-tokens-map-dict", "none"],
+)
+def test_from_folder_reads_the_pad_token_like_transformers(tmp_path, clip_vocab_dir, files):
+    from transformers import CLIPTokenizer
+
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(clip_vocab_dir / name, tmp_path / name)
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    reference = CLIPTokenizer.from_pretrained(tmp_path)
+    assert Tokenizer.from_folder(tmp_path).pad == reference.pad_token_id
+
+
+@pytest.mark.parametrize("missing", ["vocab.json", "merges.txt"])
+def test_from_folder_with_a_missing_file_raises_model_load_error_naming_it(tmp_path, clip_vocab_dir, missing):
+    for name in ("vocab.json", "merges.txt"):
+        if name != missing:
+            shutil.copy(clip_vocab_dir / name, tmp_path / name)
+    with pytest.raises(ModelLoadError, match=missing):
+        Tokenizer.from_folder(tmp_path)
