@@ -8,9 +8,11 @@ builds: ``ResnetBlock2D`` (resnet.py), ``Downsample2D``/``Upsample2D``, ``CrossA
 (embeddings.py) and SDXL's "text_time" added embedding. Module names are the diffusers state-dict
 keys, so ``sanitize`` only moves conv weights to MLX's (out, kh, kw, in) layout.
 
-Numerics: the model runs in the dtype of its weights. Normalisation statistics are taken in
-float32, the timestep sinusoids are computed in float32 (then cast, as diffusers does), and the
-attention softmax runs in float32 inside ``mx.fast.scaled_dot_product_attention``.
+Numerics: the model runs in the dtype of its weights. GroupNorm/LayerNorm statistics are taken in
+float32 (``mx.fast.layer_norm`` accumulates in float32 whatever the input dtype; ``nn.GroupNorm``
+with ``pytorch_compatible=True`` uses it), the timestep sinusoids are computed in float32 (then
+cast, as diffusers does), and the attention softmax runs in float32 inside
+``mx.fast.scaled_dot_product_attention``.
 """
 
 import math
@@ -46,30 +48,12 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(nn.silu(self.linear_1(x)))
 
 
-class GroupNorm(nn.Module):
-    """PyTorch ``GroupNorm`` on NHWC input, statistics in float32, without transposing to NCHW."""
-
-    def __init__(self, num_groups: int, dims: int, eps: float):
-        super().__init__()
-        self.num_groups = num_groups
-        self.eps = eps
-        self.weight = mx.ones((dims,))
-        self.bias = mx.zeros((dims,))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        B, H, W, C = x.shape
-        g = x.reshape(B, H * W, self.num_groups, C // self.num_groups).astype(mx.float32)  # (B, HW, G, C/G)
-        mean = mx.mean(g, axis=(1, 3), keepdims=True)
-        var = mx.var(g, axis=(1, 3), keepdims=True)
-        g = (g - mean) * mx.rsqrt(var + self.eps)
-        return g.reshape(B, H, W, C).astype(x.dtype) * self.weight + self.bias
-
-
-def _attention_scores_stay_float32() -> bool:
-    # On a CUDA GPU, fp16/bf16 attention runs in cuDNN's fused kernel, which keeps the scores in
-    # float32. The composed fallback (CPU, or Metal for some head sizes) stores Q·K^T in the input
-    # dtype before its float32 softmax.
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+def _attention_scores_stay_float32(head_dim: int) -> bool:
+    # On a CUDA GPU, fp16/bf16 attention with head_dim a multiple of 8 up to 128 runs in cuDNN's
+    # fused kernel, which keeps the scores in float32 (checked on an H100 with MLX 0.32.4: scores
+    # far beyond the fp16 range come out finite and exact). The composed fallback (CPU, other head
+    # sizes, Metal for some) stores the scaled Q·K^T in the input dtype before its float32 softmax.
+    return mx.default_device() == mx.gpu and mx.cuda.is_available() and head_dim % 8 == 0 and head_dim <= 128
 
 
 class Attention(nn.Module):
@@ -95,7 +79,7 @@ class Attention(nn.Module):
         k = self.to_k(context).reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)  # (B, h, S, d)
         v = self.to_v(context).reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)
         dtype = q.dtype
-        if self.upcast and dtype != mx.float32 and not _attention_scores_stay_float32():
+        if self.upcast and dtype != mx.float32 and not _attention_scores_stay_float32(q.shape[-1]):
             # upcast_attention: scores in float32 (SD 2.x overflows fp16 otherwise).
             q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale).astype(dtype)
@@ -151,7 +135,7 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         head_dim = channels // heads
         inner = heads * head_dim
-        self.norm = GroupNorm(config.norm_num_groups, channels, eps=1e-6)
+        self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6, pytorch_compatible=True)
         # A 1x1 conv on NHWC is a per-pixel linear map: both spellings keep their diffusers names.
         if config.use_linear_projection:
             self.proj_in = nn.Linear(channels, inner)
@@ -179,10 +163,10 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, config: UNetConfig, in_channels: int, out_channels: int, temb_channels: int):
         super().__init__()
         groups, eps = config.norm_num_groups, config.norm_eps
-        self.norm1 = GroupNorm(groups, in_channels, eps)
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, pytorch_compatible=True)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = GroupNorm(groups, out_channels, eps)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps, pytorch_compatible=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         if in_channels != out_channels:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
@@ -378,7 +362,9 @@ class UNetModel(nn.Module):
             UpBlock(config, i, channels[::-1][max(i - 1, 0)], time_embed_dim) for i in range(len(channels))
         ]
 
-        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], config.norm_eps)
+        self.conv_norm_out = nn.GroupNorm(
+            config.norm_num_groups, channels[0], eps=config.norm_eps, pytorch_compatible=True
+        )
         self.conv_out = nn.Conv2d(
             channels[0], config.out_channels, config.conv_out_kernel, padding=(config.conv_out_kernel - 1) // 2
         )
@@ -398,7 +384,8 @@ class UNetModel(nn.Module):
         x = x.astype(dtype)
         encoder_x = encoder_x.astype(dtype)
 
-        t = mx.broadcast_to(mx.array(timestep).astype(mx.float32).reshape(-1), (B,))
+        t = timestep if isinstance(timestep, mx.array) else mx.array(timestep)
+        t = mx.broadcast_to(t.astype(mx.float32).reshape(-1), (B,))
         t_emb = timestep_embedding(t, config.block_out_channels[0], config.flip_sin_to_cos, config.freq_shift)
         emb = self.time_embedding(t_emb.astype(dtype))
         if config.addition_embed_type == "text_time":

@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 import tiny_models
 from stable_diffusion.config import UNetConfig
 from stable_diffusion.model_io import ModelLoadError, load_component
-from stable_diffusion.unet import UNetModel
+from stable_diffusion.unet import Attention, UNetModel
 
 POOLED_DIM = 32
 TIME_EMBED_DIM = 8
@@ -147,3 +147,24 @@ def test_unet_with_an_unsupported_config_value_is_refused(tiny_sd1, tmp_path):
     (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="resnet_time_scale_shift"):
         load_component(tmp_path, "unet", UNetModel, UNetConfig)
+
+
+def test_upcast_attention_in_float16_survives_scores_beyond_the_float16_range():
+    # Identity q/k projections and inputs of scale 100: the scaled self-scores reach ~1e5 > 65504.
+    from diffusers.models.attention_processor import Attention as DiffusersAttention
+
+    torch.manual_seed(0)
+    ref = DiffusersAttention(query_dim=64, heads=2, dim_head=32, upcast_attention=True).eval()
+    with torch.no_grad():
+        ref.to_q.weight.copy_(torch.eye(64))
+        ref.to_k.weight.copy_(torch.eye(64))
+    x = np.random.default_rng(0).standard_normal((1, 16, 64)).astype(np.float32) * 100
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x)).numpy()
+
+    ours = Attention(64, heads=2, head_dim=32, upcast=True)
+    ours.load_weights([(k, mx.array(v.numpy())) for k, v in ref.state_dict().items()], strict=True)
+    ours.set_dtype(mx.float16)
+    out = np.array(ours(mx.array(x).astype(mx.float16)).astype(mx.float32))
+    assert np.isfinite(out).all()
+    assert _rel(out, expected) <= 1e-2
