@@ -120,6 +120,10 @@ class UNetConfig:
             ("cross_attention_norm", (None,)),
             ("time_embedding_dim", (None,)),
             ("timestep_post_act", (None,)),
+            ("time_embedding_act_fn", (None,)),
+            ("num_class_embeds", (None,)),
+            ("encoder_hid_dim", (None,)),
+            ("mid_block_only_cross_attention", (None, False)),
         ]:
             _require(config, key, allowed, what)
         for t in config["down_block_types"]:

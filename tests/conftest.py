@@ -26,3 +26,15 @@ def tiny_sd1(tmp_path_factory, clip_vocab_dir) -> Path:
 def tiny_sd2(tmp_path_factory, clip_vocab_dir) -> Path:
     """A tiny SD 2.x-shaped model folder: gelu, linear projections, per-block heads, upcast attention, v-prediction, '!' padding."""
     return tiny_models.build_sd(tmp_path_factory.mktemp("tiny_sd2"), clip_vocab_dir, "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory, clip_vocab_dir) -> Path:
+    """A tiny SDXL-shaped model folder: two encoders (the second projected), text_time, transformer depth 2."""
+    return tiny_models.build_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), clip_vocab_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_turbo(tmp_path_factory, clip_vocab_dir) -> Path:
+    """The same with sdxl-turbo's scheduler (Euler ancestral, trailing); 'turbo' in the folder name, as in the repo id."""
+    return tiny_models.build_sdxl(tmp_path_factory.mktemp("tiny-sdxl-turbo"), clip_vocab_dir, turbo=True)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from parity import nhwc, relative_error, torch_step_noise
 from stable_diffusion import StableDiffusion
 
 SIZE = 32  # pixels; the tiny VAE downsamples 4x, so latents are 8x8
@@ -18,19 +19,6 @@ DIFFUSERS_SCHEDULERS = {
 }
 
 
-def relative_error(ours, ref) -> float:
-    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
-def nchw(x: mx.array) -> torch.Tensor:
-    return torch.from_numpy(np.array(x.astype(mx.float32))).permute(0, 3, 1, 2).contiguous()
-
-
-def nhwc(x: torch.Tensor) -> mx.array:
-    return mx.array(x.permute(0, 2, 3, 1).float().numpy())
-
-
 def reference_pipeline(folder, sampler: str, img2img: bool = False):
     import diffusers
 
@@ -40,12 +28,6 @@ def reference_pipeline(folder, sampler: str, img2img: bool = False):
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def inject_step_noise(sd: StableDiffusion, seed: int):
-    """Give our stochastic sampler the per-step noise diffusers draws from torch.Generator(seed)."""
-    generator = torch.Generator().manual_seed(seed)
-    sd.step_noise = lambda step, shape, key: nhwc(torch.randn((shape[0], shape[3], shape[1], shape[2]), generator=generator))
 
 
 def run_ours(latent_iter):
@@ -102,7 +84,7 @@ def test_txt2img_with_each_sampler_matches_diffusers(request, sampler, flavour):
     init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(5))
 
     sd = StableDiffusion(str(folder), sampler=sampler)
-    inject_step_noise(sd, seed=11)
+    sd.step_noise = torch_step_noise(seed=11)
     latents = run_ours(sd.generate_latents(PROMPT, num_steps=steps, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
 
     pipe = reference_pipeline(folder, sampler)
@@ -145,9 +127,7 @@ def test_img2img_matches_diffusers(request, posterior_mean_img2img, flavour, sam
     noise = torch.randn((n, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(7))
 
     sd = StableDiffusion(str(folder), sampler=sampler)
-    noise_generator = torch.Generator().manual_seed(7)
-    torch.randn((n, 4, SIZE // 4, SIZE // 4), generator=noise_generator)  # diffusers draws the start noise first
-    sd.step_noise = lambda step, shape, key: nhwc(torch.randn((shape[0], shape[3], shape[1], shape[2]), generator=noise_generator))
+    sd.step_noise = torch_step_noise(seed=7, skip=1)  # diffusers draws the start noise first
     latents = run_ours(
         sd.generate_latents_from_image(
             mx.array(image * 2 - 1), PROMPT, n_images=n, strength=strength, num_steps=steps, negative_text="ugly", noise=nhwc(noise)

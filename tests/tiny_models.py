@@ -197,3 +197,74 @@ def _randomize(*models):
                 else:
                     fan_in = p[0].numel() if p.ndim > 1 else p.numel()
                     p.copy_(torch.randn_like(p) / max(fan_in, 1) ** 0.5)
+
+
+SDXL_UNET = dict(  # SDXL's layout at toy size: no attention at the top level, deeper transformers below
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 4),
+    use_linear_projection=True,
+    cross_attention_dim=32 + 40,  # both encoders' hidden states side by side
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=24 + 6 * 8,  # pooled projection + 6 time ids
+    norm_num_groups=8,
+)
+SDXL_SCHEDULER = dict(  # stable-diffusion-xl-base-1.0
+    _class_name="EulerDiscreteScheduler",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+    steps_offset=1,
+    timestep_spacing="leading",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+)
+SDXL_TURBO_SCHEDULER = dict(SDXL_SCHEDULER, _class_name="EulerAncestralDiscreteScheduler", timestep_spacing="trailing")
+
+
+def build_sdxl(folder: Path, vocab_dir: Path, turbo: bool = False, seed: int = 0) -> Path:
+    """Save a tiny SDXL-shaped pipeline folder (two encoders, text_time, transformer depth 2)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SDXL_UNET)
+    vae = AutoencoderKL(**VAE, scaling_factor=0.13025, force_upcast=True)
+    text_encoder = CLIPTextModel(text_encoder_config("quick_gelu", hidden_size=32))
+    text_encoder_2 = CLIPTextModelWithProjection(text_encoder_config("gelu", hidden_size=40, projection_dim=24))
+    _randomize(unet, vae, text_encoder, text_encoder_2)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    text_encoder_2.save_pretrained(folder / "text_encoder_2")
+    write_tokenizer_folder(folder / "tokenizer", vocab_dir, clip_tokenizer(vocab_dir, "<|endoftext|>"))
+    write_tokenizer_folder(folder / "tokenizer_2", vocab_dir, clip_tokenizer(vocab_dir, "!"))
+    scheduler = dict(SDXL_TURBO_SCHEDULER if turbo else SDXL_SCHEDULER)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.42.1",
+        "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", scheduler["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
