@@ -16,21 +16,11 @@ from stable_diffusion.unet import Attention, UNetModel
 
 POOLED_DIM = 32
 TIME_EMBED_DIM = 8
-SDXL_UNET = dict(  # SDXL's layout at toy size: no attention at the top level, deeper transformers below
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64, 64),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 1, 2),
+SDXL_UNET = dict(  # the fixture's SDXL layout, plus an explicit reverse transformer depth
+    tiny_models.SDXL_UNET,
     reverse_transformer_layers_per_block=(3, 1, 1),
     attention_head_dim=(2, 4, 8),
     cross_attention_dim=64,
-    norm_num_groups=8,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
     addition_time_embed_dim=TIME_EMBED_DIM,
     projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_EMBED_DIM,
 )

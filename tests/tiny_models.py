@@ -20,24 +20,13 @@ def bpe_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode map, as CLIP uses it."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def write_clip_vocab(folder: Path) -> Path:
     """Write vocab.json and merges.txt exactly as OpenAI CLIP's SimpleTokenizer builds them."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = gzip.open(bpe_path()).read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # the reference's own copy
+
     vocab = list(bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab]
     vocab += ["".join(m.split()) for m in merges]
