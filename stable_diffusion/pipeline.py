@@ -106,7 +106,8 @@ class _Pipeline:
             if guided:
                 x_in = mx.concatenate([x_in, x_in])
             t = mx.broadcast_to(self.sampler.timesteps[i], (x_in.shape[0],))
-            eps = self.unet(x_in.astype(self.dtype), t, context, text_time)
+            # The latents stay float32 between steps, whatever the UNet's dtype.
+            eps = self.unet(x_in.astype(self.dtype), t, context, text_time).astype(mx.float32)
             if guided:
                 eps_uncond, eps_text = eps.split(2)
                 eps = eps_uncond + cfg_weight * (eps_text - eps_uncond)
