@@ -79,7 +79,6 @@ def main(argv=None):
     if args.steps is not None:
         check_steps(args.steps, strengths, args.generate_triangle)
     picture = images.load_image(args.image)
-    seed = draw_seed(args.seed)
 
     sd = load(args)
     steps, cfg = steps_and_cfg(args, sd)
@@ -87,6 +86,7 @@ def main(argv=None):
     picture = images.resize_to_multiple(picture, 8 * sd.latent_factor, args.resize)
     size = picture.size
     init = images.to_model_input(picture)
+    seed = draw_seed(args.seed)
 
     interim = bool(args.show_denoising or args.save_last_N or args.generate_triangle)
     written = []

@@ -196,7 +196,6 @@ def main(argv=None):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag} must be positive (got {value})")
-    seed = draw_seed(args.seed)
 
     sd = load(args)
     steps, cfg = steps_and_cfg(args, sd)
@@ -208,6 +207,7 @@ def main(argv=None):
     for flag, value in (("width", width), ("height", height)):
         if value % multiple:
             raise UsageError(f"--{flag} {value} is not a multiple of {multiple} (8x this model's VAE factor {f})")
+    seed = draw_seed(args.seed)
 
     start = time.perf_counter()
     latents = sd.generate_latents(

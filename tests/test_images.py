@@ -1,0 +1,178 @@
+"""stable_diffusion/images.py: reading any picture as RGB, resizing, grids, A1111 metadata, safe writes."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stable_diffusion import images
+from stable_diffusion.images import UsageError
+
+
+def _save(tmp_path, image, name="in.png", **options):
+    path = tmp_path / name
+    image.save(path, **options)
+    return path
+
+
+def test_rgba_and_la_are_composited_over_white(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half transparent
+    out = np.asarray(images.load_image(_save(tmp_path, Image.fromarray(rgba, "RGBA"))))
+    assert out.shape == (4, 4, 3)
+    assert (out[:2] == [200, 0, 0]).all() and (out[2:] == 255).all()
+    la = Image.fromarray(np.stack([np.full((4, 4), 50, np.uint8), np.zeros((4, 4), np.uint8)], -1), "LA")
+    assert (np.asarray(images.load_image(_save(tmp_path, la, "la.png"))) == 255).all()
+
+
+def test_palette_greyscale_and_cmyk_become_rgb(tmp_path):
+    src = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    rgb = Image.fromarray(src, "RGB")
+    for mode, name in (("P", "p.png"), ("L", "l.png"), ("CMYK", "c.jpg"), ("1", "b.png")):
+        converted = rgb.convert(mode)
+        out = images.load_image(_save(tmp_path, converted, name))
+        assert out.mode == "RGB" and out.size == (8, 8)
+        with Image.open(tmp_path / name) as ref:  # PIL's own conversion of what was saved
+            expected = np.asarray(ref.convert("RGB"))
+        assert np.array_equal(np.asarray(out), expected), mode
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits(tmp_path):
+    a = np.array([[0, 257 * 10, 65535, 257 * 128]], dtype=np.uint16)
+    path = _save(tmp_path, Image.fromarray(a))  # PIL's 16-bit greyscale (I;16), as 16-bit PNGs open
+    with Image.open(path) as check:
+        assert check.mode.startswith("I")
+    out = np.asarray(images.load_image(path))
+    assert out[0, :, 0].tolist() == [0, 10, 255, 128]
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 0] == out[..., 2]).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (6, 3), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = _save(tmp_path, image, "o.jpg", exif=exif)
+    assert images.load_image(path).size == (3, 6)
+
+
+@pytest.mark.parametrize(
+    "content, phrase",
+    [(None, "does not exist"), (b"hello, not an image", "not an image"), ("truncated", "corrupt or truncated")],
+)
+def test_bad_input_files_are_usage_errors(tmp_path, content, phrase):
+    path = tmp_path / "bad.png"
+    if content == "truncated":
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, "PNG")
+        content = buffer.getvalue()[:60]
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UsageError, match=phrase):
+        images.load_image(path)
+    with pytest.raises(UsageError, match="is a directory"):
+        images.load_image(tmp_path)
+
+
+def test_resize_shrinks_to_multiples_and_refuses_when_asked(capsys):
+    image = Image.new("RGB", (130, 200))
+    assert images.resize_to_multiple(image, 64).size == (128, 192)
+    assert "130x200 to 128x192" in capsys.readouterr().err
+    assert images.resize_to_multiple(Image.new("RGB", (128, 64)), 64, allow_resize=False).size == (128, 64)
+    with pytest.raises(UsageError, match="--no-resize"):
+        images.resize_to_multiple(image, 64, allow_resize=False)
+    with pytest.raises(UsageError, match="at least 64 px"):
+        images.resize_to_multiple(Image.new("RGB", (63, 500)), 64)
+
+
+def test_grid_puts_images_in_reading_order():
+    n, h, w = 6, 2, 3
+    batch = np.stack([np.full((h, w, 3), i, np.uint8) for i in range(n)])
+    g = images.grid(batch, n_rows=2)
+    assert g.shape == (2 * h, 3 * w, 3)
+    for i in range(n):
+        r, c = divmod(i, 3)
+        assert (g[r * h : (r + 1) * h, c * w : (c + 1) * w] == i).all()
+
+
+def test_to_uint8_rounds_clips_and_blackens_nan():
+    x = np.array([[[[0.0, 0.5, 1.2], [-0.1, np.nan, 1 / 255]]]], np.float32)
+    assert images.to_uint8(x).tolist() == [[[[0, 128, 255], [0, 0, 1]]]]
+
+
+# A1111's own infotext (modules/infotext_utils.py quotes values holding ',', ':' or newlines).
+A1111_TEXT = (
+    "a castle, on a hill\n"
+    "Negative prompt: blurry, low quality\n"
+    'Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 512x768, Model: "C:\\\\models, v1", Denoising strength: 0.5'
+)
+
+
+def test_parameters_are_written_in_a1111_format():
+    text = images.format_parameters(
+        "a castle, on a hill",
+        "blurry, low quality",
+        Steps=20,
+        Sampler="Euler a",
+        CFG_scale=7,
+        Seed=1234,
+        Size="512x768",
+        Model="C:\\models, v1",
+        Denoising_strength=0.5,
+        Skipped=None,
+    )
+    assert text == A1111_TEXT
+
+
+def test_parameters_read_back_as_a1111_parses_them():
+    parsed = images.parse_parameters(A1111_TEXT)
+    assert parsed["Prompt"] == "a castle, on a hill"
+    assert parsed["Negative prompt"] == "blurry, low quality"
+    assert parsed["Steps"] == "20" and parsed["Sampler"] == "Euler a" and parsed["Seed"] == "1234"
+    assert parsed["Model"] == "C:\\models, v1"
+    assert images.parse_parameters("only a prompt")["Prompt"] == "only a prompt"
+
+
+def test_png_carries_the_parameters_chunk(tmp_path):
+    path = images.save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / "a.png", A1111_TEXT + " ünïcode ✓")
+    with Image.open(path) as image:
+        assert image.info["parameters"] == A1111_TEXT + " ünïcode ✓"
+    assert images.save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / "a.jpg", A1111_TEXT).exists()
+
+
+def test_interrupted_write_leaves_the_old_file_and_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "out.png"
+    images.save_image(np.full((8, 8, 3), 7, np.uint8), path)
+    before = path.read_bytes()
+
+    def interrupted_save(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        images.save_image(np.zeros((8, 8, 3), np.uint8), path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["out.png"]
+
+
+def test_output_path_checks(tmp_path):
+    assert images.check_output_path(str(tmp_path / "x.PNG")) == tmp_path / "x.PNG"
+    with pytest.raises(UsageError, match="unknown image extension '.gif'"):
+        images.check_output_path(str(tmp_path / "x.gif"))
+    with pytest.raises(UsageError, match="does not exist"):
+        images.check_output_path(str(tmp_path / "missing" / "x.png"))
+    with pytest.raises(UsageError, match="is a directory"):
+        (tmp_path / "d.png").mkdir()
+        images.check_output_path(str(tmp_path / "d.png"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="not a directory"):
+        images.check_output_path(str(tmp_path / "file" / "x.png"))
+
+
+def test_sibling_names():
+    from pathlib import Path
+
+    assert images.sibling(Path("dir/out.png"), 20, 40) == Path("dir/out_20_40.png")
