@@ -20,7 +20,6 @@ from txt2image import (
     draw_seed,
     load,
     parameters,
-    print_stored_parameters,
     report_memory,
     save_grid,
     save_individual,

@@ -35,11 +35,21 @@ class UsageError(Exception):
 # Command line
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already says it or there is nothing to show."""
+
+    def _get_help_string(self, action):
+        nothing = action.default is None or isinstance(action.default, bool) or action.default in ("", argparse.SUPPRESS)
+        if "default" in (action.help or "") or nothing:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(**kwargs)
 
     def error(self, message):
