@@ -94,13 +94,14 @@ class _Pipeline:
         self._quantized = True
 
     def step_noise(self, step: int, shape: tuple, key: mx.array) -> mx.array:
-        """Unit noise for a stochastic sampler step. Override to inject noise (tests feed diffusers')."""
-        return mx.random.normal(shape, key=mx.random.fold_in(key, step))
+        """Unit noise for a stochastic sampler step (key is that step's). Override to inject noise (tests feed diffusers')."""
+        return mx.random.normal(shape, key=key)
 
     # The denoising loop shared by txt2img and img2img.
     def _denoise(self, x, conditioning, cfg_weight: float, start: int, key) -> Iterator[mx.array]:
         context, text_time = conditioning
         guided = cfg_weight > 1
+        step_keys = mx.random.split(key, len(self.sampler.timesteps))
         for i in range(start, len(self.sampler.timesteps)):
             x_in = self.sampler.scale_model_input(x, i)
             if guided:
@@ -111,7 +112,7 @@ class _Pipeline:
             if guided:
                 eps_uncond, eps_text = eps.split(2)
                 eps = eps_uncond + cfg_weight * (eps_text - eps_uncond)
-            noise = self.step_noise(i, x.shape, key) if self.sampler.needs_noise else None
+            noise = self.step_noise(i, x.shape, step_keys[i]) if self.sampler.needs_noise else None
             x = self.sampler.step(eps, i, x, noise)
             yield x
 

@@ -182,3 +182,11 @@ def test_decode_in_chunks_equals_decode_at_once(tiny_sd1):
     sd = StableDiffusion(str(tiny_sd1))
     z = mx.random.normal((5, 8, 8, 4), key=mx.random.key(0))
     np.testing.assert_allclose(np.array(sd.decode(z, batch_size=2)), np.array(sd.decode(z, batch_size=8)), atol=1e-6)
+
+
+def test_stochastic_sampler_draws_its_step_noise_from_the_seed(tiny_sd1):
+    sd = StableDiffusion(str(tiny_sd1), sampler="euler_a")
+    runs = [run_ours(sd.generate_latents(PROMPT, num_steps=3, latent_size=(8, 8), seed=s))[-1] for s in (7, 7, 8)]
+    assert np.isfinite(np.array(runs[0])).all()
+    assert np.array_equal(np.array(runs[0]), np.array(runs[1]))
+    assert not np.array_equal(np.array(runs[0]), np.array(runs[2]))
