@@ -8,6 +8,8 @@ number of steps the run makes (``int(steps * strength)``) and ``count`` the step
 ``<base>_<limit>_<limit>`` is that run's final image and ``<base>_0_0`` the (resized) input.
 """
 
+import sys
+
 import numpy as np
 
 from stable_diffusion import images
@@ -66,7 +68,7 @@ def main(argv=None):
     args = parse_args(argv)
     output = check_common_arguments(args)
     if args.generate_triangle and args.strength is not None:
-        print("image2image.py: warning: -gt runs strengths 0.1 to 1.0; --strength is ignored")
+        print("image2image.py: warning: -gt runs strengths 0.1 to 1.0; --strength is ignored", file=sys.stderr)
     strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     if not 0 < strength <= 1:
         raise UsageError(f"--strength must be in (0, 1] (got {strength:g})")

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from stable_diffusion import PRESETS, ModelLoadError, load_model
+from stable_diffusion import PRESETS, load_model
 from stable_diffusion import images
 from stable_diffusion.images import UsageError
 from stable_diffusion.sampler import SAMPLERS
@@ -22,7 +22,7 @@ from stable_diffusion.sampler import SAMPLERS
 DEFAULT_MODEL = "sdxl-turbo"
 
 # A1111's sampler names, so that its PNG Info and Civitai recognise ours.
-SAMPLER_LABELS = {"euler": "Euler", "eulera": "Euler a", "ddim": "DDIM", "dpm2m": "DPM++ 2M"}
+SAMPLER_LABELS = {"euler": "Euler", "euler_a": "Euler a", "ddim": "DDIM", "dpm++2m": "DPM++ 2M"}
 
 
 def add_common_arguments(parser):
@@ -101,8 +101,6 @@ def load(args):
     start = time.perf_counter()
     try:
         sd = load_model(args.model, float16=args.float16, sampler=args.sampler)
-    except ModelLoadError:
-        raise
     except ValueError as e:  # an unsupported config value or sampler name
         raise UsageError(f"--model {args.model!r}: {e}") from None
     if args.quantize:
@@ -124,8 +122,7 @@ def steps_and_cfg(args, sd):
 
 
 def sampler_label(args, sd) -> str:
-    name = sd.sampler.name or type(sd.sampler).__name__
-    label = SAMPLER_LABELS.get("".join(c for c in name.lower() if c.isalnum()), name)
+    label = SAMPLER_LABELS[sd.sampler.name]
     return f"{label} Karras" if sd.sampler.config.use_karras_sigmas else label
 
 

@@ -88,8 +88,10 @@ def check_output_path(path: str) -> Path:
         raise UsageError(f"output directory {str(folder)!r} does not exist")
     if not folder.is_dir():
         raise UsageError(f"output directory {str(folder)!r} is not a directory")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"output directory {str(folder)!r} is not writable")
+    try:  # a real probe: permission bits say nothing about root or read-only file systems
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        raise UsageError(f"output directory {str(folder)!r} is not writable") from None
     return path
 
 
