@@ -190,3 +190,19 @@ def test_stochastic_sampler_draws_its_step_noise_from_the_seed(tiny_sd1):
     assert np.isfinite(np.array(runs[0])).all()
     assert np.array_equal(np.array(runs[0]), np.array(runs[1]))
     assert not np.array_equal(np.array(runs[0]), np.array(runs[2]))
+
+
+def test_quantized_model_stays_close_to_diffusers(tiny_sd2):
+    import mlx.nn as nn
+
+    init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(3))
+    sd = StableDiffusion(str(tiny_sd2))
+    sd.quantize(text_bits=8, unet_bits=8, group_size=32)
+    sd.quantize(text_bits=8, unet_bits=8, group_size=32)  # a second call changes nothing
+    assert isinstance(sd.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q, nn.QuantizedLinear)
+    assert isinstance(sd.text_encoder.text_model.encoder.layers[0].mlp.fc1, nn.QuantizedLinear)
+    latents = run_ours(sd.generate_latents(PROMPT, num_steps=4, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
+    ref = reference_pipeline(tiny_sd2, "euler")(
+        PROMPT, num_inference_steps=4, height=SIZE, width=SIZE, latents=init.clone(), output_type="latent"
+    ).images
+    assert 0 < relative_error(latents[-1], nhwc(ref)) <= 5e-2
