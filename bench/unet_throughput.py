@@ -98,6 +98,7 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per measurement")
     p.add_argument("--repeats", type=int, default=10, help="timed steps per measurement (median reported)")
     p.add_argument("--profile", action="store_true", help="per-op-type time breakdown for both frameworks at the largest batch")
+    p.add_argument("--trace", default="", help="batch sizes at which to list GPU kernels (CUPTI, via torch.profiler) of one MLX and one torch step")
     p.add_argument("--json", default=None, help="write all numbers to this file")
     return p.parse_args()
 
@@ -295,6 +296,51 @@ def profile(ours, ref, mlx_in, torch_in, dev):
     return mlx_prof, torch_prof
 
 
+def kernel_trace(label, step, dev, steps=3, top=14):
+    """GPU kernels of `steps` calls of `step` (any framework in this process: CUPTI sees them all)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    step()
+    sync(dev)
+    t0 = time.perf_counter()
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync(dev)
+    wall = (time.perf_counter() - t0) / steps
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
+        if us > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append((us / steps / 1e3, e.count / steps, e.key))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    count = sum(r[1] for r in rows)
+    print(f"\n[{label}] kernels per step: {count:.0f}, kernel time {total:.2f} ms, wall (profiled) {wall * 1e3:.2f} ms")
+    for ms, n, name in rows[:top]:
+        print(f"  {ms:8.3f} ms {n:5.0f}x  {name[:110]}")
+    return {"count": count, "kernel_ms": total, "wall_ms": wall * 1e3, "top": rows[:40]}
+
+
+def check_group_norm():
+    """The UNet's GroupNorm on this device against nn.GroupNorm(pytorch_compatible=True), fresh random data."""
+    from stable_diffusion.unet import GroupNorm
+
+    worst = 0.0
+    for shape, dt in [((4, 64, 64, 320), mx.float16), ((3, 16, 16, 1280), mx.bfloat16), ((2, 8, 8, 640), mx.float32), ((2, 32, 32, 960), mx.float16)]:
+        gn = GroupNorm(32, shape[-1], eps=1e-5)
+        gn.weight = mx.random.normal((shape[-1],)).astype(dt)
+        gn.bias = mx.random.normal((shape[-1],)).astype(dt)
+        x = (3 * mx.random.normal(shape) + 2).astype(dt)
+        for silu in (False, True):
+            got = gn(x, silu=silu).astype(mx.float32)
+            ref = nn.GroupNorm.__call__(gn, x.astype(mx.float32))
+            ref = nn.silu(ref) if silu else ref
+            worst = max(worst, (mx.abs(got - ref).max() / mx.abs(ref).max()).item())
+    return worst
+
+
 def main():
     args = parse_args()
     import torch
@@ -329,6 +375,8 @@ def main():
     got = np.array(ours(*mlx_in).astype(mx.float32))
     err = np.abs(got - want).max() / np.abs(want).max()
     print(f"MLX vs diffusers on the same input: max|diff|/max|ref| = {err:.2e}, finite={np.isfinite(got).all()}")
+
+    print(f"GroupNorm(+SiLU) on this device vs nn.GroupNorm in float32: worst max|diff|/max|ref| = {check_group_norm():.1e}")
 
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.mx_compile]
     fns = {c: (mx.compile(ours) if c else ours) for c in modes}
@@ -382,8 +430,20 @@ def main():
         for k in keys:
             print(f"| {k:24s} | {1e3 * prof[0].get(k, 0):8.2f} | {1e3 * prof[1].get(k, 0):8.2f} |")
 
+    traces = {}
+    if args.trace and dev.type != "cuda":
+        print("--trace needs a CUDA GPU; skipped")
+        args.trace = ""
+    for b in [int(v) for v in args.trace.split(",") if v]:
+        torch_in, mlx_in = make_inputs(cfg_name, cfg, latent, 2 * b, dev, tdt, mdt)
+        fn = fns[modes[-1]]
+        traces[f"mlx_{b}"] = kernel_trace(f"MLX{' compiled' if modes[-1] else ''}, batch {b}", lambda: mx.eval(fn(*mlx_in)), dev)
+        x, t, ctx, added = torch_in
+        with torch.inference_mode():
+            traces[f"torch_{b}"] = kernel_trace(f"torch eager, batch {b}", lambda: ref(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added), dev)
+
     if args.json:
-        Path(args.json).write_text(json.dumps({"card": card, "peak": peak, "mlx_peak": mlx_peak, "flops_per_latent": flops, "rows": rows, "profile": prof, "argv": sys.argv}, indent=1))
+        Path(args.json).write_text(json.dumps({"card": card, "peak": peak, "mlx_peak": mlx_peak, "flops_per_latent": flops, "rows": rows, "profile": prof, "traces": traces, "argv": sys.argv}, indent=1))
 
     # The seed's table, plus the ratio and the share of the measured peak.
     print(f"\n{card}, {cfg_name} {latent * 8}x{latent * 8}, {args.dtype}, CFG; peak {peak / 1e12:.0f} TFLOP/s ({peak_dtype} torch matmul), {flops / 1e9:.0f} GFLOP/latent")
