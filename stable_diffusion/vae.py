@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import AutoencoderConfig
+from .unet import GroupNorm
 
 EPS = 1e-6
 
@@ -21,37 +22,21 @@ EPS = 1e-6
 _LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-class GroupNorm(nn.GroupNorm):
-    """PyTorch-compatible GroupNorm with float32 statistics, computed without transposes."""
-
-    def __init__(self, num_groups: int, dims: int):
-        super().__init__(num_groups, dims, eps=EPS, pytorch_compatible=True)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        B, H, W, C = x.shape
-        g = x.reshape(B, H * W, self.num_groups, C // self.num_groups).astype(mx.float32)
-        mean = g.mean(axis=(1, 3), keepdims=True)
-        g = g - mean
-        var = mx.square(g).mean(axis=(1, 3), keepdims=True)
-        g = (g * mx.rsqrt(var + self.eps)).reshape(B, H, W, C)
-        return (g * self.weight + self.bias).astype(x.dtype)
-
-
 class ResnetBlock2D(nn.Module):
     """Two GroupNorm-SiLU-conv layers with a residual (1x1 conv when the width changes); no time embedding."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
-        self.norm1 = GroupNorm(groups, in_channels)
+        self.norm1 = GroupNorm(groups, in_channels, EPS)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = GroupNorm(groups, out_channels)
+        self.norm2 = GroupNorm(groups, out_channels, EPS)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -62,7 +47,7 @@ class Attention(nn.Module):
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.group_norm = GroupNorm(groups, channels)
+        self.group_norm = GroupNorm(groups, channels, EPS)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -177,7 +162,7 @@ class Encoder(nn.Module):
             for i in range(len(channels))
         ]
         self.mid_block = UNetMidBlock2D(channels[-1], groups, config.mid_block_add_attention)
-        self.conv_norm_out = GroupNorm(groups, channels[-1])
+        self.conv_norm_out = GroupNorm(groups, channels[-1], EPS)
         self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -185,7 +170,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
 class Decoder(nn.Module):
@@ -207,7 +192,7 @@ class Decoder(nn.Module):
             )
             for i in range(len(channels))
         ]
-        self.conv_norm_out = GroupNorm(groups, channels[-1])
+        self.conv_norm_out = GroupNorm(groups, channels[-1], EPS)
         self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -215,7 +200,7 @@ class Decoder(nn.Module):
         x = self.mid_block(x)
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
 class Autoencoder(nn.Module):
