@@ -45,15 +45,12 @@ class _Pipeline:
         self.dtype = mx.float16 if float16 else mx.float32
         self.model_index = model_io.read_model_index(self.root)
 
-        load = lambda component, cls, config_cls, dtype: model_io.load_component(  # noqa: E731
-            self.root, component, cls, config_cls, dtype, float16_files=float16
-        )
-        self.unet = load("unet", UNetModel, UNetConfig, self.dtype)
+        self.unet = self._load("unet", UNetModel, UNetConfig, self.dtype)
         vae_config = AutoencoderConfig.from_dict(model_io.read_config(self.root, "vae"))
         # The VAE overflows in float16 unless its config says it is safe (force_upcast=False).
         self.vae_dtype = mx.float16 if float16 and not vae_config.force_upcast else mx.float32
-        self.autoencoder = load("vae", Autoencoder, AutoencoderConfig, self.vae_dtype)
-        self._load_text_encoders(load)
+        self.autoencoder = self._load("vae", Autoencoder, AutoencoderConfig, self.vae_dtype)
+        self._load_text_encoders()
 
         scheduler = model_io.read_config(self.root, "scheduler", "scheduler_config.json")
         self.scheduler_config = SchedulerConfig.from_dict(scheduler)
@@ -64,6 +61,9 @@ class _Pipeline:
         self.default_steps = 2 if self.is_turbo else 50
         self.default_cfg = 0.0 if self.is_turbo else 7.5
         self._quantized = False
+
+    def _load(self, component: str, model_cls, config_cls, dtype):
+        return model_io.load_component(self.root, component, model_cls, config_cls, dtype, float16_files=self.float16)
 
     @property
     def latent_factor(self) -> int:
@@ -179,7 +179,8 @@ class _Pipeline:
         if self.vae_dtype == mx.float16 and mx.isnan(x).any().item():
             warnings.warn("the float16 VAE decoded NaN; decoding again in float32")
             self.vae_dtype = mx.float32
-            self.autoencoder.set_dtype(mx.float32)
+            # From the full-precision file: float16 weights cast up would keep their rounding.
+            self.autoencoder = model_io.load_component(self.root, "vae", Autoencoder, AutoencoderConfig, mx.float32)
             x = self.autoencoder.decode(z.astype(mx.float32))
         return mx.clip(x.astype(mx.float32) / 2 + 0.5, 0, 1)
 
@@ -199,9 +200,9 @@ class StableDiffusion(_Pipeline):
     def __init__(self, model: str = DEFAULT_MODEL, float16: bool = False, sampler: Optional[str] = None):
         super().__init__(model, float16, sampler)
 
-    def _load_text_encoders(self, load):
+    def _load_text_encoders(self):
         self.tokenizer = Tokenizer.from_folder(model_io.component_dir(self.root, "tokenizer"))
-        self.text_encoder = load("text_encoder", CLIPTextModel, CLIPTextModelConfig, self.dtype)
+        self.text_encoder = self._load("text_encoder", CLIPTextModel, CLIPTextModelConfig, self.dtype)
 
     def _text_encoders(self):
         return [self.text_encoder]
@@ -255,11 +256,11 @@ class StableDiffusionXL(_Pipeline):
         super().__init__(model, float16, sampler)
         self.force_zeros_for_empty_prompt = self.model_index.get("force_zeros_for_empty_prompt", True)
 
-    def _load_text_encoders(self, load):
+    def _load_text_encoders(self):
         self.tokenizer = Tokenizer.from_folder(model_io.component_dir(self.root, "tokenizer"))
         self.tokenizer_2 = Tokenizer.from_folder(model_io.component_dir(self.root, "tokenizer_2"))
-        self.text_encoder = load("text_encoder", CLIPTextModel, CLIPTextModelConfig, self.dtype)
-        self.text_encoder_2 = load("text_encoder_2", CLIPTextModel, CLIPTextModelConfig, self.dtype)
+        self.text_encoder = self._load("text_encoder", CLIPTextModel, CLIPTextModelConfig, self.dtype)
+        self.text_encoder_2 = self._load("text_encoder_2", CLIPTextModel, CLIPTextModelConfig, self.dtype)
 
     def _text_encoders(self):
         return [self.text_encoder, self.text_encoder_2]

@@ -206,3 +206,25 @@ def test_quantized_model_stays_close_to_diffusers(tiny_sd2):
         PROMPT, num_inference_steps=4, height=SIZE, width=SIZE, latents=init.clone(), output_type="latent"
     ).images
     assert 0 < relative_error(latents[-1], nhwc(ref)) <= 5e-2
+
+
+def test_float16_vae_that_decodes_nan_is_decoded_again_in_float32(tiny_sd1, tmp_path):
+    import json
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    folder = shutil.copytree(tiny_sd1, tmp_path / "model")
+    config_path = folder / "vae" / "config.json"
+    config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), force_upcast=False)))
+    sd = StableDiffusion(str(folder), float16=True)
+    assert sd.vae_dtype == mx.float16  # the config says float16 is safe for this VAE
+    z = mx.random.normal((1, 8, 8, 4), key=mx.random.key(0)) * 2e4  # overflows float16 inside the decoder
+    with pytest.warns(UserWarning, match="decoding again in float32"):
+        images = sd.decode(z)
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    with torch.no_grad():
+        ref = vae.decode(torch.from_numpy(np.array(z / 0.18215)).permute(0, 3, 1, 2)).sample
+    ref = (ref / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert np.isfinite(np.array(images)).all()
+    assert relative_error(images, ref) <= 1e-4
