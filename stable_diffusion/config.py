@@ -5,8 +5,8 @@ Stable Diffusion 2.1-base values. A config value that changes the math and is no
 raises ``ValueError`` rather than being ignored.
 """
 
-from dataclasses import dataclass, field, fields
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass, fields
+from typing import Optional, Tuple
 
 
 def _as_tuple(value, n: int) -> tuple:

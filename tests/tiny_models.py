@@ -150,26 +150,29 @@ def build_sd(folder: Path, vocab_dir: Path, flavour: str, seed: int = 0) -> Path
     _randomize(unet, vae, text_encoder)
     tokenizer = clip_tokenizer(vocab_dir, "!" if sd2 else "<|endoftext|>")
 
+    return write_pipeline(
+        folder,
+        vocab_dir,
+        {"unet": unet, "vae": vae, "text_encoder": text_encoder},
+        {"tokenizer": tokenizer},
+        dict(SD2_SCHEDULER if sd2 else SD1_SCHEDULER),
+        {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False},
+    )
+
+
+def write_pipeline(folder: Path, vocab_dir: Path, models: dict, tokenizers: dict, scheduler: dict, index: dict) -> Path:
+    """Save each model and tokenizer in its subfolder, the scheduler config and model_index.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    write_tokenizer_folder(folder / "tokenizer", vocab_dir, tokenizer)
+    index = {"_diffusers_version": "0.42.1", **index, "scheduler": ["diffusers", scheduler["_class_name"]]}
+    for name, model in models.items():
+        model.save_pretrained(folder / name)
+        library = "diffusers" if type(model).__module__.startswith("diffusers") else "transformers"
+        index[name] = [library, type(model).__name__]
+    for name, tokenizer in tokenizers.items():
+        write_tokenizer_folder(folder / name, vocab_dir, tokenizer)
+        index[name] = ["transformers", "CLIPTokenizer"]
     (folder / "scheduler").mkdir(exist_ok=True)
-    scheduler = dict(SD2_SCHEDULER if sd2 else SD1_SCHEDULER)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "safety_checker": [None, None],
-        "requires_safety_checker": False,
-        "scheduler": ["diffusers", scheduler["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
@@ -233,27 +236,11 @@ def build_sdxl(folder: Path, vocab_dir: Path, turbo: bool = False, seed: int = 0
     text_encoder_2 = CLIPTextModelWithProjection(text_encoder_config("gelu", hidden_size=40, projection_dim=24))
     _randomize(unet, vae, text_encoder, text_encoder_2)
 
-    folder.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    text_encoder_2.save_pretrained(folder / "text_encoder_2")
-    write_tokenizer_folder(folder / "tokenizer", vocab_dir, clip_tokenizer(vocab_dir, "<|endoftext|>"))
-    write_tokenizer_folder(folder / "tokenizer_2", vocab_dir, clip_tokenizer(vocab_dir, "!"))
-    scheduler = dict(SDXL_TURBO_SCHEDULER if turbo else SDXL_SCHEDULER)
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    index = {
-        "_class_name": "StableDiffusionXLPipeline",
-        "_diffusers_version": "0.42.1",
-        "force_zeros_for_empty_prompt": True,
-        "scheduler": ["diffusers", scheduler["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    return write_pipeline(
+        folder,
+        vocab_dir,
+        {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2},
+        {"tokenizer": clip_tokenizer(vocab_dir, "<|endoftext|>"), "tokenizer_2": clip_tokenizer(vocab_dir, "!")},
+        dict(SDXL_TURBO_SCHEDULER if turbo else SDXL_SCHEDULER),
+        {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True},
+    )
