@@ -325,7 +325,7 @@ def kernel_trace(label, step, dev, steps=3, top=14):
 
 def check_group_norm():
     """The UNet's GroupNorm on this device against nn.GroupNorm(pytorch_compatible=True), fresh random data."""
-    from stable_diffusion.unet import GroupNorm
+    from stable_diffusion.norm import GroupNorm
 
     worst = 0.0
     for shape, dt in [((4, 64, 64, 320), mx.float16), ((3, 16, 16, 1280), mx.bfloat16), ((2, 8, 8, 640), mx.float32), ((2, 32, 32, 960), mx.float16)]:

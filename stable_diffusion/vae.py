@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import AutoencoderConfig
-from .unet import GroupNorm
+from .norm import GroupNorm
 
 EPS = 1e-6
 
