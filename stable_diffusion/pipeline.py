@@ -116,7 +116,18 @@ class _Pipeline:
             x = self.sampler.step(eps, i, x, noise)
             yield x
 
-    def _generate_latents(self, text, n_images, num_steps, cfg_weight, negative_text, latent_size, seed, latents):
+    def generate_latents(
+        self,
+        text: str,
+        n_images: int = 1,
+        num_steps: int = 50,
+        cfg_weight: float = 7.5,
+        negative_text: str = "",
+        latent_size: tuple = (64, 64),
+        seed: Optional[int] = None,
+        latents: Optional[mx.array] = None,
+    ) -> Iterator[mx.array]:
+        """Yield the (N, h, w, 4) latent after each denoising step, unevaluated."""
         if num_steps < 1 or n_images < 1:
             raise ValueError(f"num_steps and n_images must be >= 1 (got {num_steps}, {n_images})")
         key_latents, key_steps = mx.random.split(_key(seed))
@@ -128,9 +139,21 @@ class _Pipeline:
         elif latents.shape[0] != n_images:
             raise ValueError(f"latents has {latents.shape[0]} images but n_images is {n_images}")
         x = latents.astype(mx.float32) * self.sampler.init_noise_sigma
-        yield from self._denoise(x, conditioning, cfg_weight, 0, key_steps)
+        return self._denoise(x, conditioning, cfg_weight, 0, key_steps)
 
-    def _generate_latents_from_image(self, image, text, n_images, strength, num_steps, cfg_weight, negative_text, seed, noise):
+    def generate_latents_from_image(
+        self,
+        image,
+        text: str,
+        n_images: int = 1,
+        strength: float = 0.8,
+        num_steps: int = 50,
+        cfg_weight: float = 7.5,
+        negative_text: str = "",
+        seed: Optional[int] = None,
+        noise: Optional[mx.array] = None,
+    ) -> Iterator[mx.array]:
+        """img2img: yield the latent after each of the last int(num_steps * strength) steps."""
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         # diffusers' img2img rule: run the last int(num_steps * strength) steps of the full schedule.
@@ -155,7 +178,7 @@ class _Pipeline:
         elif tuple(noise.shape) != tuple(x0.shape):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x0.shape)}")
         x = self.sampler.add_noise(x0, noise.astype(mx.float32), start)
-        yield from self._denoise(x, conditioning, cfg_weight, start, key_steps)
+        return self._denoise(x, conditioning, cfg_weight, start, key_steps)
 
     def _scale_latents(self, z):
         shift = self.autoencoder.config.shift_factor or 0.0
@@ -217,37 +240,6 @@ class StableDiffusion(_Pipeline):
             context = _repeat(context, n_images)
         return context, None
 
-    def generate_latents(
-        self,
-        text: str,
-        n_images: int = 1,
-        num_steps: int = 50,
-        cfg_weight: float = 7.5,
-        negative_text: str = "",
-        latent_size: tuple = (64, 64),
-        seed: Optional[int] = None,
-        latents: Optional[mx.array] = None,
-    ) -> Iterator[mx.array]:
-        """Yield the (N, h, w, 4) latent after each denoising step, unevaluated."""
-        return self._generate_latents(text, n_images, num_steps, cfg_weight, negative_text, latent_size, seed, latents)
-
-    def generate_latents_from_image(
-        self,
-        image,
-        text: str,
-        n_images: int = 1,
-        strength: float = 0.8,
-        num_steps: int = 50,
-        cfg_weight: float = 7.5,
-        negative_text: str = "",
-        seed: Optional[int] = None,
-        noise: Optional[mx.array] = None,
-    ) -> Iterator[mx.array]:
-        """img2img: yield the latent after each of the last int(num_steps * strength) steps."""
-        return self._generate_latents_from_image(
-            image, text, n_images, strength, num_steps, cfg_weight, negative_text, seed, noise
-        )
-
 
 class StableDiffusionXL(_Pipeline):
     """SDXL (and SDXL-turbo): two text encoders, pooled text and size conditioning."""
@@ -300,16 +292,10 @@ class StableDiffusionXL(_Pipeline):
         latents: Optional[mx.array] = None,
     ) -> Iterator[mx.array]:
         """Yield the (N, h, w, 4) latent after each denoising step; defaults follow the model."""
-        return self._generate_latents(
-            text,
-            n_images,
-            self.default_steps if num_steps is None else num_steps,
-            self.default_cfg if cfg_weight is None else cfg_weight,
-            negative_text,
-            latent_size or self.default_latent_size,
-            seed,
-            latents,
-        )
+        num_steps = self.default_steps if num_steps is None else num_steps
+        cfg_weight = self.default_cfg if cfg_weight is None else cfg_weight
+        latent_size = latent_size or self.default_latent_size
+        return super().generate_latents(text, n_images, num_steps, cfg_weight, negative_text, latent_size, seed, latents)
 
     def generate_latents_from_image(
         self,
@@ -324,17 +310,9 @@ class StableDiffusionXL(_Pipeline):
         noise: Optional[mx.array] = None,
     ) -> Iterator[mx.array]:
         """img2img: yield the latent after each of the last int(num_steps * strength) steps."""
-        return self._generate_latents_from_image(
-            image,
-            text,
-            n_images,
-            strength,
-            self.default_steps if num_steps is None else num_steps,
-            self.default_cfg if cfg_weight is None else cfg_weight,
-            negative_text,
-            seed,
-            noise,
-        )
+        num_steps = self.default_steps if num_steps is None else num_steps
+        cfg_weight = self.default_cfg if cfg_weight is None else cfg_weight
+        return super().generate_latents_from_image(image, text, n_images, strength, num_steps, cfg_weight, negative_text, seed, noise)
 
 
 def load_model(model: str = DEFAULT_MODEL, float16: bool = False, sampler: Optional[str] = None):

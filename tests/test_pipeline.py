@@ -228,3 +228,13 @@ def test_float16_vae_that_decodes_nan_is_decoded_again_in_float32(tiny_sd1, tmp_
     ref = (ref / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert np.isfinite(np.array(images)).all()
     assert relative_error(images, ref) <= 1e-4
+
+
+def test_bad_arguments_raise_at_the_call_not_at_the_first_step(tiny_sd1):
+    sd = StableDiffusion(str(tiny_sd1))
+    with pytest.raises(ValueError, match="num_steps"):
+        sd.generate_latents(PROMPT, num_steps=0)
+    with pytest.raises(ValueError, match="strength"):
+        sd.generate_latents_from_image(mx.zeros((32, 32, 3)), PROMPT, strength=1.5)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sd.generate_latents_from_image(mx.zeros((30, 32, 3)), PROMPT)
