@@ -60,6 +60,9 @@ class _Pipeline:
         self.is_turbo = "turbo" in f"{self.model} {self.root}".lower()
         self.default_steps = 2 if self.is_turbo else 50
         self.default_cfg = 0.0 if self.is_turbo else 7.5
+        # The UNet's native latent side: 64 for 512 px models, 96 for SD 2.1 (768 px), 128 for SDXL.
+        size = model_io.read_config(self.root, "unet").get("sample_size", 64)
+        self.default_latent_size = (size, size)
         self._quantized = False
 
     def _load(self, component: str, model_cls, config_cls, dtype):
@@ -69,15 +72,6 @@ class _Pipeline:
     def latent_factor(self) -> int:
         """Pixels per latent along each side (8 for the real models)."""
         return self.autoencoder.config.downsample_factor
-
-    @property
-    def default_latent_size(self) -> tuple[int, int]:
-        size = self.unet_config_sample_size
-        return (size, size)
-
-    @property
-    def unet_config_sample_size(self) -> int:
-        return model_io.read_config(self.root, "unet").get("sample_size", 64)
 
     def ensure_models_are_loaded(self):
         """Read every weight now instead of at first use."""
