@@ -126,7 +126,8 @@ class _Pipeline:
             raise ValueError(f"num_steps and n_images must be >= 1 (got {num_steps}, {n_images})")
         key_latents, key_steps = mx.random.split(_key(seed))
         self.sampler.set_timesteps(num_steps)
-        h, w = latent_size
+        # Given latents set the size (SDXL's size conditioning must follow them).
+        h, w = latents.shape[1:3] if latents is not None else latent_size
         conditioning = self._condition(text, negative_text, n_images, cfg_weight, (h * self.latent_factor, w * self.latent_factor))
         if latents is None:
             latents = mx.random.normal((n_images, h, w, self.unet.config.in_channels), key=key_latents)

@@ -155,3 +155,12 @@ def test_sdxl_float16_keeps_the_vae_in_float32_when_force_upcast(tiny_sdxl):
     ref = reference(tiny_sdxl)(PROMPT, num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE, latents=init.clone(), output_type="np").images
     assert np.isfinite(images).all()
     assert relative_error(images, ref) <= 2e-2
+
+
+def test_sdxl_size_conditioning_follows_given_latents(tiny_sdxl):
+    """Latents of another size than latent_size: diffusers conditions on the size it decodes."""
+    init = torch.randn((1, 4, 12, 8), generator=torch.Generator().manual_seed(6))
+    sd = StableDiffusionXL(str(tiny_sdxl))
+    latents = run(sd.generate_latents(PROMPT, num_steps=3, cfg_weight=5.0, latents=nhwc(init)))
+    ref = reference(tiny_sdxl)(PROMPT, num_inference_steps=3, guidance_scale=5.0, height=48, width=32, latents=init.clone(), output_type="latent").images
+    assert relative_error(latents[-1], nhwc(ref)) <= 1e-4
