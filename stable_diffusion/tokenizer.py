@@ -20,6 +20,7 @@ which reimplements OpenAI CLIP's ``SimpleTokenizer`` without ftfy:
 import json
 import unicodedata
 from pathlib import Path
+from typing import Optional
 
 import regex
 
@@ -27,6 +28,7 @@ from .model_io import ModelLoadError
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
+CLIP_CONTEXT = 77  # the text encoder's positions
 
 _WHITESPACE = regex.compile(r"\s+")
 _CLIP_WORDS = regex.compile(
@@ -60,7 +62,8 @@ class Tokenizer:
         vocab: dict[str, int],
         merges: list[tuple[str, str]],
         pad_token: str = EOS_TOKEN,
-        max_length: int = 77,
+        max_length: int = CLIP_CONTEXT,
+        added_tokens: Optional[dict[str, int]] = None,
     ):
         for token in (BOS_TOKEN, EOS_TOKEN, pad_token):
             if token not in vocab:
@@ -71,40 +74,49 @@ class Tokenizer:
         self.eos = vocab[EOS_TOKEN]
         self.pad = vocab[pad_token]
         self.max_length = max_length
-        # Special tokens are matched in the raw text, longest first. SD 2's pad token is "!",
-        # so there every "!" in a prompt becomes the pad id, as it does in transformers.
-        self.special = {t: vocab[t] for t in (BOS_TOKEN, EOS_TOKEN, pad_token)}
+        # Special and added tokens are matched in the raw text, longest first. SD 2's pad token is
+        # "!", so there every "!" in a prompt becomes the pad id, as it does in transformers.
+        self.special = {t: vocab[t] for t in (BOS_TOKEN, EOS_TOKEN, pad_token)} | (added_tokens or {})
         alternatives = sorted(self.special, key=len, reverse=True)
         self._special_re = regex.compile("(" + "|".join(regex.escape(t) for t in alternatives) + ")")
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
     def from_folder(cls, folder) -> "Tokenizer":
-        """Read a diffusers ``tokenizer/`` folder: vocab.json, merges.txt and the special-token files."""
+        """Read a ``tokenizer/`` folder as transformers' ``CLIPTokenizer.from_pretrained`` does.
+
+        The vocabulary and merges come from vocab.json + merges.txt (the Hub's SD repos) or, when
+        those are absent, from tokenizer.json (what transformers >= 5 ``save_pretrained`` writes).
+        Special tokens follow transformers' precedence: tokenizer_config.json, overridden by
+        special_tokens_map.json unless the config is in the newer format (``added_tokens_decoder``).
+        This is why SD 2.x pads with "!" (id 0): its special_tokens_map.json says so, while its
+        tokenizer_config.json says "<|endoftext|>".
+        """
         folder = Path(folder)
-        vocab = _read_json(folder / "vocab.json")
-        merges_path = folder / "merges.txt"
-        try:
-            lines = merges_path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise ModelLoadError(f"{merges_path}: missing file") from None
-        if lines and lines[0].startswith("#version"):
-            lines = lines[1:]
-        merges = [tuple(line.split(" ")) for line in lines if line]
-        if any(len(m) != 2 for m in merges):
-            raise ModelLoadError(f"{merges_path}: every line must hold two symbols separated by one space")
+        if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+            vocab, merges, added = *_read_vocab_and_merges(folder), {}
+        else:
+            vocab, merges, added = _read_tokenizer_json(folder / "tokenizer.json")
 
         config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-        pad_token = config.get("pad_token")
-        if pad_token is None and (folder / "special_tokens_map.json").is_file():
-            pad_token = _read_json(folder / "special_tokens_map.json").get("pad_token")
-        if isinstance(pad_token, dict):
-            pad_token = pad_token["content"]
-        pad_token = pad_token or EOS_TOKEN
-        max_length = config.get("model_max_length", 77)
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"{folder / 'tokenizer_config.json'}: expected a JSON object")
+        special = {k: config.get(k) for k in ("bos_token", "eos_token", "pad_token")}
+        decoder = config.get("added_tokens_decoder") or {}
+        added |= {(t["content"] if isinstance(t, dict) else t): int(i) for i, t in decoder.items()}
+        if "added_tokens_decoder" not in config and (folder / "special_tokens_map.json").is_file():
+            overrides = _read_json(folder / "special_tokens_map.json")
+            if not isinstance(overrides, dict):
+                raise ModelLoadError(f"{folder / 'special_tokens_map.json'}: expected a JSON object")
+            special.update({k: v for k, v in overrides.items() if k in special and v})
+        special = {k: v["content"] if isinstance(v, dict) else v for k, v in special.items()}
+        for key, default in (("bos_token", BOS_TOKEN), ("eos_token", EOS_TOKEN)):
+            if special[key] not in (None, default):
+                raise ModelLoadError(f"{folder}: {key} {special[key]!r} is not CLIP's {default!r}")
         try:
-            return cls(vocab, merges, pad_token=pad_token, max_length=int(max_length))
-        except ValueError as e:
+            pad = special["pad_token"] or EOS_TOKEN
+            return cls(vocab, merges, pad_token=pad, max_length=_max_length(config), added_tokens=added)
+        except (ValueError, TypeError, AttributeError) as e:
             raise ModelLoadError(f"{folder}: {e}") from None
 
     def bpe(self, word: str) -> list[int]:
@@ -157,6 +169,44 @@ class Tokenizer:
         if dropped:
             ids = ids[: self.max_length - 1] + ids[-1:]
         return ids + [self.pad] * (self.max_length - len(ids)), dropped
+
+
+def _max_length(config: dict) -> int:
+    """``model_max_length``; absent, or transformers' "unbounded" marker (1e30), means CLIP's 77 positions."""
+    value = config.get("model_max_length", CLIP_CONTEXT)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 2 <= value < 1e20:
+        return CLIP_CONTEXT
+    return int(value)
+
+
+def _read_vocab_and_merges(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    vocab = _read_json(folder / "vocab.json")
+    if not isinstance(vocab, dict):
+        raise ModelLoadError(f"{folder / 'vocab.json'}: expected a JSON object of token -> id")
+    merges_path = folder / "merges.txt"
+    try:
+        lines = merges_path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ModelLoadError(f"{merges_path}: missing file") from None
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    merges = [tuple(line.split(" ")) for line in lines if line]
+    if any(len(m) != 2 for m in merges):
+        raise ModelLoadError(f"{merges_path}: every line must hold two symbols separated by one space")
+    return vocab, merges
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]], dict[str, int]]:
+    """The BPE ``model`` section and added tokens of a tokenizers file; merges are "a b" strings or [a, b] pairs."""
+    data = _read_json(path)
+    model = (data.get("model") if isinstance(data, dict) else None) or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise ModelLoadError(f"{path}: not a BPE tokenizer (no model.vocab)")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    if any(len(m) != 2 for m in merges):
+        raise ModelLoadError(f"{path}: every merge must hold two symbols")
+    added = {t["content"]: t["id"] for t in data.get("added_tokens", []) if isinstance(t, dict) and "content" in t}
+    return model["vocab"], merges, added
 
 
 def _read_json(path: Path) -> dict:

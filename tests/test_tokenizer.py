@@ -140,6 +140,95 @@ def test_from_folder_reads_the_pad_token_like_transformers(tmp_path, clip_vocab_
     assert Tokenizer.from_folder(tmp_path).pad == reference.pad_token_id
 
 
+def _added(content, normalized=True, **extra):
+    return {"content": content, "lstrip": False, "normalized": normalized, "rstrip": False, "single_word": False, **extra}
+
+
+# The Hub's SD 2.1 / 2.1-base tokenizer/ files (values verbatim): the two files disagree on the pad token.
+SD2_TOKENIZER_CONFIG = {
+    "add_prefix_space": False,
+    "bos_token": {"__type": "AddedToken", **_added("<|startoftext|>")},
+    "do_lower_case": True,
+    "eos_token": {"__type": "AddedToken", **_added("<|endoftext|>")},
+    "errors": "replace",
+    "model_max_length": 77,
+    "name_or_path": "stabilityai/stable-diffusion-2",
+    "pad_token": "<|endoftext|>",
+    "special_tokens_map_file": "./special_tokens_map.json",
+    "tokenizer_class": "CLIPTokenizer",
+    "unk_token": {"__type": "AddedToken", **_added("<|endoftext|>")},
+}
+SD2_SPECIAL_TOKENS_MAP = {
+    "bos_token": _added("<|startoftext|>"),
+    "eos_token": _added("<|endoftext|>"),
+    "pad_token": "!",
+    "unk_token": _added("<|endoftext|>"),
+}
+# sdxl-turbo's tokenizer_2/ (values verbatim): the newer format, whose added_tokens_decoder makes
+# transformers ignore special_tokens_map.json.
+SDXL_TURBO_TOKENIZER_2_CONFIG = {
+    "add_prefix_space": False,
+    "added_tokens_decoder": {
+        "0": _added("!", normalized=False, special=True),
+        "49406": _added("<|startoftext|>", special=True),
+        "49407": _added("<|endoftext|>", special=True),
+    },
+    "bos_token": "<|startoftext|>",
+    "clean_up_tokenization_spaces": True,
+    "do_lower_case": True,
+    "eos_token": "<|endoftext|>",
+    "errors": "replace",
+    "model_max_length": 77,
+    "pad_token": "!",
+    "tokenizer_class": "CLIPTokenizer",
+    "unk_token": "<|endoftext|>",
+}
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"tokenizer_config.json": SD2_TOKENIZER_CONFIG, "special_tokens_map.json": SD2_SPECIAL_TOKENS_MAP},
+        {"tokenizer_config.json": SDXL_TURBO_TOKENIZER_2_CONFIG, "special_tokens_map.json": SD2_SPECIAL_TOKENS_MAP},
+        {
+            "tokenizer_config.json": SDXL_TURBO_TOKENIZER_2_CONFIG | {"pad_token": "<|endoftext|>"},
+            "special_tokens_map.json": SD2_SPECIAL_TOKENS_MAP,
+        },
+        {"tokenizer_config.json": SD2_TOKENIZER_CONFIG | {"model_max_length": 1000000000000000019884624838656}},
+    ],
+    ids=["sd2-real-files", "sdxl-turbo-tokenizer-2-real-files", "new-format-ignores-special-tokens-map", "unbounded-max-length"],
+)
+def test_from_folder_on_real_hub_tokenizer_files_pads_like_transformers(tmp_path, clip_vocab_dir, files):
+    from transformers import CLIPTokenizer
+
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(clip_vocab_dir / name, tmp_path / name)
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    reference = CLIPTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer.from_folder(tmp_path)
+    for text in ("a red car!", "", "wow!! <|endoftext|> ok"):
+        ids, _ = ours.pad_and_truncate(ours.tokenize(text))
+        assert ids == reference(text, padding="max_length", max_length=77, truncation=True).input_ids
+    assert ours.max_length == 77
+
+
+@pytest.mark.parametrize("pad_token", ["!", "<|endoftext|>"])
+def test_from_folder_reads_a_tokenizer_json_only_folder_as_transformers_5_saves_it(tmp_path, clip_vocab_dir, pad_token):
+    from transformers import CLIPTokenizer
+
+    tiny_models.clip_tokenizer(clip_vocab_dir, pad_token=pad_token).save_pretrained(tmp_path)
+    assert not (tmp_path / "vocab.json").exists() and (tmp_path / "tokenizer.json").exists()
+    reference = CLIPTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer.from_folder(tmp_path)
+    rng = random.Random(3)
+    words = ["cat", "Über", "naïve", "!!", "photo,", "4k", "日本", "<|endoftext|>", "don't", "  "]
+    for _ in range(50):
+        text = " ".join(rng.choice(words) for _ in range(rng.randrange(1, 30)))
+        ids, _ = ours.pad_and_truncate(ours.tokenize(text))
+        assert ids == reference(text, padding="max_length", max_length=77, truncation=True).input_ids, text
+
+
 @pytest.mark.parametrize("missing", ["vocab.json", "merges.txt"])
 def test_from_folder_with_a_missing_file_raises_model_load_error_naming_it(tmp_path, clip_vocab_dir, missing):
     for name in ("vocab.json", "merges.txt"):
