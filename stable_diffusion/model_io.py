@@ -9,7 +9,9 @@ with ``mx.load`` from safetensors only (never a pickle), passed through the mode
 
 import json
 import os
+import re
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -22,6 +24,7 @@ _SMALL_FILES = (
     "merges.txt",
     "special_tokens_map.json",
     "tokenizer_config.json",
+    "tokenizer.json",
 )
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
@@ -45,19 +48,41 @@ def _offline() -> bool:
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
-def select_weight_files(names: list[str], float16: bool) -> list[str]:
-    """Pick one variant of safetensors weights from the file names of one component folder.
+# diffusers/transformers weight file names: <base>[.<variant>][-00001-of-00002].safetensors, and the
+# shard index <base>.safetensors.index[.<variant>].json.
+_WEIGHT_FILE = re.compile(r"^[^.]+(?:\.(?P<variant>[^.-]+))?(?:-\d+-of-\d+)?\.safetensors$")
+_WEIGHT_INDEX = re.compile(r"^[^.]+\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
 
-    Names are relative to the component folder. Sharded weights come with their index.
-    Raises ModelLoadError when the folder holds only pickled weights.
+
+def _variant(name: str) -> tuple[bool, Optional[str]]:
+    """(is a safetensors weight file or index, its variant or None)."""
+    match = _WEIGHT_FILE.match(name) or _WEIGHT_INDEX.match(name)
+    return (match is not None, match["variant"] if match else None)
+
+
+def select_weight_files(names: list[str], float16: bool) -> list[str]:
+    """The safetensors files of one weight variant, chosen from one component folder's file names.
+
+    As diffusers' ``variant``: the non-variant files by default, the ``fp16`` variant when float16
+    is asked for and it exists (else the full files, cast), never two variants at once (SD 1.5's
+    ``unet/`` also holds ``.non_ema.`` weights). Sharded weights come with their index.
+    Raises ModelLoadError when the folder holds only pickled weights or only other variants.
     """
-    safetensors = [n for n in names if n.endswith(".safetensors") or ".safetensors.index" in n]
-    fp16 = [n for n in safetensors if ".fp16." in n or n.endswith(".fp16.json") or ".fp16-" in n]
-    full = [n for n in safetensors if n not in fp16]
-    if float16 and fp16:
-        return sorted(fp16)
-    if full or fp16:
-        return sorted(full or fp16)
+    variants: dict[Optional[str], list[str]] = {}
+    for name in names:
+        is_weights, variant = _variant(name)
+        if is_weights:
+            variants.setdefault(variant, []).append(name)
+    for choice in ("fp16", None) if float16 else (None,):
+        if choice in variants:
+            return sorted(variants[choice])
+    if "fp16" in variants:  # only half-precision files: load them and cast
+        return sorted(variants["fp16"])
+    if variants:
+        raise ModelLoadError(
+            f"only the weight variants {sorted(variants)} are here ({', '.join(sorted(sum(variants.values(), [])))}); "
+            "expected a non-variant *.safetensors file (or an fp16 variant)"
+        )
     pickled = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
     if pickled:
         raise ModelLoadError(
@@ -135,8 +160,15 @@ def _weight_paths(folder: Path, float16: bool) -> list[Path]:
         raise ModelLoadError(f"{folder}: no *.safetensors weights found")
     index = [n for n in names if ".index" in n]
     if index:
-        weight_map = json.loads((folder / index[0]).read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
+        path = folder / index[0]
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{path}: not a safetensors index with a weight_map ({type(e).__name__}: {e})") from None
+        outside = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in (".", "..")]
+        if outside:
+            raise ModelLoadError(f"{path}: weight_map names files outside the component folder ({outside[:3]}); refused")
     return [folder / n for n in names]
 
 

@@ -38,6 +38,8 @@ SD15_LISTING = [
     "unet/config.json",
     "unet/diffusion_pytorch_model.bin",
     "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.bin",
+    "unet/diffusion_pytorch_model.non_ema.safetensors",
     "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
@@ -62,6 +64,39 @@ def test_hub_download_takes_only_configs_tokenizer_and_one_safetensors_variant()
         assert not [p for p in patterns if p.endswith((".bin", ".ckpt"))]
         assert not [p for p in patterns if p.startswith(("safety_checker", "feature_extractor", "v1-5"))]
         assert {"tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json"} <= set(patterns)
+
+
+def test_hub_download_never_takes_two_variants_of_sd15s_unet():
+    for float16, wanted in ((False, "unet/diffusion_pytorch_model.safetensors"), (True, "unet/diffusion_pytorch_model.fp16.safetensors")):
+        unet = [p for p in model_io._repo_allow_patterns(SD15_LISTING, float16) if p.startswith("unet/") and "safetensors" in p]
+        assert unet == [wanted]
+
+
+@pytest.mark.parametrize("float16", [False, True])
+def test_sd15_unet_folder_with_non_ema_and_fp16_variants_loads_one_variant_as_diffusers_does(tiny_sd1, tmp_path, float16):
+    """diffusers' from_pretrained(variant=None | "fp16") on SD 1.5's unet/ file set: the same weights, bit for bit."""
+    from diffusers import UNet2DConditionModel
+
+    folder = copy_model(tiny_sd1, tmp_path / "model")
+    unet_dir = folder / "unet"
+    weights = load_file(unet_dir / "diffusion_pytorch_model.safetensors")
+    save_file({k: (v + 1.0).astype(np.float16) for k, v in weights.items()}, unet_dir / "diffusion_pytorch_model.fp16.safetensors")
+    save_file({k: v - 1.0 for k, v in weights.items()}, unet_dir / "diffusion_pytorch_model.non_ema.safetensors")
+
+    ours = model_io.load_component(folder, "unet", UNetModel, UNetConfig, mx.float32, float16_files=float16)
+    reference = UNet2DConditionModel.from_pretrained(unet_dir, variant="fp16" if float16 else None)
+    ref = reference.conv_in.bias.detach().float().numpy()
+    np.testing.assert_array_equal(np.array(ours.conv_in.bias), ref)
+
+
+@pytest.mark.parametrize("weight_map", [{"conv_in.bias": "../../etc/passwd"}, {"conv_in.bias": "/etc/passwd"}, ["a"], None])
+def test_a_shard_index_pointing_outside_the_folder_or_malformed_is_refused(tiny_sd1, tmp_path, weight_map):
+    folder = copy_model(tiny_sd1, tmp_path / "model")
+    unet_dir = folder / "unet"
+    (unet_dir / "diffusion_pytorch_model.safetensors").rename(unet_dir / "diffusion_pytorch_model-00001-of-00001.safetensors")
+    (unet_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ModelLoadError, match="index"):
+        model_io.load_component(folder, "unet", UNetModel, UNetConfig, mx.float32)
 
 
 def test_fp16_variant_is_loaded_when_float16(tiny_sd1, tmp_path):
