@@ -273,6 +273,8 @@ _NOT_WEIGHTS = {
     "posterior_mean_coef2",
     "logvar",
     "global_step",
+    "v_pred",  # ComfyUI's markers, read by SingleFileSource.config("scheduler")
+    "ztsnr",
 }
 _NOT_WEIGHT_PREFIXES = ("model_ema.", "first_stage_model.loss.", "vae.loss.", "denoiser.")
 
@@ -620,6 +622,9 @@ class SingleFileSource:
 
         arrays = self._read()
         shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+        # ComfyUI (and A1111, which reads them) mark v-prediction and zero-terminal-SNR models with
+        # empty tensors; diffusers ignores them, but the model is wrong without them.
+        self.markers = {k for k in ("v_pred", "ztsnr") if k in shapes}
         if self.config_dir is None:
             self.family = detect_family(shapes)
         else:
@@ -678,8 +683,13 @@ class SingleFileSource:
                 raise ModelLoadError(f"{path}: cannot be read ({e})") from None
         else:
             config = copy.deepcopy(CONFIGS[self.family][component])
-        if component == "scheduler" and self.prediction_type is not None:
-            config["prediction_type"] = self.prediction_type
+        if component == "scheduler":
+            if "v_pred" in self.markers:
+                config["prediction_type"] = "v_prediction"
+            if "ztsnr" in self.markers:
+                config["rescale_betas_zero_snr"] = True
+            if self.prediction_type is not None:
+                config["prediction_type"] = self.prediction_type
         return config
 
     def weights(self, component: str, float16: bool = False) -> tuple[dict, str]:

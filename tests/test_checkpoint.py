@@ -338,6 +338,17 @@ def test_sd2_defaults_to_v_prediction_as_diffusers_and_prediction_type_overrides
         SingleFileSource(path, prediction_type="flow")
 
 
+def test_comfyui_v_pred_and_ztsnr_markers_set_the_scheduler(tmp_path):
+    xl = {"model.diffusion_model.time_embed.0.weight": (4, 4), "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (4,)}
+    path = small_file(tmp_path / "vpred.safetensors", {**xl, "v_pred": (0,), "ztsnr": (0,)})
+    scheduler = SingleFileSource(path).config("scheduler")
+    assert scheduler["prediction_type"] == "v_prediction"
+    assert scheduler["rescale_betas_zero_snr"] is True
+    assert SingleFileSource(path, prediction_type="epsilon").config("scheduler")["prediction_type"] == "epsilon"
+    plain = SingleFileSource(small_file(tmp_path / "plain.safetensors", xl)).config("scheduler")
+    assert plain["prediction_type"] == "epsilon" and "rescale_betas_zero_snr" not in plain
+
+
 @pytest.mark.parametrize(
     "shapes, message",
     [
