@@ -96,7 +96,6 @@ class UNetConfig:
     addition_embed_type: Optional[str] = None
     addition_time_embed_dim: Optional[int] = None
     projection_class_embeddings_input_dim: Optional[int] = None
-    time_cond_proj_dim: Optional[int] = None
 
     @classmethod
     def from_dict(cls, config: dict) -> "UNetConfig":
@@ -216,26 +215,39 @@ class AutoencoderConfig:
         )
 
 
+# The diffusers schedulers we implement, and what each supports beyond the common settings.
+SCHEDULER_CLASSES = {
+    "EulerDiscreteScheduler": {"predictions": ("epsilon", "v_prediction", "sample"), "karras": True},
+    "EulerAncestralDiscreteScheduler": {"predictions": ("epsilon", "v_prediction"), "karras": False},
+    "DDIMScheduler": {"predictions": ("epsilon", "v_prediction", "sample"), "karras": False},
+    "DPMSolverMultistepScheduler": {"predictions": ("epsilon", "v_prediction", "sample"), "karras": True},
+}
+# Where a class's __init__ default differs from the dataclass's (diffusers 0.42.1).
+_CLASS_DEFAULTS = {"DDIMScheduler": {"timestep_spacing": "leading"}}
+SPACINGS = ("linspace", "leading", "trailing")
+
+
 @dataclass
 class SchedulerConfig:
-    """The union of what diffusers' Euler, Euler ancestral, DDIM and DPM-Solver++ configs use."""
+    """One diffusers scheduler's settings; the defaults are diffusers' own (EulerDiscreteScheduler's)."""
 
     class_name: str = "EulerDiscreteScheduler"
     num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
     prediction_type: str = "epsilon"
-    # None: the default of the diffusers class the sampler follows (DDIM "leading", others "linspace").
-    timestep_spacing: Optional[str] = "leading"
-    steps_offset: int = 1
-    use_karras_sigmas: bool = False
-    interpolation_type: str = "linear"
-    final_sigmas_type: str = "zero"
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
-    # DDIM. None (missing from the config): DDIMScheduler's default, True.
-    set_alpha_to_one: Optional[bool] = False
-    clip_sample: Optional[bool] = False
+    # Euler and DPM-Solver
+    use_karras_sigmas: bool = False
+    final_sigmas_type: str = "zero"
+    # Euler
+    interpolation_type: str = "linear"
+    # DDIM
+    set_alpha_to_one: bool = True
+    clip_sample: bool = True
     clip_sample_range: float = 1.0
     # DPM-Solver
     solver_order: int = 2
@@ -245,17 +257,18 @@ class SchedulerConfig:
     euler_at_final: bool = False
 
     @classmethod
-    def from_dict(cls, config: dict) -> "SchedulerConfig":
+    def from_dict(cls, config: dict, class_name: Optional[str] = None) -> "SchedulerConfig":
+        """What diffusers' ``Class.from_config(config)`` holds: the class's defaults, overridden by ``config``.
+
+        ``class_name`` is the scheduler that will run (default: the config's own ``_class_name`` when
+        implemented, else EulerDiscreteScheduler, which runs the configs of the others, e.g. PNDM).
+        Every setting that would change the math and is not implemented raises ValueError.
+        """
+        own = config.get("_class_name")
+        class_name = class_name or (own if own in SCHEDULER_CLASSES else cls.class_name)
         if config.get("trained_betas") is not None:
             raise ValueError("scheduler: trained_betas is not supported")
-        for key in (
-            "use_exponential_sigmas",
-            "use_beta_sigmas",
-            "thresholding",
-            "use_lu_lambdas",
-            "use_flow_sigmas",
-            "use_dynamic_shifting",
-        ):
+        for key in ("use_exponential_sigmas", "use_beta_sigmas", "thresholding", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
             if config.get(key):
                 raise ValueError(f"scheduler: {key}=True is not supported")
         for key in ("sigma_min", "sigma_max", "variance_type"):
@@ -265,18 +278,42 @@ class SchedulerConfig:
             raise ValueError(f"scheduler: timestep_type={config['timestep_type']!r} is not supported")
         if config.get("lambda_min_clipped", -float("inf")) != -float("inf"):
             raise ValueError(f"scheduler: lambda_min_clipped={config['lambda_min_clipped']!r} is not supported")
-        if config.get("beta_schedule", "linear") not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
-            raise ValueError(f"scheduler: beta_schedule={config['beta_schedule']!r} is not supported")
-        if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"scheduler: prediction_type={config['prediction_type']!r} is not supported")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in config.items() if k in known and v is not None}
-        values["class_name"] = config.get("_class_name", cls.class_name)
-        values.setdefault("beta_start", 0.0001)
-        values.setdefault("beta_end", 0.02)
-        values.setdefault("beta_schedule", "linear")
-        values.setdefault("timestep_spacing", None)
-        values.setdefault("steps_offset", 0)
-        values.setdefault("set_alpha_to_one", None)
-        values.setdefault("clip_sample", None)
-        return cls(**values)
+
+        settings = {f.name: f for f in fields(cls) if f.name != "class_name"}
+        values = dict(_CLASS_DEFAULTS.get(class_name, {}))
+        for key, value in config.items():
+            if key in settings and value is not None:
+                values[key] = _checked_type(f"scheduler: {key}", value, type(settings[key].default))
+        self = cls(class_name=class_name, **values)
+        self._check()
+        return self
+
+    def _check(self):
+        what = f"scheduler ({self.class_name})"
+        supported = SCHEDULER_CLASSES[self.class_name]
+        choices = [
+            ("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2")),
+            ("prediction_type", supported["predictions"]),
+            ("timestep_spacing", SPACINGS),
+            ("final_sigmas_type", ("zero", "sigma_min")),
+        ]
+        if self.class_name == "EulerDiscreteScheduler":
+            choices.append(("interpolation_type", ("linear",)))
+        if self.class_name == "DPMSolverMultistepScheduler":
+            choices += [("algorithm_type", ("dpmsolver++",)), ("solver_order", (2,)), ("solver_type", ("midpoint", "heun"))]
+        for key, allowed in choices:
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{what}: {key}={getattr(self, key)!r} is not supported (supported: {list(allowed)})")
+        if self.use_karras_sigmas and not supported["karras"]:
+            raise ValueError(f"{what}: use_karras_sigmas=True is not supported (its diffusers class has no Karras sigmas); use 'euler' or 'dpm++2m'")
+        if self.num_train_timesteps < 1 or not 0 < self.beta_start <= self.beta_end < 1:
+            raise ValueError(f"{what}: need num_train_timesteps >= 1 and 0 < beta_start <= beta_end < 1")
+
+
+def _checked_type(what: str, value, kind: type):
+    """``value`` as ``kind`` (an int is a float; a bool is not a number), or ValueError naming ``what``."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise ValueError(f"{what}={value!r} must be a {kind.__name__}")

@@ -92,20 +92,52 @@ def select_weight_files(names: list[str], float16: bool) -> list[str]:
     return []
 
 
-def _repo_allow_patterns(files: list[str], float16: bool) -> list[str]:
-    patterns = ["model_index.json"]
+def _repo_patterns(files: list[str], float16: bool) -> tuple[list[str], list[str]]:
+    """(small files: index, configs, tokenizers; weight files of one variant) to download from a repo listing."""
+    small, weights = ["model_index.json"], []
     for component in COMPONENTS:
         names = [f[len(component) + 1 :] for f in files if f.startswith(component + "/")]
-        patterns += [f"{component}/{n}" for n in names if n in _SMALL_FILES]
-        patterns += [f"{component}/{n}" for n in select_weight_files(names, float16)]
-    return patterns
+        small += [f"{component}/{n}" for n in names if n in _SMALL_FILES]
+        weights += [f"{component}/{n}" for n in select_weight_files(names, float16)]
+    return small, weights
 
 
-def resolve(model: str, float16: bool = False) -> Path:
-    """A local diffusers folder as is, or a repo id downloaded (or found in the HF cache)."""
+def _repo_allow_patterns(files: list[str], float16: bool) -> list[str]:
+    small, weights = _repo_patterns(files, float16)
+    return small + weights
+
+
+def repo_id_of(model: str) -> Optional[str]:
+    """The Hub repo id behind ``model``: itself when it is one, or the repo of an HF cache snapshot folder."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return model if model.count("/") == 1 and not model.startswith((".", "/", "~")) else None
+    parts = path.resolve().parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part[len("models--") :].replace("--", "/", 1)
+    return None
+
+
+def open_model(model: str, float16: bool = False):
+    """The source of a model's files: a single-file checkpoint, a diffusers folder or a Hub repo."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        from . import checkpoint
+
+        return checkpoint.SingleFileSource(str(path))
+    return resolve(model, float16)
+
+
+def resolve(model: str, float16: bool = False) -> "FolderSource":
+    """A local diffusers folder as is, or a Hub repo: its configs and tokenizers now, its weights at first use.
+
+    Offline (``HF_HUB_OFFLINE=1``) or when the Hub cannot be reached, the HF cache's snapshot is
+    used, as the HF libraries do; a repo that is not cached then gives one clear error.
+    """
     path = Path(model).expanduser()
     if path.is_dir():
-        return path
+        return FolderSource(path)
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelLoadError(f"model {model!r}: no such folder, and not a Hugging Face repo id (owner/name)")
     if model in REMOVED_REPOS:
@@ -114,27 +146,87 @@ def resolve(model: str, float16: bool = False) -> Path:
             f"use the community mirror {REMOVED_REPOS[model]!r}"
         )
 
-    from huggingface_hub import list_repo_files, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub import model_info, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    def cached() -> FolderSource:
+        try:
+            return FolderSource(Path(snapshot_download(model, local_files_only=True)))
+        except LocalEntryNotFoundError:
+            raise ModelLoadError(
+                f"model {model!r} is not in the Hugging Face cache and cannot be downloaded "
+                "(offline: HF_HUB_OFFLINE is set or the Hub is unreachable); download it first "
+                "or pass --model PATH to a local diffusers folder"
+            ) from None
+
+    if _offline():
+        return cached()
     try:
-        if _offline():
-            return Path(snapshot_download(model, local_files_only=True))
-        patterns = _repo_allow_patterns(list_repo_files(model), float16)
-        return Path(snapshot_download(model, allow_patterns=patterns))
-    except LocalEntryNotFoundError as e:
-        raise ModelLoadError(
-            f"model {model!r} is not in the Hugging Face cache and cannot be downloaded "
-            "(offline: HF_HUB_OFFLINE is set or the Hub is unreachable); download it first "
-            "or pass --model PATH to a local diffusers folder"
-        ) from e
-    except RepositoryNotFoundError as e:
-        raise ModelLoadError(f"model {model!r}: no such repository on the Hugging Face Hub") from e
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelLoadError(
-            f"model {model!r} could not be downloaded ({type(e).__name__}); check the network, "
-            "or set HF_HUB_OFFLINE=1 to use the cache, or pass a local diffusers folder"
-        ) from e
+        files = [s.rfilename for s in model_info(model).siblings or []]
+    except GatedRepoError:
+        raise ModelLoadError(f"model {model!r} is gated: accept its licence on the Hub and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"model {model!r}: no such repository on the Hugging Face Hub") from None
+    except Exception:  # the Hub is unreachable (connection, DNS, proxy, server errors): use the cache
+        return cached()
+    small, weights = _repo_patterns(files, float16)
+    try:
+        root = Path(snapshot_download(model, allow_patterns=small))
+    except Exception as e:
+        raise ModelLoadError(f"model {model!r}: downloading its configs failed ({type(e).__name__}: {one_line(e)})") from None
+
+    def fetch_weights():
+        try:
+            snapshot_download(model, allow_patterns=weights)
+        except Exception as e:
+            raise ModelLoadError(
+                f"model {model!r}: downloading its weights failed ({type(e).__name__}: {one_line(e)}); "
+                "check the network and run again (finished files are kept in the HF cache)"
+            ) from None
+
+    return FolderSource(root, fetch_weights)
+
+
+def one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+class FolderSource:
+    """A diffusers pipeline folder (``model_index.json`` and one subfolder per component).
+
+    The facade reads everything through this interface; ``checkpoint.SingleFileSource`` offers the
+    same for a single-file (LDM) checkpoint.
+    """
+
+    def __init__(self, root: Path, fetch_weights=None):
+        self.root = Path(root)
+        self.name = str(root)
+        self._fetch_weights = fetch_weights
+
+    def has(self, component: str) -> bool:
+        return (self.root / component).is_dir()
+
+    def model_index(self) -> dict:
+        return read_model_index(self.root)
+
+    def config(self, component: str) -> dict:
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        return read_config(self.root, component, name)
+
+    def weights(self, component: str, float16: bool) -> tuple[dict, str]:
+        """The component's tensors under their checkpoint names, and where they come from (for errors)."""
+        folder = component_dir(self.root, component)
+        if self._fetch_weights is not None:
+            fetch, self._fetch_weights = self._fetch_weights, None
+            fetch()
+        paths = _weight_paths(folder, float16)
+        weights, _ = load_safetensors(paths)
+        return weights, str(paths[0]) if len(paths) == 1 else str(folder)
+
+    def tokenizer(self, component: str):
+        from .tokenizer import Tokenizer
+
+        return Tokenizer.from_folder(component_dir(self.root, component))
 
 
 def component_dir(root: Path, component: str) -> Path:
@@ -218,18 +310,27 @@ def read_model_index(root: Path) -> dict:
         raise ModelLoadError(f"{path}: cannot be read as JSON ({e})") from None
 
 
-def load_component(root: Path, component: str, model_cls, config_cls, dtype=mx.float32, float16_files: bool = False):
-    """Build ``model_cls(config_cls.from_dict(config.json))`` and load its safetensors weights."""
-    folder = component_dir(root, component)
+def load_component(source, component: str, model_cls, config_cls, dtype=mx.float32, float16_files: bool = False):
+    """Build ``model_cls(config_cls.from_dict(config))`` and load its safetensors weights strictly.
+
+    ``source`` is a FolderSource (or a single-file source), or the path of a diffusers folder.
+    """
+    if not hasattr(source, "weights"):
+        source = FolderSource(Path(source))
+    config = source.config(component)
     try:
-        config = config_cls.from_dict(read_config(root, component))
+        if not isinstance(config, dict):
+            raise TypeError(f"expected a JSON object, got {type(config).__name__}")
+        config = config_cls.from_dict(config)
     except (KeyError, TypeError, ValueError) as e:
-        raise ModelLoadError(f"{folder / 'config.json'}: unsupported or incomplete config ({e})") from None
+        raise ModelLoadError(f"{source.name}: {component} config: unsupported or incomplete ({type(e).__name__}: {e})") from None
     model = model_cls(config)
-    paths = _weight_paths(folder, float16_files)
-    weights, source = load_safetensors(paths)
+    weights, where = source.weights(component, float16_files)
     weights = model.sanitize(weights)
-    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    load_weights_strict(model, weights, str(paths[0]) if len(paths) == 1 else str(folder))
+    for key, value in weights.items():
+        if not mx.issubdtype(value.dtype, mx.floating):
+            raise ModelLoadError(f"{where}: key {key!r} holds {value.dtype} values; model weights must be floating point")
+    weights = {k: v.astype(dtype) for k, v in weights.items()}
+    load_weights_strict(model, weights, where)
     model.eval()
     return model  # parameters stay lazy until first use (or ensure_models_are_loaded)

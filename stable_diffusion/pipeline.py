@@ -5,10 +5,14 @@ counterparts step for step: the same tokenization (pad to 77 with the model's ow
 same classifier-free guidance (``uncond + w * (cond - uncond)``, skipped when ``w <= 1``), the same
 initial-noise scaling and img2img strength rule. One deliberate difference, asked for by our
 issue tracker: img2img starts from the VAE posterior *mean* (diffusers draws a posterior sample).
+
+Every generation builds its own sampler, so two generators of one model never share state.
 """
 
+import math
 import warnings
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,7 +20,8 @@ import numpy as np
 
 from . import model_io
 from .clip import CLIPTextModel
-from .config import AutoencoderConfig, CLIPTextModelConfig, SchedulerConfig, UNetConfig
+from .config import AutoencoderConfig, CLIPTextModelConfig, UNetConfig
+from .model_io import ModelLoadError
 from .sampler import make_sampler
 from .tokenizer import Tokenizer
 from .unet import UNetModel
@@ -33,40 +38,119 @@ PRESETS = {
     "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
     "sdxl-turbo": "stabilityai/sdxl-turbo",
 }
+# Adversarially distilled models sample in 1-4 steps without guidance; nothing in their files says
+# so, hence this list of repo ids (a local copy in the HF cache is recognised by its cache path).
+DISTILLED_REPOS = {"stabilityai/sdxl-turbo", "stabilityai/sd-turbo"}
+DISTILLED_STEPS = 2
+
+# A stochastic sampler's noise for step i: (i, shape) -> unit normal noise of that shape.
+StepNoise = Callable[[int, tuple], mx.array]
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a generation uses when the caller does not say: steps, guidance and the latent size."""
+
+    num_steps: int
+    cfg_weight: float
+    latent_size: tuple
+
+
+def img2img_steps(num_steps: int, strength: float) -> int:
+    """diffusers' img2img rule: the last int(num_steps * strength) steps of the full schedule run."""
+    return min(int(num_steps * strength), num_steps)
 
 
 class _Pipeline:
-    """What SD and SDXL share: loading, the denoising loop, img2img and decoding."""
+    """What SD and SDXL share: loading, the denoising loop, img2img and decoding.
+
+    A subclass loads its text encoders (``_load_text_encoders``), lists them (``_text_encoders``)
+    and turns prompts into the UNet's conditioning (``_condition``).
+    """
+
+    is_xl = False
+    pipeline_cfg = 7.5  # diffusers' default guidance_scale for this pipeline
 
     def __init__(self, model: str, float16: bool, sampler: Optional[str]):
         self.model = PRESETS.get(model, model)
-        self.root = model_io.resolve(self.model, float16)
+        self.source = model_io.open_model(self.model, float16)
         self.float16 = float16
         self.dtype = mx.float16 if float16 else mx.float32
-        self.model_index = model_io.read_model_index(self.root)
+        self.model_index = self.source.model_index()
+        self._check_family()
+
+        # The small files first: a bad config or sampler fails before any weight is read or downloaded.
+        self.scheduler_config = self.source.config("scheduler")
+        if not isinstance(self.scheduler_config, dict):
+            raise ModelLoadError(f"{self.source.name}: scheduler config: expected a JSON object")
+        self.sampler = make_sampler(sampler, self.scheduler_config)
+        self.defaults = self._resolve_defaults()
+        self._load_tokenizers()
 
         self.unet = self._load("unet", UNetModel, UNetConfig, self.dtype)
-        vae_config = AutoencoderConfig.from_dict(model_io.read_config(self.root, "vae"))
+        vae_config = AutoencoderConfig.from_dict(self.source.config("vae"))
         # The VAE overflows in float16 unless its config says it is safe (force_upcast=False).
         self.vae_dtype = mx.float16 if float16 and not vae_config.force_upcast else mx.float32
         self.autoencoder = self._load("vae", Autoencoder, AutoencoderConfig, self.vae_dtype)
         self._load_text_encoders()
-
-        scheduler = model_io.read_config(self.root, "scheduler", "scheduler_config.json")
-        self.scheduler_config = SchedulerConfig.from_dict(scheduler)
-        self.sampler = make_sampler(sampler, self.scheduler_config)
-
-        # Distilled "turbo" models sample in 1-4 steps without guidance.
-        self.is_turbo = "turbo" in f"{self.model} {self.root}".lower()
-        self.default_steps = 2 if self.is_turbo else 50
-        self.default_cfg = 0.0 if self.is_turbo else 7.5
-        # The UNet's native latent side: 64 for 512 px models, 96 for SD 2.1 (768 px), 128 for SDXL.
-        size = model_io.read_config(self.root, "unet").get("sample_size", 64)
-        self.default_latent_size = (size, size)
         self._quantized = False
 
+    @property
+    def root(self):
+        """The model's folder (None for a single-file checkpoint)."""
+        return getattr(self.source, "root", None)
+
+    def _check_family(self):
+        is_xl = "XL" in self.model_index.get("_class_name", "") or self.source.has("text_encoder_2")
+        if is_xl != self.is_xl:
+            right = "StableDiffusionXL" if is_xl else "StableDiffusion"
+            raise ModelLoadError(
+                f"model {self.model!r} is {'an SDXL' if is_xl else 'an SD 1.x/2.x'} model: load it with {right}(...) "
+                "or load_model(...), which picks the right class"
+            )
+
+    def _resolve_defaults(self) -> Defaults:
+        """Steps and guidance from what is known of the model; the size from unet.sample_size x the VAE factor."""
+        distilled = model_io.repo_id_of(self.model) in DISTILLED_REPOS
+        sample_size = self.source.config("unet").get("sample_size", 64)
+        if isinstance(sample_size, int) and not isinstance(sample_size, bool):
+            sample_size = (sample_size, sample_size)
+        if not (isinstance(sample_size, (list, tuple)) and len(sample_size) == 2 and all(isinstance(s, int) and s > 0 for s in sample_size)):
+            raise ModelLoadError(f"{self.source.name}: unet config: sample_size={sample_size!r} must be a positive int or [height, width]")
+        return Defaults(
+            num_steps=DISTILLED_STEPS if distilled else 50,
+            cfg_weight=0.0 if distilled else self.pipeline_cfg,
+            latent_size=tuple(sample_size),
+        )
+
+    # Kept for the scripts and notebooks that read them.
+    @property
+    def default_steps(self) -> int:
+        return self.defaults.num_steps
+
+    @property
+    def default_cfg(self) -> float:
+        return self.defaults.cfg_weight
+
+    @property
+    def default_latent_size(self) -> tuple:
+        return self.defaults.latent_size
+
     def _load(self, component: str, model_cls, config_cls, dtype):
-        return model_io.load_component(self.root, component, model_cls, config_cls, dtype, float16_files=self.float16)
+        return model_io.load_component(self.source, component, model_cls, config_cls, dtype, float16_files=self.float16)
+
+    def _load_tokenizers(self):
+        raise NotImplementedError
+
+    def _load_text_encoders(self):
+        raise NotImplementedError
+
+    def _text_encoders(self) -> list:
+        raise NotImplementedError
+
+    def _condition(self, text: str, negative_text: str, n_images: int, cfg_weight: float, image_size: tuple):
+        """(context, text_time) for the UNet; with guidance the unconditional half comes first."""
+        raise NotImplementedError
 
     @property
     def latent_factor(self) -> int:
@@ -87,54 +171,74 @@ class _Pipeline:
         nn.quantize(self.unet, group_size=group_size, bits=unet_bits, class_predicate=fits)
         self._quantized = True
 
-    def step_noise(self, step: int, shape: tuple, key: mx.array) -> mx.array:
-        """Unit noise for a stochastic sampler step (key is that step's). Override to inject noise (tests feed diffusers')."""
-        return mx.random.normal(shape, key=key)
+    def _new_sampler(self, num_steps: int):
+        sampler = make_sampler(self.sampler.name, self.scheduler_config)
+        sampler.set_timesteps(num_steps)
+        return sampler
+
+    def _resolve(self, num_steps, cfg_weight, n_images):
+        num_steps = self.defaults.num_steps if num_steps is None else num_steps
+        cfg_weight = self.defaults.cfg_weight if cfg_weight is None else cfg_weight
+        _check_count("num_steps", num_steps)
+        _check_count("n_images", n_images)
+        if not isinstance(cfg_weight, (int, float, np.number)) or not math.isfinite(cfg_weight):
+            raise ValueError(f"cfg_weight must be a finite number, got {cfg_weight!r}")
+        return num_steps, float(cfg_weight)
 
     # The denoising loop shared by txt2img and img2img.
-    def _denoise(self, x, conditioning, cfg_weight: float, start: int, key) -> Iterator[mx.array]:
+    def _denoise(self, sampler, x, conditioning, cfg_weight: float, start: int, step_noise: StepNoise) -> Iterator[mx.array]:
         context, text_time = conditioning
         guided = cfg_weight > 1
-        step_keys = mx.random.split(key, len(self.sampler.timesteps))
-        for i in range(start, len(self.sampler.timesteps)):
-            x_in = self.sampler.scale_model_input(x, i)
+        for i in range(start, len(sampler.timesteps)):
+            x_in = sampler.scale_model_input(x, i)
             if guided:
                 x_in = mx.concatenate([x_in, x_in])
-            t = mx.broadcast_to(self.sampler.timesteps[i], (x_in.shape[0],))
+            t = mx.broadcast_to(sampler.timesteps[i], (x_in.shape[0],))
             # The latents stay float32 between steps, whatever the UNet's dtype.
             eps = self.unet(x_in.astype(self.dtype), t, context, text_time).astype(mx.float32)
             if guided:
                 eps_uncond, eps_text = eps.split(2)
                 eps = eps_uncond + cfg_weight * (eps_text - eps_uncond)
-            noise = self.step_noise(i, x.shape, step_keys[i]) if self.sampler.needs_noise else None
-            x = self.sampler.step(eps, i, x, noise)
+            noise = step_noise(i, x.shape) if sampler.needs_noise else None
+            x = sampler.step(eps, i, x, noise)
             yield x
 
     def generate_latents(
         self,
         text: str,
         n_images: int = 1,
-        num_steps: int = 50,
-        cfg_weight: float = 7.5,
+        num_steps: Optional[int] = None,
+        cfg_weight: Optional[float] = None,
         negative_text: str = "",
-        latent_size: tuple = (64, 64),
+        latent_size: Optional[tuple] = None,
         seed: Optional[int] = None,
         latents: Optional[mx.array] = None,
+        step_noise: Optional[StepNoise] = None,
     ) -> Iterator[mx.array]:
-        """Yield the (N, h, w, 4) latent after each denoising step, unevaluated."""
-        if num_steps < 1 or n_images < 1:
-            raise ValueError(f"num_steps and n_images must be >= 1 (got {num_steps}, {n_images})")
+        """Yield the (N, h, w, 4) latent after each denoising step, unevaluated.
+
+        Unset steps, guidance and size come from the model (``self.defaults``). ``latents`` (the
+        initial noise, N x h x w x 4) and ``step_noise`` (a stochastic sampler's noise per step)
+        replace what the seed would draw.
+        """
+        num_steps, cfg_weight = self._resolve(num_steps, cfg_weight, n_images)
+        text, negative_text = _check_text(text, negative_text)
+        sampler = self._new_sampler(num_steps)
         key_latents, key_steps = mx.random.split(_key(seed))
-        self.sampler.set_timesteps(num_steps)
-        # Given latents set the size (SDXL's size conditioning must follow them).
-        h, w = latents.shape[1:3] if latents is not None else latent_size
-        conditioning = self._condition(text, negative_text, n_images, cfg_weight, (h * self.latent_factor, w * self.latent_factor))
-        if latents is None:
+        if latents is not None:
+            latents = mx.array(latents)
+            if latents.ndim != 4 or latents.shape[0] != n_images or latents.shape[-1] != self.unet.config.in_channels:
+                raise ValueError(
+                    f"latents has shape {tuple(latents.shape)}; expected ({n_images}, h, w, {self.unet.config.in_channels})"
+                )
+            h, w = latents.shape[1:3]  # given latents set the size (SDXL's size conditioning must follow them)
+        else:
+            h, w = _check_size(latent_size or self.defaults.latent_size)
             latents = mx.random.normal((n_images, h, w, self.unet.config.in_channels), key=key_latents)
-        elif latents.shape[0] != n_images:
-            raise ValueError(f"latents has {latents.shape[0]} images but n_images is {n_images}")
-        x = latents.astype(mx.float32) * self.sampler.init_noise_sigma
-        return self._denoise(x, conditioning, cfg_weight, 0, key_steps)
+        f = self.latent_factor
+        conditioning = self._condition(text, negative_text, n_images, cfg_weight, (h * f, w * f))
+        x = latents.astype(mx.float32) * sampler.init_noise_sigma
+        return self._denoise(sampler, x, conditioning, cfg_weight, 0, step_noise or _seeded_noise(key_steps, num_steps))
 
     def generate_latents_from_image(
         self,
@@ -142,27 +246,29 @@ class _Pipeline:
         text: str,
         n_images: int = 1,
         strength: float = 0.8,
-        num_steps: int = 50,
-        cfg_weight: float = 7.5,
+        num_steps: Optional[int] = None,
+        cfg_weight: Optional[float] = None,
         negative_text: str = "",
         seed: Optional[int] = None,
         noise: Optional[mx.array] = None,
+        step_noise: Optional[StepNoise] = None,
     ) -> Iterator[mx.array]:
-        """img2img: yield the latent after each of the last int(num_steps * strength) steps."""
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        # diffusers' img2img rule: run the last int(num_steps * strength) steps of the full schedule.
-        init = min(int(num_steps * strength), num_steps)
-        if init < 1:
+        """img2img: yield the latent after each of the last ``img2img_steps(num_steps, strength)`` steps.
+
+        ``image`` is (H, W, 3) in [-1, 1] (mx or numpy; sides multiples of the VAE factor).
+        """
+        num_steps, cfg_weight = self._resolve(num_steps, cfg_weight, n_images)
+        text, negative_text = _check_text(text, negative_text)
+        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        run = img2img_steps(num_steps, strength)
+        if run < 1:
             raise ValueError(f"num_steps * strength = {num_steps * strength:g} leaves no denoising step; raise either")
-        start = num_steps - init
-        image = mx.array(image)
+        image = self._check_image(image)
         H, W, _ = image.shape
-        f = self.latent_factor
-        if H % f or W % f:
-            raise ValueError(f"image size {W}x{H} must be a multiple of {f}")
+        sampler = self._new_sampler(num_steps)
+        start = num_steps - run
         key_noise, key_steps = mx.random.split(_key(seed))
-        self.sampler.set_timesteps(num_steps)
         conditioning = self._condition(text, negative_text, n_images, cfg_weight, (H, W))
 
         mean, _ = self.autoencoder.encode(image[None].astype(self.vae_dtype))
@@ -172,8 +278,22 @@ class _Pipeline:
             noise = mx.random.normal(x0.shape, key=key_noise)
         elif tuple(noise.shape) != tuple(x0.shape):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x0.shape)}")
-        x = self.sampler.add_noise(x0, noise.astype(mx.float32), start)
-        return self._denoise(x, conditioning, cfg_weight, start, key_steps)
+        x = sampler.add_noise(x0, mx.array(noise).astype(mx.float32), start)
+        return self._denoise(sampler, x, conditioning, cfg_weight, start, step_noise or _seeded_noise(key_steps, num_steps))
+
+    def _check_image(self, image) -> mx.array:
+        image = mx.array(image)
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"image has shape {tuple(image.shape)}; expected (H, W, 3), channels last, values in [-1, 1]")
+        if not mx.issubdtype(image.dtype, mx.floating):
+            raise ValueError(f"image has dtype {image.dtype}; expected floats in [-1, 1] (a uint8 picture: x / 127.5 - 1)")
+        if not mx.isfinite(image).all().item():
+            raise ValueError("image holds NaN or infinite values")
+        H, W, _ = image.shape
+        f = self.latent_factor
+        if H % f or W % f or H < f or W < f:
+            raise ValueError(f"image size {W}x{H} must be a positive multiple of {f} on each side")
+        return image
 
     def _scale_latents(self, z):
         shift = self.autoencoder.config.shift_factor or 0.0
@@ -181,8 +301,9 @@ class _Pipeline:
 
     def decode(self, x: mx.array, batch_size: int = 4) -> mx.array:
         """Latents (N, h, w, C) -> images (N, H, W, 3) in [0, 1], decoded batch_size at a time."""
+        _check_count("batch_size", batch_size)
         config = self.autoencoder.config
-        z = x / config.scaling_factor + (config.shift_factor or 0.0)
+        z = mx.array(x) / config.scaling_factor + (config.shift_factor or 0.0)
         if z.shape[0] <= batch_size:
             return self._decode_chunk(z)
         chunks = []
@@ -197,8 +318,8 @@ class _Pipeline:
         if self.vae_dtype == mx.float16 and mx.isnan(x).any().item():
             warnings.warn("the float16 VAE decoded NaN; decoding again in float32")
             self.vae_dtype = mx.float32
-            # From the full-precision file: float16 weights cast up would keep their rounding.
-            self.autoencoder = model_io.load_component(self.root, "vae", Autoencoder, AutoencoderConfig, mx.float32)
+            # From the full-precision weights: float16 weights cast up would keep their rounding.
+            self.autoencoder = model_io.load_component(self.source, "vae", Autoencoder, AutoencoderConfig, mx.float32)
             x = self.autoencoder.decode(z.astype(mx.float32))
         return mx.clip(x.astype(mx.float32) / 2 + 0.5, 0, 1)
 
@@ -213,13 +334,15 @@ class _Pipeline:
 
 
 class StableDiffusion(_Pipeline):
-    """Stable Diffusion 1.x / 2.x (and SD-turbo) from a diffusers repo id or folder."""
+    """Stable Diffusion 1.x / 2.x (and SD-turbo) from a preset, Hub repo id or diffusers folder."""
 
     def __init__(self, model: str = DEFAULT_MODEL, float16: bool = False, sampler: Optional[str] = None):
         super().__init__(model, float16, sampler)
 
+    def _load_tokenizers(self):
+        self.tokenizer = self.source.tokenizer("tokenizer")
+
     def _load_text_encoders(self):
-        self.tokenizer = Tokenizer.from_folder(model_io.component_dir(self.root, "tokenizer"))
         self.text_encoder = self._load("text_encoder", CLIPTextModel, CLIPTextModelConfig, self.dtype)
 
     def _text_encoders(self):
@@ -239,13 +362,18 @@ class StableDiffusion(_Pipeline):
 class StableDiffusionXL(_Pipeline):
     """SDXL (and SDXL-turbo): two text encoders, pooled text and size conditioning."""
 
+    is_xl = True
+    pipeline_cfg = 5.0  # StableDiffusionXLPipeline's default guidance_scale
+
     def __init__(self, model: str = "stabilityai/sdxl-turbo", float16: bool = False, sampler: Optional[str] = None):
         super().__init__(model, float16, sampler)
         self.force_zeros_for_empty_prompt = self.model_index.get("force_zeros_for_empty_prompt", True)
 
+    def _load_tokenizers(self):
+        self.tokenizer = self.source.tokenizer("tokenizer")
+        self.tokenizer_2 = self.source.tokenizer("tokenizer_2")
+
     def _load_text_encoders(self):
-        self.tokenizer = Tokenizer.from_folder(model_io.component_dir(self.root, "tokenizer"))
-        self.tokenizer_2 = Tokenizer.from_folder(model_io.component_dir(self.root, "tokenizer_2"))
         self.text_encoder = self._load("text_encoder", CLIPTextModel, CLIPTextModelConfig, self.dtype)
         self.text_encoder_2 = self._load("text_encoder_2", CLIPTextModel, CLIPTextModelConfig, self.dtype)
 
@@ -275,55 +403,47 @@ class StableDiffusionXL(_Pipeline):
         time_ids = _repeat(time_ids, pooled.shape[0]).astype(self.dtype)
         return context, (pooled.astype(self.dtype), time_ids)
 
-    def generate_latents(
-        self,
-        text: str,
-        n_images: int = 1,
-        num_steps: Optional[int] = None,
-        cfg_weight: Optional[float] = None,
-        negative_text: str = "",
-        latent_size: Optional[tuple] = None,
-        seed: Optional[int] = None,
-        latents: Optional[mx.array] = None,
-    ) -> Iterator[mx.array]:
-        """Yield the (N, h, w, 4) latent after each denoising step; defaults follow the model."""
-        num_steps = self.default_steps if num_steps is None else num_steps
-        cfg_weight = self.default_cfg if cfg_weight is None else cfg_weight
-        latent_size = latent_size or self.default_latent_size
-        return super().generate_latents(text, n_images, num_steps, cfg_weight, negative_text, latent_size, seed, latents)
-
-    def generate_latents_from_image(
-        self,
-        image,
-        text: str,
-        n_images: int = 1,
-        strength: float = 0.8,
-        num_steps: Optional[int] = None,
-        cfg_weight: Optional[float] = None,
-        negative_text: str = "",
-        seed: Optional[int] = None,
-        noise: Optional[mx.array] = None,
-    ) -> Iterator[mx.array]:
-        """img2img: yield the latent after each of the last int(num_steps * strength) steps."""
-        num_steps = self.default_steps if num_steps is None else num_steps
-        cfg_weight = self.default_cfg if cfg_weight is None else cfg_weight
-        return super().generate_latents_from_image(image, text, n_images, strength, num_steps, cfg_weight, negative_text, seed, noise)
-
 
 def load_model(model: str = DEFAULT_MODEL, float16: bool = False, sampler: Optional[str] = None):
-    """The right facade for a preset name, repo id or folder: SDXL when the model has a second text encoder."""
+    """The right facade for a preset name, repo id, diffusers folder or single-file checkpoint."""
     name = PRESETS.get(model, model)
-    root = model_io.resolve(name, float16)
-    index = model_io.read_model_index(root)
-    is_xl = "XL" in index.get("_class_name", "") or (root / "text_encoder_2").is_dir()
+    source = model_io.open_model(name, float16)
+    index = source.model_index()
+    is_xl = "XL" in index.get("_class_name", "") or source.has("text_encoder_2")
     cls = StableDiffusionXL if is_xl else StableDiffusion
-    return cls(str(root), float16=float16, sampler=sampler)
+    return cls(name, float16=float16, sampler=sampler)
 
 
 def _key(seed: Optional[int]) -> mx.array:
     if seed is None:
-        seed = int(np.random.default_rng().integers(2**31))
-    return mx.random.key(seed)
+        seed = int(np.random.default_rng().integers(2**63))
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return mx.random.key(int(seed))
+
+
+def _seeded_noise(key: mx.array, num_steps: int) -> StepNoise:
+    """Step i's noise from the i-th of num_steps keys split from the run's key (the same for any start)."""
+    keys = mx.random.split(key, num_steps)
+    return lambda i, shape: mx.random.normal(shape, key=keys[i])
+
+
+def _check_count(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+def _check_size(latent_size) -> tuple:
+    if len(latent_size) != 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in latent_size):
+        raise ValueError(f"latent_size must be two whole numbers >= 1 (height, width), got {latent_size!r}")
+    return tuple(int(s) for s in latent_size)
+
+
+def _check_text(text, negative_text):
+    for name, value in (("text", text), ("negative_text", negative_text)):
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+    return text, negative_text
 
 
 def _repeat(x: mx.array, n: int) -> mx.array:

@@ -22,9 +22,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .config import SchedulerConfig
-
-SPACINGS = ("linspace", "leading", "trailing")
+from .config import SPACINGS, SchedulerConfig
 
 
 # Schedule math -------------------------------------------------------------------------------
@@ -141,32 +139,19 @@ def final_sigma(config: SchedulerConfig, alphas_cumprod: np.ndarray) -> float:
 
 
 class Sampler:
-    """Base sampler: holds the training schedule and the inference timesteps."""
+    """Base sampler: holds the training schedule and, once ``set_timesteps`` ran, one run's timesteps.
+
+    A sampler is built per generation (``make_sampler``): its schedule and any multistep history
+    belong to that run alone.
+    """
 
     name: str = ""
+    diffusers_class: str = ""
     needs_noise: bool = False
-    default_spacing: str = "linspace"
-    supports_karras: bool = False
-    prediction_types: tuple = ("epsilon", "v_prediction", "sample")
 
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.timestep_spacing = config.timestep_spacing or self.default_spacing
-        what = f"sampler {self.name!r}"
-        if self.timestep_spacing not in SPACINGS:
-            raise ValueError(
-                f"{what}: timestep_spacing={self.timestep_spacing!r} is not supported (supported: {list(SPACINGS)})"
-            )
-        if config.prediction_type not in self.prediction_types:
-            raise ValueError(
-                f"{what}: prediction_type={config.prediction_type!r} is not supported "
-                f"(supported: {list(self.prediction_types)})"
-            )
-        if config.use_karras_sigmas and not self.supports_karras:
-            raise ValueError(
-                f"{what}: use_karras_sigmas=True is not supported (its diffusers class has no Karras sigmas); "
-                "use 'euler' or 'dpm++2m'"
-            )
+        self.timestep_spacing = config.timestep_spacing
         self.alphas_cumprod = make_alphas_cumprod(config)
         self.train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         self.timesteps: Optional[mx.array] = None
@@ -194,14 +179,7 @@ class EulerSampler(Sampler):
     """Euler method on the probability-flow ODE (diffusers' EulerDiscreteScheduler, s_churn = 0)."""
 
     name = "euler"
-    supports_karras = True
-
-    def __init__(self, config: SchedulerConfig):
-        super().__init__(config)
-        if config.interpolation_type != "linear":
-            raise ValueError(
-                f"sampler 'euler': interpolation_type={config.interpolation_type!r} is not supported (supported: ['linear'])"
-            )
+    diffusers_class = "EulerDiscreteScheduler"
 
     def _schedule(self, num_steps: int, karras: bool, sigma_last: float):
         cfg = self.config
@@ -262,12 +240,8 @@ class EulerAncestralSampler(EulerSampler):
     """Euler step to sigma_down plus fresh noise of std sigma_up (diffusers' EulerAncestralDiscreteScheduler)."""
 
     name = "euler_a"
+    diffusers_class = "EulerAncestralDiscreteScheduler"
     needs_noise = True
-    supports_karras = False
-    prediction_types = ("epsilon", "v_prediction")
-
-    def __init__(self, config: SchedulerConfig):
-        Sampler.__init__(self, config)  # the diffusers class has no interpolation_type
 
     def set_timesteps(self, num_steps: int) -> None:
         self._check_steps(num_steps)
@@ -292,15 +266,12 @@ class DDIMSampler(Sampler):
     """Deterministic DDIM (eta = 0), diffusers' DDIMScheduler; computes in the latents' dtype as it does."""
 
     name = "ddim"
-    default_spacing = "leading"
+    diffusers_class = "DDIMScheduler"
 
     def __init__(self, config: SchedulerConfig):
         super().__init__(config)
         # DDIM keeps alpha_bar(T) = 0 under zero-SNR rescaling (diffusers does not floor it here).
         self.alphas_cumprod = make_alphas_cumprod(config, floor_zero_snr=False)
-        # Missing from the config -> DDIMScheduler's defaults (True, True).
-        self.set_alpha_to_one = True if config.set_alpha_to_one is None else config.set_alpha_to_one
-        self.clip_sample = True if config.clip_sample is None else config.clip_sample
 
     def set_timesteps(self, num_steps: int) -> None:
         self._check_steps(num_steps)
@@ -308,7 +279,7 @@ class DDIMSampler(Sampler):
         timesteps = spaced_timesteps(self.timestep_spacing, num_steps, cfg.num_train_timesteps, cfg.steps_offset)
         timesteps = timesteps.round().astype(np.int64)
         ac = self.alphas_cumprod
-        final = np.float32(1.0) if self.set_alpha_to_one else ac[0]
+        final = np.float32(1.0) if cfg.set_alpha_to_one else ac[0]
         prev = timesteps - cfg.num_train_timesteps // num_steps
         self._timesteps = timesteps
         self._alpha_t = ac[timesteps]
@@ -331,7 +302,7 @@ class DDIMSampler(Sampler):
         else:
             x0 = sqrt_a * x - sqrt_b * model_output
             eps = sqrt_a * model_output + sqrt_b * x
-        if self.clip_sample:
+        if self.config.clip_sample:
             r = self.config.clip_sample_range
             x0 = mx.clip(x0, -r, r)
         return float(np.sqrt(alpha_prev)) * x0 + float(np.sqrt(np.float32(1) - alpha_prev)) * eps
@@ -345,14 +316,10 @@ class DPMPP2MSampler(Sampler):
     """DPM-Solver++(2M) (Lu et al. 2022): DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", order 2."""
 
     name = "dpm++2m"
-    supports_karras = True
+    diffusers_class = "DPMSolverMultistepScheduler"
 
     def __init__(self, config: SchedulerConfig):
         super().__init__(config)
-        if config.solver_type not in ("midpoint", "heun"):
-            raise ValueError(
-                f"sampler 'dpm++2m': solver_type={config.solver_type!r} is not supported (supported: ['midpoint', 'heun'])"
-            )
         self._prev_denoised: Optional[mx.array] = None
         self._prev_i: Optional[int] = None
 
@@ -440,32 +407,22 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "dpm++2m": DPMPP2MSampler,
 }
 
-_DIFFUSERS_CLASSES = {
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DDIMScheduler": "ddim",
-    "DPMSolverMultistepScheduler": "dpm++2m",
-}
+def make_sampler(name: Optional[str], scheduler_config: dict) -> Sampler:
+    """A new sampler ``name`` (a key of SAMPLERS) on the model's ``scheduler_config.json`` dict.
 
-
-def make_sampler(name: Optional[str], config: SchedulerConfig) -> Sampler:
-    """The sampler ``name`` (a key of SAMPLERS) on the model's noise schedule ``config``.
-
-    ``name=None`` picks the model's own scheduler class (``config.class_name``):
-    EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDIMScheduler and
-    DPMSolverMultistepScheduler map to "euler", "euler_a", "ddim" and "dpm++2m"; any other class
-    (PNDMScheduler as in SD 1.x, LMSDiscreteScheduler, ...) falls back to "euler", i.e.
-    ``EulerDiscreteScheduler.from_config(config)``. A model whose own DPMSolverMultistepScheduler
-    is not DPM-Solver++ of order 2 raises; naming "dpm++2m" explicitly forces
-    algorithm_type="dpmsolver++", solver_order=2 (other config values are kept).
+    As diffusers' ``Class.from_config(scheduler_config)``: the class's defaults, overridden by the
+    config's values. ``name=None`` picks the model's own class: EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler, DDIMScheduler and DPMSolverMultistepScheduler map to "euler",
+    "euler_a", "ddim" and "dpm++2m"; any other class (PNDMScheduler as in SD 1.x,
+    LMSDiscreteScheduler, ...) falls back to "euler". Naming "dpm++2m" explicitly sets
+    algorithm_type="dpmsolver++", solver_order=2 (a model's own DPM-Solver of another kind raises).
     """
     if name is None:
-        name = _DIFFUSERS_CLASSES.get(config.class_name, "euler")
-        if name == "dpm++2m" and (config.algorithm_type, config.solver_order) != ("dpmsolver++", 2):
-            raise ValueError(
-                f"scheduler: DPMSolverMultistepScheduler with algorithm_type={config.algorithm_type!r}, "
-                f"solver_order={config.solver_order} is not supported (only dpmsolver++ of order 2: pass 'dpm++2m')"
-            )
+        own = scheduler_config.get("_class_name")
+        name = next((s.name for s in SAMPLERS.values() if s.diffusers_class == own), "euler")
+    elif name == "dpm++2m":
+        scheduler_config = {**scheduler_config, "algorithm_type": "dpmsolver++", "solver_order": 2}
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r} (valid: {', '.join(SAMPLERS)})")
-    return SAMPLERS[name](config)
+    cls = SAMPLERS[name]
+    return cls(SchedulerConfig.from_dict(scheduler_config, cls.diffusers_class))

@@ -341,8 +341,6 @@ class UNetModel(nn.Module):
             raise ValueError(f"unet: mid_block_type={config.mid_block_type!r} is not supported")
         if config.addition_embed_type not in (None, "text_time"):
             raise ValueError(f"unet: addition_embed_type={config.addition_embed_type!r} is not supported")
-        if config.time_cond_proj_dim is not None:
-            raise ValueError("unet: time_cond_proj_dim is not supported")
         self.config = config
         channels = config.block_out_channels
         time_embed_dim = 4 * channels[0]

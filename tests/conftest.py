@@ -1,7 +1,12 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# Parity tests compare float32 against float32: keep MLX's float32 matmuls and convolutions out of
+# TF32 on GPUs that have it (MLX allows it by default; CPU and older GPUs are unaffected).
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,5 +41,6 @@ def tiny_sdxl(tmp_path_factory, clip_vocab_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_turbo(tmp_path_factory, clip_vocab_dir) -> Path:
-    """The same with sdxl-turbo's scheduler (Euler ancestral, trailing); 'turbo' in the folder name, as in the repo id."""
-    return tiny_models.build_sdxl(tmp_path_factory.mktemp("tiny-sdxl-turbo"), clip_vocab_dir, turbo=True)
+    """The same with sdxl-turbo's scheduler (Euler ancestral, trailing), as the HF cache holds stabilityai/sdxl-turbo."""
+    snapshot = tmp_path_factory.mktemp("hub") / "models--stabilityai--sdxl-turbo" / "snapshots" / ("0" * 40)
+    return tiny_models.build_sdxl(snapshot, clip_vocab_dir, turbo=True)

@@ -17,11 +17,11 @@ def nhwc(x: torch.Tensor) -> mx.array:
 
 
 def torch_step_noise(seed: int, skip: int = 0):
-    """A step_noise override giving what diffusers draws from torch.Generator(seed), after `skip` earlier draws."""
+    """A ``step_noise`` argument giving what diffusers draws from torch.Generator(seed), after `skip` earlier draws."""
     generator = torch.Generator().manual_seed(seed)
     drawn = {"n": 0}
 
-    def step_noise(step, shape, key):
+    def step_noise(step, shape):
         while True:
             noise = torch.randn((shape[0], shape[3], shape[1], shape[2]), generator=generator)
             drawn["n"] += 1

@@ -84,8 +84,7 @@ def test_txt2img_with_each_sampler_matches_diffusers(request, sampler, flavour):
     init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(5))
 
     sd = StableDiffusion(str(folder), sampler=sampler)
-    sd.step_noise = torch_step_noise(seed=11)
-    latents = run_ours(sd.generate_latents(PROMPT, num_steps=steps, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
+    latents = run_ours(sd.generate_latents(PROMPT, num_steps=steps, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init), step_noise=torch_step_noise(seed=11)))
 
     pipe = reference_pipeline(folder, sampler)
     ref = pipe(
@@ -127,10 +126,10 @@ def test_img2img_matches_diffusers(request, posterior_mean_img2img, flavour, sam
     noise = torch.randn((n, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(7))
 
     sd = StableDiffusion(str(folder), sampler=sampler)
-    sd.step_noise = torch_step_noise(seed=7, skip=1)  # diffusers draws the start noise first
     latents = run_ours(
         sd.generate_latents_from_image(
-            mx.array(image * 2 - 1), PROMPT, n_images=n, strength=strength, num_steps=steps, negative_text="ugly", noise=nhwc(noise)
+            mx.array(image * 2 - 1), PROMPT, n_images=n, strength=strength, num_steps=steps, negative_text="ugly", noise=nhwc(noise),
+            step_noise=torch_step_noise(seed=7, skip=1),  # diffusers draws the start noise first
         )
     )
     images = sd.decode(latents[-1])

@@ -5,6 +5,7 @@ and the timestep, computed identically in torch and MLX, and Euler ancestral get
 torch-drawn noise on both sides.
 """
 
+import dataclasses
 import math
 
 import mlx.core as mx
@@ -72,7 +73,7 @@ def model_output(x, t: float):
 
 def build(name: str, config: dict):
     cls, overrides = REFERENCE[name]
-    return cls.from_config(dict(config), **overrides), make_sampler(name, SchedulerConfig.from_dict(dict(config)))
+    return cls.from_config(dict(config), **overrides), make_sampler(name, dict(config))
 
 
 def assert_same_schedule(ref, ours, num_steps: int):
@@ -244,12 +245,11 @@ def test_img2img_trajectory_from_a_start_index_matches_diffusers():
     ],
 )
 def test_no_sampler_name_picks_the_models_own_scheduler_else_euler(class_name, expected):
-    config = SchedulerConfig.from_dict(dict(tiny_models.SD1_SCHEDULER, _class_name=class_name))
-    assert type(make_sampler(None, config)) is expected
+    assert type(make_sampler(None, dict(tiny_models.SD1_SCHEDULER, _class_name=class_name))) is expected
 
 
 def test_pndm_config_falls_back_to_euler_as_diffusers_builds_it():
-    ours = make_sampler(None, SchedulerConfig.from_dict(tiny_models.SD1_SCHEDULER))
+    ours = make_sampler(None, tiny_models.SD1_SCHEDULER)
     ref = EulerDiscreteScheduler.from_config(tiny_models.SD1_SCHEDULER)
     for x, x_ref in run_both(ref, ours, 5):
         assert rel_err(x, x_ref) <= 1e-5
@@ -257,12 +257,12 @@ def test_pndm_config_falls_back_to_euler_as_diffusers_builds_it():
 
 def test_unknown_sampler_name_lists_the_valid_names():
     with pytest.raises(ValueError, match="euler, euler_a, ddim, dpm\\+\\+2m"):
-        make_sampler("heun", SchedulerConfig.from_dict(tiny_models.SD1_SCHEDULER))
+        make_sampler("heun", tiny_models.SD1_SCHEDULER)
 
 
 @pytest.mark.parametrize("name", ["euler_a", "ddim"])
 def test_karras_sigmas_raise_for_samplers_without_them(name):
-    config = SchedulerConfig.from_dict(dict(tiny_models.SD1_SCHEDULER, use_karras_sigmas=True))
+    config = dict(tiny_models.SD1_SCHEDULER, use_karras_sigmas=True)
     with pytest.raises(ValueError, match="use_karras_sigmas"):
         make_sampler(name, config)
 
@@ -277,19 +277,18 @@ def test_karras_sigmas_raise_for_samplers_without_them(name):
 )
 def test_unsupported_config_values_raise(name, options, message):
     with pytest.raises(ValueError, match=message):
-        make_sampler(name, SchedulerConfig.from_dict(dict(tiny_models.SD1_SCHEDULER, **options)))
+        make_sampler(name, dict(tiny_models.SD1_SCHEDULER, **options))
 
 
 def test_models_own_dpm_solver_of_another_kind_raises():
     config = dict(tiny_models.SD1_SCHEDULER, _class_name="DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++")
-    config = SchedulerConfig.from_dict(config)
     with pytest.raises(ValueError, match="sde-dpmsolver"):
         make_sampler(None, config)
     assert type(make_sampler("dpm++2m", config)) is DPMPP2MSampler
 
 
 def test_euler_ancestral_step_without_noise_raises():
-    sampler = make_sampler("euler_a", SchedulerConfig.from_dict(TURBO_SCHEDULER))
+    sampler = make_sampler("euler_a", TURBO_SCHEDULER)
     sampler.set_timesteps(1)
     x = mx.zeros(SHAPE)
     with pytest.raises(ValueError, match="noise"):
@@ -312,6 +311,25 @@ def test_scheduler_config_rejects_unimplemented_options(options):
 
 
 def test_ddim_defaults_apply_when_the_config_omits_them():
-    ours = make_sampler("ddim", SchedulerConfig.from_dict(tiny_models.SD2_SCHEDULER))
+    ours = make_sampler("ddim", tiny_models.SD2_SCHEDULER)
     ref = DDIMScheduler.from_config(tiny_models.SD2_SCHEDULER)
-    assert (ours.clip_sample, ours.set_alpha_to_one) == (ref.config.clip_sample, ref.config.set_alpha_to_one) == (True, True)
+    assert (ours.config.clip_sample, ours.config.set_alpha_to_one) == (ref.config.clip_sample, ref.config.set_alpha_to_one) == (True, True)
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+@pytest.mark.parametrize("config", [{}, tiny_models.SD1_SCHEDULER, tiny_models.SD2_SCHEDULER, TURBO_SCHEDULER], ids=["empty", "sd1", "sd2", "turbo"])
+def test_scheduler_settings_are_what_diffusers_from_config_holds(name, config):
+    """One source of defaults: the diffusers class's own, overridden by the config's values."""
+    cls, overrides = REFERENCE[name]
+    ref = cls.from_config(dict(config), **overrides).config
+    ours = make_sampler(name, dict(config)).config
+    for field in dataclasses.fields(ours):
+        if field.name in ref:
+            assert getattr(ours, field.name) == ref[field.name], field.name
+    assert SchedulerConfig() == SchedulerConfig.from_dict({})
+
+
+@pytest.mark.parametrize("options", [dict(beta_end="0.012"), dict(num_train_timesteps=True), dict(steps_offset=1.5), dict(beta_start=0.5, beta_end=0.1)])
+def test_scheduler_config_with_values_of_the_wrong_type_or_range_raises(options):
+    with pytest.raises(ValueError, match="scheduler"):
+        SchedulerConfig.from_dict(dict(tiny_models.SD1_SCHEDULER, **options))

@@ -70,8 +70,7 @@ def test_sdxl_with_each_sampler_matches_diffusers(tiny_sdxl, sampler):
     classes = {"euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler", "dpm++2m": "DPMSolverMultistepScheduler"}
     init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(1))
     sd = StableDiffusionXL(str(tiny_sdxl), sampler=sampler)
-    sd.step_noise = torch_step_noise(seed=4)
-    latents = run(sd.generate_latents(PROMPT, num_steps=4, cfg_weight=6.0, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
+    latents = run(sd.generate_latents(PROMPT, num_steps=4, cfg_weight=6.0, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init), step_noise=torch_step_noise(seed=4)))
     ref = reference(tiny_sdxl, scheduler=classes[sampler])(
         PROMPT,
         num_inference_steps=4,
@@ -92,8 +91,7 @@ def test_sdxl_turbo_configuration_matches_diffusers(tiny_sdxl_turbo, steps):
     assert isinstance(sd, StableDiffusionXL)
     assert (sd.default_steps, sd.default_cfg, sd.sampler.name) == (2, 0.0, "euler_a")
     init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(2))
-    sd.step_noise = torch_step_noise(seed=9)
-    latents = run(sd.generate_latents(PROMPT, num_steps=steps, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
+    latents = run(sd.generate_latents(PROMPT, num_steps=steps, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init), step_noise=torch_step_noise(seed=9)))
     ref = reference(tiny_sdxl_turbo)(
         PROMPT,
         num_inference_steps=steps,
