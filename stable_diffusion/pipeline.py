@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import lora as lora_io
 from . import model_io
 from .clip import CLIPTextModel
 from .config import AutoencoderConfig, CLIPTextModelConfig, UNetConfig
@@ -94,6 +95,8 @@ class _Pipeline:
         self.autoencoder = self._load("vae", Autoencoder, AutoencoderConfig, self.vae_dtype)
         self._load_text_encoders()
         self._quantized = False
+        self.loras: list[tuple[str, float]] = []  # (path, scale) of each LoRA merged in, in order
+        self._applied_loras: list = []
 
     @property
     def root(self):
@@ -161,18 +164,43 @@ class _Pipeline:
         """Read every weight now instead of at first use."""
         mx.eval([m.parameters() for m in self._models()])
 
+    def load_lora(self, path, scale: float = 1.0):
+        """Merge a LoRA file (kohya/A1111 or diffusers/PEFT) into the UNet and text encoders, times ``scale``.
+
+        Repeatable: several LoRAs stack. ``unload_loras`` restores the original weights exactly.
+        """
+        if self._quantized:
+            raise ValueError("load LoRAs before quantize(): merging into quantized weights is not supported")
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
+        self._applied_loras.append(lora_io.apply(self._lora_targets(), lora_io.load(path), float(scale)))
+        self.loras.append((str(path), float(scale)))
+
+    def unload_loras(self):
+        """Remove every LoRA merged in, restoring the original weights bit for bit."""
+        lora_io.unapply(self._lora_targets(), self._applied_loras)
+        self._applied_loras, self.loras = [], []
+
+    def _lora_targets(self) -> dict:
+        encoders = dict(zip(("text_encoder", "text_encoder_2"), self._text_encoders()))
+        return {"unet": self.unet, **encoders}
+
     def quantize(self, text_bits: int = 4, unet_bits: int = 8, group_size: int = 64):
-        """Quantize the text encoders' and the UNet's linear layers (once; later calls do nothing)."""
+        """Quantize the text encoders' and the UNet's linear layers (once; later calls do nothing).
+
+        LoRAs merged before stay merged for good (they can no longer be unloaded).
+        """
         if self._quantized:
             return
+        self._applied_loras = []
         fits = lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size == 0  # noqa: E731
         for encoder in self._text_encoders():
             nn.quantize(encoder, group_size=group_size, bits=text_bits, class_predicate=fits)
         nn.quantize(self.unet, group_size=group_size, bits=unet_bits, class_predicate=fits)
         self._quantized = True
 
-    def _new_sampler(self, num_steps: int):
-        sampler = make_sampler(self.sampler.name, self.scheduler_config)
+    def _new_sampler(self, num_steps: int, name: Optional[str]):
+        sampler = make_sampler(name or self.sampler.name, self.scheduler_config)
         sampler.set_timesteps(num_steps)
         return sampler
 
@@ -214,16 +242,17 @@ class _Pipeline:
         seed: Optional[int] = None,
         latents: Optional[mx.array] = None,
         step_noise: Optional[StepNoise] = None,
+        sampler: Optional[str] = None,
     ) -> Iterator[mx.array]:
         """Yield the (N, h, w, 4) latent after each denoising step, unevaluated.
 
         Unset steps, guidance and size come from the model (``self.defaults``). ``latents`` (the
         initial noise, N x h x w x 4) and ``step_noise`` (a stochastic sampler's noise per step)
-        replace what the seed would draw.
+        replace what the seed would draw. ``sampler`` overrides the model's sampler for this call.
         """
         num_steps, cfg_weight = self._resolve(num_steps, cfg_weight, n_images)
         text, negative_text = _check_text(text, negative_text)
-        sampler = self._new_sampler(num_steps)
+        sampler = self._new_sampler(num_steps, sampler)
         key_latents, key_steps = mx.random.split(_key(seed))
         if latents is not None:
             latents = mx.array(latents)
@@ -252,6 +281,7 @@ class _Pipeline:
         seed: Optional[int] = None,
         noise: Optional[mx.array] = None,
         step_noise: Optional[StepNoise] = None,
+        sampler: Optional[str] = None,
     ) -> Iterator[mx.array]:
         """img2img: yield the latent after each of the last ``img2img_steps(num_steps, strength)`` steps.
 
@@ -266,7 +296,7 @@ class _Pipeline:
             raise ValueError(f"num_steps * strength = {num_steps * strength:g} leaves no denoising step; raise either")
         image = self._check_image(image)
         H, W, _ = image.shape
-        sampler = self._new_sampler(num_steps)
+        sampler = self._new_sampler(num_steps, sampler)
         start = num_steps - run
         key_noise, key_steps = mx.random.split(_key(seed))
         conditioning = self._condition(text, negative_text, n_images, cfg_weight, (H, W))

@@ -62,7 +62,7 @@ def run_both(folder, xl, loras):
     sd = load_model(str(folder))
     plain = sd.decode(list(sd.generate_latents(PROMPT, **common))[-1])
     for _, path, _, scale in loras:
-        sdlora.apply(models_of(sd), sdlora.load(path), scale)
+        sd.load_lora(path, scale)
     ours = sd.decode(list(sd.generate_latents(PROMPT, **common))[-1])
 
     pipe = reference_pipe(folder, xl)
@@ -239,3 +239,17 @@ def test_peft_alpha_patterns_from_the_adapter_metadata(tmp_path):
     assert (pairs[("unet", "a.to_k")].alpha, pairs[("unet", "a.to_k")].rank) == (1, 2)
     save_file(tensors, str(tmp_path / "plain.safetensors"))
     assert sdlora.load(tmp_path / "plain.safetensors").pairs[("unet", "a.to_k")].alpha == 2  # alpha = r without metadata
+
+
+def test_facade_load_lora_stacks_and_unload_loras_restores_bit_for_bit(tiny_sdxl, sdxl_loras):
+    sd = load_model(str(tiny_sdxl))
+    original = weights_of(models_of(sd))
+    for _, path, _, scale in sdxl_loras:
+        sd.load_lora(path, scale)
+    assert [s for _, s in sd.loras] == [scale for *_, scale in sdxl_loras]
+    sd.unload_loras()
+    restored = weights_of(models_of(sd))
+    assert sd.loras == [] and all(np.array_equal(np.array(original[k]), np.array(restored[k])) for k in original)
+    sd.quantize(group_size=32)
+    with pytest.raises(ValueError, match="before quantize"):
+        sd.load_lora(sdxl_loras[0][1])

@@ -237,3 +237,42 @@ def test_bad_arguments_raise_at_the_call_not_at_the_first_step(tiny_sd1):
         sd.generate_latents_from_image(mx.zeros((32, 32, 3)), PROMPT, strength=1.5)
     with pytest.raises(ValueError, match="multiple of 4"):
         sd.generate_latents_from_image(mx.zeros((30, 32, 3)), PROMPT)
+
+
+def test_two_interleaved_generators_of_one_model_each_match_diffusers(tiny_sd2):
+    """Each generation owns its sampler: A (dpm++2m, 6 steps) and B (euler_a, 3 steps) stepped in turn."""
+    sd = StableDiffusion(str(tiny_sd2))
+    init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(5))
+    size = (SIZE // 4, SIZE // 4)
+    a = sd.generate_latents(PROMPT, num_steps=6, latent_size=size, latents=nhwc(init), sampler="dpm++2m")
+    b = sd.generate_latents(PROMPT, num_steps=3, latent_size=size, latents=nhwc(init), sampler="euler_a", step_noise=torch_step_noise(seed=2))
+    steps_a, steps_b = [], []
+    for _ in range(6):
+        steps_a.append(next(a))
+        if len(steps_b) < 3:
+            steps_b.append(next(b))
+        mx.eval(steps_a[-1], steps_b[-1])
+    assert next(a, None) is None and next(b, None) is None
+
+    alone = run_ours(sd.generate_latents(PROMPT, num_steps=6, latent_size=size, latents=nhwc(init), sampler="dpm++2m"))
+    np.testing.assert_array_equal(np.array(steps_a[-1]), np.array(alone[-1]))
+    for sampler, steps, ours, seed in (("dpm++2m", 6, steps_a, None), ("euler_a", 3, steps_b, 2)):
+        ref = reference_pipeline(tiny_sd2, sampler)(
+            PROMPT,
+            num_inference_steps=steps,
+            height=SIZE,
+            width=SIZE,
+            latents=init.clone(),
+            generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+            output_type="latent",
+        ).images
+        assert relative_error(ours[-1], nhwc(ref)) <= 1e-4, sampler
+
+
+def test_a_sampler_named_at_the_call_leaves_the_models_own_for_later_calls(tiny_sd1):
+    sd = StableDiffusion(str(tiny_sd1))
+    init = mx.random.normal((1, 8, 8, 4), key=mx.random.key(1))
+    first = run_ours(sd.generate_latents(PROMPT, num_steps=3, latents=init))[-1]
+    run_ours(sd.generate_latents(PROMPT, num_steps=5, latents=init, sampler="ddim"))
+    again = run_ours(sd.generate_latents(PROMPT, num_steps=3, latents=init))[-1]
+    np.testing.assert_array_equal(np.array(first), np.array(again))
