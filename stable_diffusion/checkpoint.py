@@ -234,6 +234,21 @@ CONFIGS = {
     },
 }
 
+# stabilityai/sdxl-turbo: the same weights layout as SDXL base, its own native size and scheduler.
+# Chosen for SDXL files named "*turbo*" (sd_xl_turbo_1.0_fp16.safetensors): with SDXL base's
+# "leading" Euler, the 1-4 steps a turbo model is run with would stop far from t=0.
+SDXL_TURBO = {
+    "unet": {"sample_size": 64},
+    "scheduler": {
+        "_class_name": "EulerAncestralDiscreteScheduler",
+        **_SCHEDULER,
+        "interpolation_type": "linear",
+        "prediction_type": "epsilon",
+        "sample_max_value": 1.0,
+        "timestep_spacing": "trailing",
+    },
+}
+
 # Where each family's tokenizer files come from (the same repos diffusers takes its configs from,
 # with the removed stabilityai SD 2.1 repo replaced by its community mirror).
 REFERENCE_REPOS = {
@@ -631,6 +646,7 @@ class SingleFileSource:
             detect_family(shapes)  # still refuses what we cannot run
             xl = "XL" in self._model_index_of_config_dir().get("_class_name", "")
             self.family = "sdxl" if xl else ("sd2" if any(k.startswith("cond_stage_model.model.") for k in shapes) else "sd1")
+        self.is_sdxl_turbo = self.family == "sdxl" and "turbo" in self.path.name.lower()
         # Converted (still lazy) tensors; each component's are handed out once, then re-read.
         self._pending = self._convert(arrays)
         self._components = set(self._pending)
@@ -683,6 +699,10 @@ class SingleFileSource:
                 raise ModelLoadError(f"{path}: cannot be read ({e})") from None
         else:
             config = copy.deepcopy(CONFIGS[self.family][component])
+            if self.is_sdxl_turbo and component == "scheduler":
+                config = copy.deepcopy(SDXL_TURBO["scheduler"])
+            elif self.is_sdxl_turbo:
+                config.update(SDXL_TURBO.get(component, {}))
         if component == "scheduler":
             if "v_pred" in self.markers:
                 config["prediction_type"] = "v_prediction"

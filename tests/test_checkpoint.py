@@ -338,6 +338,18 @@ def test_sd2_defaults_to_v_prediction_as_diffusers_and_prediction_type_overrides
         SingleFileSource(path, prediction_type="flow")
 
 
+def test_sdxl_turbo_file_gets_sdxl_turbos_scheduler_and_size(tmp_path):
+    xl = {"model.diffusion_model.time_embed.0.weight": (4, 4), "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (4,)}
+    src = SingleFileSource(small_file(tmp_path / "sd_xl_turbo_1.0_fp16.safetensors", xl))
+    real = Path(__file__).resolve().parents[2] / "shared" / "real-configs" / "sdxl-turbo"
+    if not real.is_dir():
+        pytest.skip("the real configs are not next to this checkout")
+    hub = json.loads((real / "scheduler" / "scheduler_config.json").read_text())
+    hub.pop("_diffusers_version")
+    assert src.config("scheduler") == hub
+    assert src.config("unet")["sample_size"] == json.loads((real / "unet" / "config.json").read_text())["sample_size"]
+
+
 def test_comfyui_v_pred_and_ztsnr_markers_set_the_scheduler(tmp_path):
     xl = {"model.diffusion_model.time_embed.0.weight": (4, 4), "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (4,)}
     path = small_file(tmp_path / "vpred.safetensors", {**xl, "v_pred": (0,), "ztsnr": (0,)})
