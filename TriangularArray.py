@@ -13,12 +13,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from stable_diffusion import images
-from stable_diffusion.images import UsageError
+from stable_diffusion import cli, images
+from stable_diffusion.cli import UsageError
 
 
 def parse_args(argv=None):
-    parser = images.ArgumentParser(prog="TriangularArray.py", description="Compose the interim images of an image2image.py -gt (or -sd) run into one triangular picture.")
+    parser = cli.ArgumentParser(prog="TriangularArray.py", description="Compose the interim images of an image2image.py -gt (or -sd) run into one triangular picture.")
     parser.add_argument("base", help="the -o/--output given to image2image.py, e.g. out.png: <base>_<limit>_<count>.<ext> files are read beside it")
     parser.add_argument("-o", "--output", default=None, help="the composed picture (default: <base>_triangle.<ext>)")
     parser.add_argument("--seed_image", default=None, help="the picture for the left column (default: <base>_0_0.<ext>, the input image2image.py saved)")
@@ -52,7 +52,7 @@ def _open(path: Path) -> Image.Image:
             image.load()
             return images.to_rgb(image)
     except (OSError, SyntaxError, ValueError) as e:
-        raise UsageError(f"{path}: cannot be read as an image ({images.one_line(e)})") from None
+        raise UsageError(f"{path}: cannot be read as an image ({cli.one_line(e)})") from None
 
 
 def _parameters(path: Path) -> dict:
@@ -146,7 +146,7 @@ def main(argv=None):
         raise UsageError(f"base {str(base)!r}: give the output file image2image.py wrote, with its extension (e.g. out.png)")
     if not args.scale > 0:
         raise UsageError(f"--scale must be positive (got {args.scale})")
-    output = images.check_output_path(args.output or str(images.sibling(base, "triangle")))
+    output = cli.check_output_path(args.output or str(images.sibling(base, "triangle")))
     seed_path, rows = check_rows(base, discover(base), Path(args.seed_image).expanduser() if args.seed_image else None)
     every_file = [p for row in rows.values() for p in row]
     check_same_run(every_file + ([] if args.seed_image else [seed_path]))
@@ -186,4 +186,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    images.run_cli(main, "TriangularArray.py")
+    cli.run_cli(main, "TriangularArray.py")

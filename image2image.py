@@ -12,32 +12,19 @@ import sys
 
 import numpy as np
 
-from stable_diffusion import images
-from stable_diffusion.images import UsageError
-from txt2image import (
-    add_common_arguments,
-    check_common_arguments,
-    decode,
-    denoise,
-    draw_seed,
-    load,
-    parameters,
-    report_memory,
-    save_grid,
-    save_individual,
-    steps_and_cfg,
-)
+from stable_diffusion import cli, images, img2img_steps
+from stable_diffusion.cli import UsageError
 
 DEFAULT_STRENGTH = 0.8
 TRIANGLE_STRENGTHS = [round(0.1 * k, 1) for k in range(1, 11)]
 
 
 def parse_args(argv=None):
-    parser = images.ArgumentParser(prog="image2image.py", description="Transform an image with a text prompt (img2img) with Stable Diffusion in MLX.")
+    parser = cli.ArgumentParser(prog="image2image.py", description="Transform an image with a text prompt (img2img) with Stable Diffusion in MLX.")
     parser.add_argument("image", help="the input image (any format PIL reads; converted to RGB, EXIF orientation applied)")
-    add_common_arguments(parser)
+    cli.add_common_arguments(parser)
     parser.add_argument("--strength", type=float, default=None, help=f"how much to change the image, in (0, 1]: int(steps * strength) steps are run (default {DEFAULT_STRENGTH})")
-    parser.add_argument("--no-resize", dest="resize", action="store_false", help="refuse an input whose sides are not multiples of 8x the VAE factor (64 px for real models) instead of shrinking it")
+    parser.add_argument("--no-resize", dest="resize", action="store_false", help="refuse an input whose sides are not multiples of the VAE factor (8 px for real models) instead of shrinking it")
     parser.add_argument("-sd", "--show_denoising", type=int, default=None, metavar="N", help="every N steps, decode the current latent and save the grid as <base>_<limit>_<count>.<ext> (the final step is always saved too)")
     parser.add_argument("--save_last_N", type=int, default=0, metavar="N", help="also save the grids of the last N steps before the final one, named as for -sd")
     parser.add_argument("-gt", "--generate_triangle", action="store_true", help="run strengths 0.1, 0.2, ..., 1.0 with the models loaded once, saving each run's interim and final grids (no <base>.<ext>); compose them with TriangularArray.py")
@@ -46,7 +33,7 @@ def parse_args(argv=None):
 
 def check_steps(steps: int, strengths: list[float], triangle: bool):
     for strength in strengths:
-        if int(steps * strength) < 1:
+        if img2img_steps(steps, strength) < 1:
             if triangle:
                 raise UsageError(f"-gt runs strength {strength:g}, which needs --steps of at least {int(np.ceil(1 / strength))} (got {steps})")
             raise UsageError(f"--steps {steps} x --strength {strength:g} leaves no denoising step; raise --steps or --strength")
@@ -66,7 +53,7 @@ def counts_to_save(limit: int, every: int | None, last_n: int, triangle: bool) -
 
 def main(argv=None):
     args = parse_args(argv)
-    output = check_common_arguments(args)
+    output = cli.check_common_arguments(args)
     if args.generate_triangle and args.strength is not None:
         print("image2image.py: warning: -gt runs strengths 0.1 to 1.0; --strength is ignored", file=sys.stderr)
     strength = DEFAULT_STRENGTH if args.strength is None else args.strength
@@ -79,28 +66,35 @@ def main(argv=None):
     strengths = TRIANGLE_STRENGTHS if args.generate_triangle else [strength]
     if args.steps is not None:
         check_steps(args.steps, strengths, args.generate_triangle)
-    picture = images.load_image(args.image)
+    picture = cli.read_image(args.image)
 
-    sd = load(args)
-    steps, cfg = steps_and_cfg(args, sd)
+    sd = cli.load(args)
+    steps, cfg = cli.steps_and_cfg(args, sd)
     check_steps(steps, strengths, args.generate_triangle)
-    picture = images.resize_to_multiple(picture, 8 * sd.latent_factor, args.resize)
+    try:
+        resized = images.resize_to_multiple(picture, sd.latent_factor, args.resize)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if resized.size != picture.size:
+        w, h = picture.size
+        print(f"resizing the input image from {w}x{h} to {resized.size[0]}x{resized.size[1]} (multiples of {sd.latent_factor} px)", file=sys.stderr)
+    picture = resized
     size = picture.size
     init = images.to_model_input(picture)
-    seed = draw_seed(args.seed)
+    seed = cli.draw_seed(args.seed)
 
     interim = bool(args.show_denoising or args.save_last_N or args.generate_triangle)
     written = []
     if interim:  # the input as tile <base>_0_0, in the same grid as the outputs
         path = images.sibling(output, 0, 0)
         inputs = np.stack([np.asarray(picture)] * args.n_images)
-        save_grid(inputs, path, args.n_rows, parameters(args, sd, steps, cfg, seed, size, Strength=0))
+        cli.save_grid(inputs, path, args.n_rows, cli.parameters(args, sd, steps, cfg, seed, size, Strength=0))
         written.append(path)
 
     for strength in strengths:
-        limit = min(int(steps * strength), steps)  # diffusers' img2img rule, as the facade applies it
+        limit = img2img_steps(steps, strength)
         keep = counts_to_save(limit, args.show_denoising, args.save_last_N, args.generate_triangle)
-        params = lambda count: parameters(  # noqa: E731
+        params = lambda count: cli.parameters(  # noqa: E731
             args,
             sd,
             steps,
@@ -122,23 +116,23 @@ def main(argv=None):
             seed=seed,
         )
         pictures = None
-        for count, x_t in denoise(latents, limit, desc=f"strength {strength:g}"):
+        for count, x_t in cli.denoise(latents, limit, desc=f"strength {strength:g}"):
             pictures = None
             if count in keep:
-                pictures = decode(sd, x_t, args.decoding_batch_size, desc=f"decoding step {count}")
+                pictures = cli.decode(sd, x_t, args.decoding_batch_size)
                 path = images.sibling(output, limit, count)
-                save_grid(pictures, path, args.n_rows, params(count), args.save_prompt and count == limit)
+                cli.save_grid(pictures, path, args.n_rows, params(count), args.save_prompt and count == limit)
                 written.append(path)
-        report_memory(args, f"strength {strength:g}")
+        cli.report_memory(args, f"strength {strength:g}")
         if pictures is None:  # the final step was not saved as an interim file
-            pictures = decode(sd, x_t, args.decoding_batch_size)
+            pictures = cli.decode(sd, x_t, args.decoding_batch_size)
         if args.generate_triangle:
             if args.save_individual:
-                save_individual(pictures, images.sibling(output, limit, limit), params(limit))
+                cli.save_individual(pictures, images.sibling(output, limit, limit), params(limit))
             continue
-        save_grid(pictures, output, args.n_rows, params(limit), args.save_prompt)
+        cli.save_grid(pictures, output, args.n_rows, params(limit), args.save_prompt)
         if args.save_individual:
-            save_individual(pictures, output, params(limit))
+            cli.save_individual(pictures, output, params(limit))
         written.append(output)
 
     if args.generate_triangle:
@@ -149,4 +143,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    images.run_cli(main, "image2image.py")
+    cli.run_cli(main, "image2image.py")

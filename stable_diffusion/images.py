@@ -1,7 +1,7 @@
-"""Image files for the scripts: read any picture as RGB, resize to a multiple, grids, A1111 metadata, safe writes.
+"""Picture files: read any picture as RGB, resize to a multiple, grids, A1111 metadata, atomic writes.
 
-Also the few command-line helpers the scripts share: one-line user errors with exit status 2,
-Ctrl-C as exit status 130, output paths checked before any model loads.
+Pure picture code: bad input raises ValueError with a message for the user (``cli`` turns it into
+the scripts' one-line error).
 
 The PNG metadata is the ``parameters`` text chunk written by AUTOMATIC1111's web UI
 (``modules/infotext_utils.py``), which A1111's PNG Info, ComfyUI importers and Civitai read::
@@ -11,13 +11,10 @@ The PNG metadata is the ``parameters`` text chunk written by AUTOMATIC1111's web
     Steps: 50, Sampler: Euler, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd-2.1-base
 """
 
-import argparse
 import json
 import os
 import re
-import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,74 +22,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Extension -> PIL format. Only PNG carries the parameters chunk.
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-
-
-class UsageError(Exception):
-    """Bad input from the user: the message is printed as one line and the script exits with status 2."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless its help already says it or there is nothing to show."""
-
-    def _get_help_string(self, action):
-        nothing = action.default is None or isinstance(action.default, bool) or action.default in ("", argparse.SUPPRESS)
-        if "default" in (action.help or "") or nothing:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", _HelpFormatter)
-        super().__init__(**kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def run_cli(main, prog: str):
-    """Run ``main()``; user errors become one stderr line and exit 2, Ctrl-C exits 130."""
-    from .model_io import ModelLoadError
-
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{prog}: warning: {message}\n"
-    try:
-        main()
-    except (UsageError, ModelLoadError) as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-def one_line(message) -> str:
-    return " ".join(str(message).split())
-
-
-def check_output_path(path: str) -> Path:
-    """Fail early (before any model loads) when ``path`` cannot be written."""
-    path = Path(path).expanduser()
-    if path.suffix.lower() not in FORMATS:
-        known = ", ".join(FORMATS)
-        raise UsageError(f"output {str(path)!r}: unknown image extension {path.suffix or '(none)'!r}; use one of {known}")
-    if path.is_dir():
-        raise UsageError(f"output {str(path)!r} is a directory; give a file name such as {str(path / 'out.png')!r}")
-    folder = path.parent
-    if not folder.exists():
-        raise UsageError(f"output directory {str(folder)!r} does not exist")
-    if not folder.is_dir():
-        raise UsageError(f"output directory {str(folder)!r} is not a directory")
-    try:  # a real probe: permission bits say nothing about root or read-only file systems
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError:
-        raise UsageError(f"output directory {str(folder)!r} is not writable") from None
-    return path
 
 
 def sibling(path: Path, *suffixes) -> Path:
@@ -112,20 +41,20 @@ def load_image(path: str) -> Image.Image:
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise UsageError(f"input image {str(path)!r} does not exist")
+        raise ValueError(f"input image {str(path)!r} does not exist")
     if p.is_dir():
-        raise UsageError(f"input image {str(path)!r} is a directory")
+        raise ValueError(f"input image {str(path)!r} is a directory")
     try:
         with Image.open(p) as image:
             image.load()
             image = _oriented(image)
             return to_rgb(image)
     except PermissionError:
-        raise UsageError(f"input image {str(path)!r} cannot be read (permission denied)") from None
+        raise ValueError(f"input image {str(path)!r} cannot be read (permission denied)") from None
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise UsageError(f"input image {str(path)!r} is not an image PIL can read ({one_line(e)})") from None
+        raise ValueError(f"input image {str(path)!r} is not an image PIL can read ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise UsageError(f"input image {str(path)!r} is corrupt or truncated ({one_line(e)})") from None
+        raise ValueError(f"input image {str(path)!r} is corrupt or truncated ({e})") from None
 
 
 def _oriented(image: Image.Image) -> Image.Image:
@@ -155,13 +84,12 @@ def resize_to_multiple(image: Image.Image, multiple: int, allow_resize: bool = T
     """Shrink each side down to a multiple of ``multiple`` (Lanczos), or refuse when resizing is off."""
     w, h = image.size
     if w < multiple or h < multiple:
-        raise UsageError(f"the input image is {w}x{h}; each side must be at least {multiple} px")
+        raise ValueError(f"the input image is {w}x{h}; each side must be at least {multiple} px")
     new = (w // multiple * multiple, h // multiple * multiple)
     if new == (w, h):
         return image
     if not allow_resize:
-        raise UsageError(f"the input image is {w}x{h}, not a multiple of {multiple} px on each side (--no-resize is set)")
-    print(f"resizing the input image from {w}x{h} to {new[0]}x{new[1]} (multiples of {multiple} px)", file=sys.stderr)
+        raise ValueError(f"the input image is {w}x{h}, not a multiple of {multiple} px on each side (--no-resize is set)")
     return image.resize(new, Image.Resampling.LANCZOS)
 
 

@@ -1,6 +1,6 @@
 """End-to-end tests of txt2image.py, image2image.py and TriangularArray.py, run as subprocesses on tiny models.
 
-The tiny models' VAE shrinks by 4, so sizes are multiples of 32 (8x the VAE factor) instead of 64.
+The tiny models' VAE shrinks by 4, so sizes are multiples of 4 (the VAE factor) instead of 8.
 """
 
 import os
@@ -54,7 +54,7 @@ def leftovers(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def input_image(tmp_path_factory) -> Path:
-    """45x70 RGBA: not a multiple of 32, so image2image.py resizes it to 32x64."""
+    """45x70 RGBA: not a multiple of 4, so image2image.py resizes it to 44x68, as diffusers would."""
     path = tmp_path_factory.mktemp("input") / "in.png"
     rgba = np.random.default_rng(0).integers(0, 256, (70, 45, 4), dtype=np.uint8)
     Image.fromarray(rgba, "RGBA").save(path)
@@ -129,12 +129,12 @@ def img_run(tiny_sd2, input_image, tmp_path_factory):
 
 def test_image2image_resizes_and_names_interim_files_limit_count(img_run):
     out, result = img_run
-    assert "from 45x70 to 32x64" in result.stderr
+    assert "from 45x70 to 44x68" in result.stderr
     # limit = int(10 * 0.6) = 6; -sd 4 saves 4 (and the final 6); --save_last_N 2 saves 4 and 5.
     names = sorted(p.name for p in out.parent.iterdir())
     assert names == ["fire.png", "fire_0_0.png", "fire_6_4.png", "fire_6_5.png", "fire_6_6.png"]
     for name in names:
-        assert pixels(out.parent / name).shape == (64, 2 * 32, 3)  # 2 images in one row
+        assert pixels(out.parent / name).shape == (68, 2 * 44, 3)  # 2 images in one row
     assert np.array_equal(pixels(out), pixels(out.parent / "fire_6_6.png"))
     assert not np.array_equal(pixels(out.parent / "fire_6_4.png"), pixels(out))
 
@@ -142,7 +142,7 @@ def test_image2image_resizes_and_names_interim_files_limit_count(img_run):
 def test_image2image_parameters_record_strength_and_step(img_run):
     out, _ = img_run
     final = params(out)
-    assert (final["Prompt"], final["Strength"], final["Steps"], final["Seed"], final["Size"]) == ("A lit fireplace", "0.6", "10", "3", "32x64")
+    assert (final["Prompt"], final["Strength"], final["Steps"], final["Seed"], final["Size"]) == ("A lit fireplace", "0.6", "10", "3", "44x68")
     assert "Denoising step" not in final
     assert params(out.with_name("fire_6_4.png"))["Denoising step"] == "4/6"
 
@@ -175,7 +175,7 @@ def test_triangular_array_geometry(triangle, tmp_path, flags, columns, where):
     out = tmp_path / "composed.png"
     ok(run("TriangularArray.py", triangle, *flags, "-o", out))
     canvas = pixels(out)
-    w, h = 32, 64
+    w, h = 44, 68
     assert canvas.shape == (10 * h, columns * w, 3)
     filled = np.zeros((10, columns), bool)
     for r, limit in enumerate(range(1, 11)):
@@ -195,7 +195,7 @@ def test_triangular_array_default_output_name_and_labels(triangle, tmp_path):
         shutil.copy(p, tmp_path / p.name)
     result = ok(run("TriangularArray.py", copy, "--labels", "--scale", 0.5))
     composed = tmp_path / "tri_triangle.png"
-    assert pixels(composed).shape == (10 * 32, 11 * 16, 3)
+    assert pixels(composed).shape == (10 * 34, 11 * 22, 3)
     assert "saved" in result.stdout
     assert params(composed)["Seed"] == "5"
 
@@ -249,7 +249,7 @@ def bad_files(tmp_path_factory, tiny_sd1):
     (folder / "text.png").write_text("not an image at all")
     Image.new("RGB", (64, 64), (9, 9, 9)).save(folder / "good.png")
     (folder / "truncated.png").write_bytes((folder / "good.png").read_bytes()[:70])
-    Image.new("RGB", (20, 40)).save(folder / "small.png")
+    Image.new("RGB", (3, 40)).save(folder / "small.png")
     Image.new("RGB", (45, 70)).save(folder / "odd.png")
     shutil.copytree(tiny_sd1, folder / "no_vae", ignore=shutil.ignore_patterns("vae"))
     return folder
@@ -268,8 +268,8 @@ T2I = "txt2image.py"
         (I2I, ["{f}", "p", "--model", "{sd1}"], "is a directory"),
         (I2I, ["{f}/text.png", "p", "--model", "{sd1}"], "not an image PIL can read"),
         (I2I, ["{f}/truncated.png", "p", "--model", "{sd1}"], "corrupt or truncated"),
-        (I2I, ["{f}/small.png", "p", "--model", "{sd1}", *SMALL_I2I], "20x40; each side must be at least 32 px"),
-        (I2I, ["{f}/odd.png", "p", "--model", "{sd1}", "--no-resize", *SMALL_I2I], "not a multiple of 32 px.*--no-resize"),
+        (I2I, ["{f}/small.png", "p", "--model", "{sd1}", *SMALL_I2I], "3x40; each side must be at least 4 px"),
+        (I2I, ["{f}/odd.png", "p", "--model", "{sd1}", "--no-resize", *SMALL_I2I], "not a multiple of 4 px.*--no-resize"),
         (I2I, ["{f}/good.png", "p", "--model", "{sd1}", "--strength", 0], r"--strength must be in \(0, 1\]"),
         (I2I, ["{f}/good.png", "p", "--model", "{sd1}", "--strength", 1.5], r"--strength must be in \(0, 1\]"),
         (I2I, ["{f}/good.png", "p", "--model", "{sd1}", "--steps", 2, "--strength", 0.3], "leaves no denoising step"),
@@ -278,8 +278,8 @@ T2I = "txt2image.py"
         (T2I, ["p", "--model", "{sd1}", "--steps", 0], "--steps must be at least 1"),
         (T2I, ["p", "--model", "{sd1}", "--n_images", 0], "--n_images must be at least 1"),
         (T2I, ["p", "--model", "{sd1}", "--n_images", 4, "--n_rows", 3], "--n_rows 3 does not divide --n_images 4"),
-        (T2I, ["p", "--model", "{sd1}", "--width", 48, *SMALL], "--width 48 is not a multiple of 32"),
-        (T2I, ["p", "--model", "{sd1}", "--height", 100, *SMALL], "--height 100 is not a multiple of 32"),
+        (T2I, ["p", "--model", "{sd1}", "--width", 50, *SMALL], "--width 50 is not a multiple of 4"),
+        (T2I, ["p", "--model", "{sd1}", "--height", 101, *SMALL], "--height 101 is not a multiple of 4"),
         (T2I, ["p", "--model", "{sd1}", "--steps", "two"], "argument --steps: invalid int value"),
         (T2I, ["p", "--model", "{sd1}", "-o", "{f}/missing/out.png"], "output directory '.*missing' does not exist"),
         (T2I, ["p", "--model", "{sd1}", "-o", "{f}/out.gif"], "unknown image extension '.gif'"),

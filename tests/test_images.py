@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stable_diffusion import images
-from stable_diffusion.images import UsageError
+from stable_diffusion import cli, images
+from stable_diffusion.cli import UsageError
 
 
 def _save(tmp_path, image, name="in.png", **options):
@@ -62,7 +62,7 @@ def test_exif_orientation_is_applied(tmp_path):
     "content, phrase",
     [(None, "does not exist"), (b"hello, not an image", "not an image"), ("truncated", "corrupt or truncated")],
 )
-def test_bad_input_files_are_usage_errors(tmp_path, content, phrase):
+def test_bad_input_files_are_errors_naming_the_file(tmp_path, content, phrase):
     path = tmp_path / "bad.png"
     if content == "truncated":
         buffer = io.BytesIO()
@@ -70,20 +70,31 @@ def test_bad_input_files_are_usage_errors(tmp_path, content, phrase):
         content = buffer.getvalue()[:60]
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(UsageError, match=phrase):
+    with pytest.raises(ValueError, match=phrase):
         images.load_image(path)
-    with pytest.raises(UsageError, match="is a directory"):
+    with pytest.raises(ValueError, match="is a directory"):
         images.load_image(tmp_path)
+    with pytest.raises(UsageError, match=phrase):
+        cli.read_image(path)
 
 
-def test_resize_shrinks_to_multiples_and_refuses_when_asked(capsys):
-    image = Image.new("RGB", (130, 200))
-    assert images.resize_to_multiple(image, 64).size == (128, 192)
-    assert "130x200 to 128x192" in capsys.readouterr().err
+@pytest.mark.parametrize("size", [(70, 50), (64, 48), (130, 201)])
+def test_resize_to_the_vae_factor_is_what_diffusers_image_processor_makes(size):
+    from diffusers.image_processor import VaeImageProcessor
+
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    ours = images.to_model_input(images.resize_to_multiple(image, 8))
+    ref = VaeImageProcessor(vae_scale_factor=8).preprocess(image)[0].permute(1, 2, 0).numpy()
+    assert ours.shape == ref.shape == (size[1] // 8 * 8, size[0] // 8 * 8, 3)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_resize_refuses_when_asked_or_too_small():
     assert images.resize_to_multiple(Image.new("RGB", (128, 64)), 64, allow_resize=False).size == (128, 64)
-    with pytest.raises(UsageError, match="--no-resize"):
-        images.resize_to_multiple(image, 64, allow_resize=False)
-    with pytest.raises(UsageError, match="at least 64 px"):
+    with pytest.raises(ValueError, match="--no-resize"):
+        images.resize_to_multiple(Image.new("RGB", (130, 200)), 64, allow_resize=False)
+    with pytest.raises(ValueError, match="at least 64 px"):
         images.resize_to_multiple(Image.new("RGB", (63, 500)), 64)
 
 
@@ -159,17 +170,17 @@ def test_interrupted_write_leaves_the_old_file_and_no_partial_file(tmp_path, mon
 
 
 def test_output_path_checks(tmp_path):
-    assert images.check_output_path(str(tmp_path / "x.PNG")) == tmp_path / "x.PNG"
+    assert cli.check_output_path(str(tmp_path / "x.PNG")) == tmp_path / "x.PNG"
     with pytest.raises(UsageError, match="unknown image extension '.gif'"):
-        images.check_output_path(str(tmp_path / "x.gif"))
+        cli.check_output_path(str(tmp_path / "x.gif"))
     with pytest.raises(UsageError, match="does not exist"):
-        images.check_output_path(str(tmp_path / "missing" / "x.png"))
+        cli.check_output_path(str(tmp_path / "missing" / "x.png"))
     with pytest.raises(UsageError, match="is a directory"):
         (tmp_path / "d.png").mkdir()
-        images.check_output_path(str(tmp_path / "d.png"))
+        cli.check_output_path(str(tmp_path / "d.png"))
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="not a directory"):
-        images.check_output_path(str(tmp_path / "file" / "x.png"))
+        cli.check_output_path(str(tmp_path / "file" / "x.png"))
 
 
 def test_sibling_names():

@@ -1,0 +1,297 @@
+"""What the command-line scripts share: flags, checks, one-line errors, the denoise/decode/save loop.
+
+A user's mistake is one line on stderr and exit status 2 (``UsageError``, ``ModelLoadError``, or a
+ValueError from the picture code), Ctrl-C or SIGTERM exits 130/143 leaving no partial file, and
+everything that can be checked without the model (flags, paths, writability) is checked before
+any model loads.
+"""
+
+import argparse
+import secrets
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from . import images
+from .model_io import ModelLoadError, one_line
+from .pipeline import PRESETS, load_model
+from .sampler import SAMPLERS
+
+DEFAULT_MODEL = "sdxl-turbo"
+
+# A1111's sampler names, so that its PNG Info and Civitai recognise ours.
+SAMPLER_LABELS = {"euler": "Euler", "euler_a": "Euler a", "ddim": "DDIM", "dpm++2m": "DPM++ 2M"}
+
+
+class UsageError(Exception):
+    """Bad input from the user: the message is printed as one line and the script exits with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and errors
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already says it or there is nothing to show."""
+
+    def _get_help_string(self, action):
+        nothing = action.default is None or isinstance(action.default, bool) or action.default in ("", argparse.SUPPRESS)
+        if "default" in (action.help or "") or nothing:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_cli(main, prog: str):
+    """Run ``main()``; user errors become one stderr line and exit 2, Ctrl-C exits 130, SIGTERM 143."""
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{prog}: warning: {message}\n"
+
+    def terminate(signum, frame):
+        raise SystemExit(143)  # unwinds like Ctrl-C, so atomic writes remove their temporary file
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        main()
+    except (UsageError, ModelLoadError) as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def check_output_path(path: str) -> Path:
+    """Fail early (before any model loads) when ``path`` cannot be written."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in images.FORMATS:
+        known = ", ".join(images.FORMATS)
+        raise UsageError(f"output {str(path)!r}: unknown image extension {path.suffix or '(none)'!r}; use one of {known}")
+    if path.is_dir():
+        raise UsageError(f"output {str(path)!r} is a directory; give a file name such as {str(path / 'out.png')!r}")
+    folder = path.parent
+    if not folder.exists():
+        raise UsageError(f"output directory {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise UsageError(f"output directory {str(folder)!r} is not a directory")
+    try:  # a real probe: permission bits say nothing about root or read-only file systems
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        raise UsageError(f"output directory {str(folder)!r} is not writable") from None
+    return path
+
+
+def read_image(path: str):
+    """The input picture as RGB, or a UsageError naming the file."""
+    try:
+        return images.load_image(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The flags txt2image.py and image2image.py share
+
+
+def add_common_arguments(parser):
+    presets = ", ".join(PRESETS)
+    parser.add_argument("prompt", help="what the image should show")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a preset ({presets}), a Hugging Face repo id (owner/name), a local diffusers folder or a single-file .safetensors checkpoint",
+    )
+    parser.add_argument("--n_images", type=int, default=1, help="how many images to generate (one batch)")
+    parser.add_argument("--n_rows", type=int, default=1, help="rows of the output grid; must divide --n_images")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 2 for turbo models, else 50)")
+    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight; <= 1 turns guidance off (default: the model's: 0 for turbo, 5 for SDXL, else 7.5)")
+    parser.add_argument("--negative_prompt", default="", help="what the image should not show (used when --cfg > 1)")
+    parser.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="sampler (default: the model's own scheduler when implemented, else euler)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed in [0, 2**64); -1 or none: drawn and printed; always stored in the PNG")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="merge a LoRA file (kohya/A1111 or diffusers/PEFT .safetensors) at SCALE (default 1); repeatable")
+    parser.add_argument("--no-float16", dest="float16", action="store_false", help="run the text encoder and UNet in float32 (float16 is the default; the VAE stays float32)")
+    parser.add_argument("-q", "--quantize", action="store_true", help="quantize the text encoders to 4 bits and the UNet's linear layers to 8 bits")
+    parser.add_argument("--preload-models", action="store_true", help="read all weights before generating instead of at first use")
+    parser.add_argument("--decoding_batch_size", type=int, default=1, help="how many latents the VAE decodes at once")
+    parser.add_argument("-o", "--output", default="out.png", help="output file (.png, .jpg, .jpeg or .webp; only PNG stores the parameters)")
+    parser.add_argument("--save_individual", action="store_true", help="also save each image as <base>_<i>.<ext> beside the grid")
+    parser.add_argument("-sp", "--save_prompt", action="store_true", help="print the parameters stored in the PNG, read back from the file")
+    parser.add_argument("-pp", "--print_parser", action="store_true", help="print the parsed arguments at start")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the device MLX runs on, timings and peak memory (mx.get_peak_memory)")
+
+
+def check_common_arguments(args) -> Path:
+    """Every check that needs no model; returns the output path."""
+    if args.print_parser:
+        print(args)
+    if args.n_images < 1:
+        raise UsageError(f"--n_images must be at least 1 (got {args.n_images})")
+    if args.n_rows < 1 or args.n_images % args.n_rows:
+        raise UsageError(f"--n_rows {args.n_rows} does not divide --n_images {args.n_images}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be at least 1 (got {args.steps})")
+    if args.cfg is not None and not 0 <= args.cfg < float("inf"):
+        raise UsageError(f"--cfg must be a finite number >= 0 (got {args.cfg})")
+    if args.decoding_batch_size < 1:
+        raise UsageError(f"--decoding_batch_size must be at least 1 (got {args.decoding_batch_size})")
+    if args.seed is not None and args.seed != -1 and not 0 <= args.seed < 2**64:
+        raise UsageError(f"--seed must be in [0, 2**64) or -1 to draw one (got {args.seed})")
+    args.lora = [parse_lora(spec) for spec in args.lora]
+    check_model_name(args.model)
+    return check_output_path(args.output)
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` -> (path, scale); the last ':' starts a scale only when a number follows."""
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            pass
+    if not np.isfinite(scale):
+        raise UsageError(f"--lora {spec!r}: the scale must be a finite number")
+    if not Path(path).expanduser().is_file():
+        raise UsageError(f"--lora {spec!r}: no such file {path!r}")
+    return str(Path(path).expanduser()), scale
+
+
+def check_model_name(model: str):
+    path = Path(model).expanduser()
+    if model in PRESETS or path.is_dir() or (path.is_file() and path.suffix == ".safetensors"):
+        return
+    if path.is_file():
+        raise UsageError(f"--model {model!r}: only .safetensors checkpoints (or diffusers folders) are loaded; pickled .ckpt/.bin/.pt files are never opened")
+    if model.startswith((".", "/", "~")) or "\\" in model:
+        raise UsageError(f"--model {model!r}: no such folder or file")
+    if model.count("/") != 1:
+        raise UsageError(
+            f"unknown model {model!r}: use a preset ({', '.join(PRESETS)}), a Hugging Face repo id (owner/name), "
+            "a local diffusers folder or a .safetensors file"
+        )
+
+
+def draw_seed(seed):
+    if seed is None or seed == -1:
+        seed = secrets.randbelow(2**31)
+        print(f"seed: {seed} (pass --seed {seed} to make this image again)")
+    return seed
+
+
+def load(args):
+    """The facade for --model, with its LoRAs, quantized and preloaded as asked."""
+    start = time.perf_counter()
+    if args.verbose:
+        print(f"MLX device: {mx.default_device()}", file=sys.stderr)
+    try:
+        sd = load_model(args.model, float16=args.float16, sampler=args.sampler)
+    except ValueError as e:  # an unsupported config value or sampler name
+        raise UsageError(f"--model {args.model!r}: {e}") from None
+    for path, scale in args.lora:
+        try:
+            sd.load_lora(path, scale)
+        except ValueError as e:
+            raise UsageError(f"--lora {path!r}: {e}") from None
+    if args.quantize:
+        sd.quantize(text_bits=4, unet_bits=8)
+    if args.preload_models:
+        sd.ensure_models_are_loaded()
+    if args.verbose:
+        print(f"model loaded in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return sd
+
+
+def steps_and_cfg(args, sd):
+    steps = sd.defaults.num_steps if args.steps is None else args.steps
+    cfg = sd.defaults.cfg_weight if args.cfg is None else args.cfg
+    most = sd.sampler.config.num_train_timesteps
+    if steps > most:
+        raise UsageError(f"--steps {steps} is more than the model's {most} training timesteps")
+    return steps, cfg
+
+
+def sampler_label(sd) -> str:
+    label = SAMPLER_LABELS[sd.sampler.name]
+    return f"{label} Karras" if sd.sampler.config.use_karras_sigmas else label
+
+
+def parameters(args, sd, steps, cfg, seed, size, **extra) -> str:
+    """The A1111 parameters text for this run; ``size`` is (width, height) of one image."""
+    from . import lora
+
+    prompt = args.prompt + "".join(f" <lora:{lora.a1111_name(p)}:{s:g}>" for p, s in args.lora)
+    return images.format_parameters(
+        prompt,
+        args.negative_prompt,
+        Steps=steps,
+        Sampler=sampler_label(sd),
+        CFG_scale=f"{cfg:g}",
+        Seed=seed,
+        Size=f"{size[0]}x{size[1]}",
+        Model=args.model,
+        Lora_hashes=lora.infotext_hashes([p for p, _ in args.lora]) if args.lora else None,
+        **extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Running: denoise, decode, save
+
+
+def denoise(latents, total: int, desc: str = "denoising"):
+    """Evaluate each step's latent under a tqdm bar, yielding (step count, latent)."""
+    for count, x_t in enumerate(tqdm(latents, total=total, desc=desc, leave=False), start=1):
+        mx.eval(x_t)
+        yield count, x_t
+
+
+def decode(sd, x, batch_size: int) -> np.ndarray:
+    """Latents -> (N, H, W, 3) uint8 through the facade's chunked decode; NaN images are reported."""
+    decoded = sd.decode(x, batch_size=batch_size)
+    mx.eval(decoded)
+    for i in np.flatnonzero(np.isnan(np.asarray(decoded)).any(axis=(1, 2, 3))):
+        print(f"warning: the decoded image {i} contains NaN (drawn black); try --no-float16", file=sys.stderr)
+    return images.to_uint8(decoded)
+
+
+def save_grid(pictures, path: Path, n_rows: int, params: str, save_prompt: bool = False):
+    images.save_image(images.grid(pictures, n_rows), path, params)
+    if save_prompt:
+        print_stored_parameters(path)
+    return path
+
+
+def save_individual(pictures, path: Path, params: str):
+    for i, picture in enumerate(pictures, start=1):
+        batch = f", Batch size: {len(pictures)}, Batch pos: {i - 1}"
+        images.save_image(picture, images.sibling(path, i), params + batch)
+
+
+def print_stored_parameters(path: Path):
+    if images.FORMATS[path.suffix.lower()] != "PNG":
+        print(f"{path}: {path.suffix} files carry no parameters; use .png to store the prompt")
+        return
+    print(f"parameters stored in {path}:\n{images.read_parameters(path)}")
+
+
+def report_memory(args, what: str):
+    if args.verbose:
+        print(f"peak memory after {what}: {mx.get_peak_memory() / 2**30:.3f} GB", file=sys.stderr)
+        mx.reset_peak_memory()
