@@ -172,6 +172,36 @@ def test_single_file_pipeline_matches_diffusers_from_single_file(ldm_files, tmp_
     assert err_images <= 1e-4
 
 
+@pytest.mark.parametrize("family, cfg", [("sd1", 7.5), ("sdxl", 6.0)])
+def test_load_model_on_a_single_file_matches_diffusers_from_single_file(ldm_files, monkeypatch, family, cfg):
+    """The facade itself, reading the file through SingleFileSource (given the tiny configs, as diffusers' config=)."""
+    from stable_diffusion import load_model
+
+    folder, path = ldm_files(family)
+    opened = []
+
+    def open_model(model, float16=False):
+        assert model == str(path)
+        opened.append(SingleFileSource(model, config_dir=folder))
+        return opened[-1]
+
+    monkeypatch.setattr(model_io, "open_model", open_model)
+    steps, n = 3, 1
+    init = torch.randn((n, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(7))
+    sd = load_model(str(path), sampler="euler")
+    assert isinstance(sd, StableDiffusionXL if family == "sdxl" else StableDiffusion)
+    latents = list(sd.generate_latents(PROMPT, n_images=n, num_steps=steps, cfg_weight=cfg, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
+    images = sd.decode(latents[-1])
+    mx.eval(images)
+
+    pipe = reference_pipeline(folder, path, family)
+    common = dict(prompt=PROMPT, num_inference_steps=steps, guidance_scale=cfg, height=SIZE, width=SIZE, latents=init.clone())
+    ref_images = pipe(**common, output_type="np").images
+    err = relative_error(images, ref_images)
+    print(f"{family} via load_model: relative error images {err:.2e}")
+    assert err <= 1e-4
+
+
 def test_vae_attention_stored_as_linears_converts_the_same(tiny_sd1, tmp_path):
     conv = SingleFileSource(write_ldm(tiny_sd1, "sd1", tmp_path / "conv.safetensors"), config_dir=tiny_sd1)
     linear = SingleFileSource(write_ldm(tiny_sd1, "sd1", tmp_path / "linear.safetensors", attention_as_conv=False), config_dir=tiny_sd1)
