@@ -1,0 +1,1228 @@
+"""Full-size Stable Diffusion folders from the real Hub configs, with random weights.
+
+Each preset's folder is laid out like its Hugging Face repo: the verbatim ``model_index.json``,
+``config.json``, ``scheduler_config.json`` and tokenizer files of the Hub (copied below as Python
+dicts from ``../shared/real-configs``, quirks kept: SD 2.x's ``tokenizer_config.json`` pads with
+``<|endoftext|>`` while its ``special_tokens_map.json`` says ``!``; sdxl-turbo's newer tokenizer
+format with ``added_tokens_decoder``; the weight file names and variants the Hub has), the real
+CLIP ``vocab.json``/``merges.txt`` (from the open_clip wheel, see tiny_models.write_clip_vocab) and
+random weights of the real shapes.
+
+sd-turbo has no verbatim copy: it has SD 2.1-base's architecture, so it is SD 2.1-base's configs
+with the turbo scheduler (Euler ancestral, trailing spacing), as sdxl-turbo's.
+
+Weights are written by a streaming safetensors writer from the parameter names and shapes of the
+diffusers/transformers models built on the meta device (no 10 GB module in memory), each tensor
+drawn from its own seeded generator, so the fp32 file and its ``.fp16.`` variant hold the same
+values; SD 1.5's ``unet/diffusion_pytorch_model.non_ema.safetensors`` holds different ones (another
+seed), so a loader that merges or picks the wrong variant drifts from diffusers. The presets of
+one architecture share their weight files by hard links (SD 2.1-base, SD 2.1, sd-turbo; SDXL base
+and turbo).
+
+Also a command line, used by tests/test_real_models.py to keep each big model in its own process
+(SDXL's UNet alone is 10.3 GB in float32) and by bench/load_memory.py:
+
+    python tests/real_models.py weights ARCH DIR          # sd1 | sd2 | sdxl
+    python tests/real_models.py folder PRESET DIR --weights WDIR --vocab VDIR
+    python tests/real_models.py reference PRESET FOLDER INIT.npy OUT.npz   # diffusers
+    python tests/real_models.py ours PRESET FOLDER INIT.npy OUT.npz        # this package
+"""
+
+import argparse
+import json
+import os
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Verbatim Hub configs (../shared/real-configs/SOURCES.md names each commit); a file equal to an
+# earlier one refers to it.
+SD15 = {  # stable-diffusion-v1-5
+    "model_index.json": {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.6.0",
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    },
+    "scheduler/scheduler_config.json": {
+        "_class_name": "PNDMScheduler",
+        "_diffusers_version": "0.6.0",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "trained_betas": None,
+        "clip_sample": False,
+    },
+    "unet/config.json": {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.6.0",
+        "act_fn": "silu",
+        "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": False,
+        "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "sample_size": 64,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    },
+    "vae/config.json": {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.6.0",
+        "act_fn": "silu",
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 512,
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+    },
+    "text_encoder/config.json": {
+        "_name_or_path": "openai/clip-vit-large-patch14",
+        "architectures": ["CLIPTextModel"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": "quick_gelu",
+        "hidden_size": 768,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 3072,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "pad_token_id": 1,
+        "projection_dim": 768,
+        "torch_dtype": "float32",
+        "transformers_version": "4.22.0.dev0",
+        "vocab_size": 49408,
+    },
+    "tokenizer/special_tokens_map.json": {
+        "bos_token": {
+            "content": "<|startoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "eos_token": {
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "pad_token": "<|endoftext|>",
+        "unk_token": {
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+    },
+    "tokenizer/tokenizer_config.json": {
+        "add_prefix_space": False,
+        "bos_token": {
+            "__type": "AddedToken",
+            "content": "<|startoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "do_lower_case": True,
+        "eos_token": {
+            "__type": "AddedToken",
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "errors": "replace",
+        "model_max_length": 77,
+        "name_or_path": "openai/clip-vit-large-patch14",
+        "pad_token": "<|endoftext|>",
+        "special_tokens_map_file": "./special_tokens_map.json",
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": {
+            "__type": "AddedToken",
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+    },
+    "feature_extractor/preprocessor_config.json": {
+        "crop_size": 224,
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "size": 224,
+    },
+}
+
+SD21_BASE = {  # stable-diffusion-2-1-base
+    "model_index.json": {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.10.0.dev0",
+        "feature_extractor": ["transformers", "CLIPFeatureExtractor"],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    },
+    "scheduler/scheduler_config.json": {
+        "_class_name": "PNDMScheduler",
+        "_diffusers_version": "0.10.0.dev0",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "trained_betas": None,
+    },
+    "unet/config.json": {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.10.0.dev0",
+        "act_fn": "silu",
+        "attention_head_dim": [5, 10, 20, 20],
+        "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": False,
+        "cross_attention_dim": 1024,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1,
+        "dual_cross_attention": False,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "num_class_embeds": None,
+        "only_cross_attention": False,
+        "out_channels": 4,
+        "sample_size": 64,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "use_linear_projection": True,
+    },
+    "vae/config.json": {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.10.0.dev0",
+        "act_fn": "silu",
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 768,
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+    },
+    "text_encoder/config.json": {
+        "_name_or_path": "stabilityai/stable-diffusion-2",
+        "architectures": ["CLIPTextModel"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": "gelu",
+        "hidden_size": 1024,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 4096,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 23,
+        "pad_token_id": 1,
+        "projection_dim": 512,
+        "torch_dtype": "float32",
+        "transformers_version": "4.25.0.dev0",
+        "vocab_size": 49408,
+    },
+    "tokenizer/special_tokens_map.json": {
+        "bos_token": {
+            "content": "<|startoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "eos_token": {
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "pad_token": "!",
+        "unk_token": {
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+    },
+    "tokenizer/tokenizer_config.json": {
+        "add_prefix_space": False,
+        "bos_token": {
+            "__type": "AddedToken",
+            "content": "<|startoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "do_lower_case": True,
+        "eos_token": {
+            "__type": "AddedToken",
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "errors": "replace",
+        "model_max_length": 77,
+        "name_or_path": "stabilityai/stable-diffusion-2",
+        "pad_token": "<|endoftext|>",
+        "special_tokens_map_file": "./special_tokens_map.json",
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": {
+            "__type": "AddedToken",
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+    },
+    "feature_extractor/preprocessor_config.json": SD15["feature_extractor/preprocessor_config.json"],
+}
+
+SD21 = {  # stable-diffusion-2-1
+    "model_index.json": {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.8.0",
+        "feature_extractor": ["transformers", "CLIPFeatureExtractor"],
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "requires_safety_checker": False,
+    },
+    "scheduler/scheduler_config.json": {
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": "0.8.0",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "num_train_timesteps": 1000,
+        "prediction_type": "v_prediction",
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "trained_betas": None,
+    },
+    "unet/config.json": {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.10.0.dev0",
+        "act_fn": "silu",
+        "attention_head_dim": [5, 10, 20, 20],
+        "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": False,
+        "cross_attention_dim": 1024,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1,
+        "dual_cross_attention": False,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "num_class_embeds": None,
+        "only_cross_attention": False,
+        "out_channels": 4,
+        "sample_size": 96,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "use_linear_projection": True,
+        "upcast_attention": True,
+    },
+    "vae/config.json": {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.8.0",
+        "_name_or_path": "hf-models/stable-diffusion-v2-768x768/vae",
+        "act_fn": "silu",
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 768,
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+    },
+    "text_encoder/config.json": {
+        "_name_or_path": "hf-models/stable-diffusion-v2-768x768/text_encoder",
+        "architectures": ["CLIPTextModel"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": "gelu",
+        "hidden_size": 1024,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 4096,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 23,
+        "pad_token_id": 1,
+        "projection_dim": 512,
+        "torch_dtype": "float32",
+        "transformers_version": "4.25.0.dev0",
+        "vocab_size": 49408,
+    },
+    "tokenizer/special_tokens_map.json": SD21_BASE["tokenizer/special_tokens_map.json"],
+    "tokenizer/tokenizer_config.json": {
+        "add_prefix_space": False,
+        "bos_token": {
+            "__type": "AddedToken",
+            "content": "<|startoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "do_lower_case": True,
+        "eos_token": {
+            "__type": "AddedToken",
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "errors": "replace",
+        "model_max_length": 77,
+        "name_or_path": "hf-models/stable-diffusion-v2-768x768/tokenizer",
+        "pad_token": "<|endoftext|>",
+        "special_tokens_map_file": "./special_tokens_map.json",
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": {
+            "__type": "AddedToken",
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+    },
+    "feature_extractor/preprocessor_config.json": SD15["feature_extractor/preprocessor_config.json"],
+}
+
+SDXL_BASE = {  # stable-diffusion-xl-base-1.0
+    "model_index.json": {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.19.0.dev0",
+        "force_zeros_for_empty_prompt": True,
+        "add_watermarker": None,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    },
+    "scheduler/scheduler_config.json": {
+        "_class_name": "EulerDiscreteScheduler",
+        "_diffusers_version": "0.19.0.dev0",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "interpolation_type": "linear",
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "sample_max_value": 1.0,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "trained_betas": None,
+        "use_karras_sigmas": False,
+    },
+    "unet/config.json": {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.19.0.dev0",
+        "act_fn": "silu",
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256,
+        "attention_head_dim": [5, 10, 20],
+        "block_out_channels": [320, 640, 1280],
+        "center_input_sample": False,
+        "class_embed_type": None,
+        "class_embeddings_concat": False,
+        "conv_in_kernel": 3,
+        "conv_out_kernel": 3,
+        "cross_attention_dim": 2048,
+        "cross_attention_norm": None,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "downsample_padding": 1,
+        "dual_cross_attention": False,
+        "encoder_hid_dim": None,
+        "encoder_hid_dim_type": None,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_only_cross_attention": None,
+        "mid_block_scale_factor": 1,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "num_attention_heads": None,
+        "num_class_embeds": None,
+        "only_cross_attention": False,
+        "out_channels": 4,
+        "projection_class_embeddings_input_dim": 2816,
+        "resnet_out_scale_factor": 1.0,
+        "resnet_skip_time_act": False,
+        "resnet_time_scale_shift": "default",
+        "sample_size": 128,
+        "time_cond_proj_dim": None,
+        "time_embedding_act_fn": None,
+        "time_embedding_dim": None,
+        "time_embedding_type": "positional",
+        "timestep_post_act": None,
+        "transformer_layers_per_block": [1, 2, 10],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "upcast_attention": None,
+        "use_linear_projection": True,
+    },
+    "vae/config.json": {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.20.0.dev0",
+        "_name_or_path": "../sdxl-vae/",
+        "act_fn": "silu",
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "force_upcast": True,
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 1024,
+        "scaling_factor": 0.13025,
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+    },
+    "vae_1_0/config.json": {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.19.0.dev0",
+        "act_fn": "silu",
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "force_upcast": True,
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 1024,
+        "scaling_factor": 0.13025,
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+    },
+    "text_encoder/config.json": {
+        "architectures": ["CLIPTextModel"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": "quick_gelu",
+        "hidden_size": 768,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 3072,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "pad_token_id": 1,
+        "projection_dim": 768,
+        "torch_dtype": "float16",
+        "transformers_version": "4.32.0.dev0",
+        "vocab_size": 49408,
+    },
+    "text_encoder_2/config.json": {
+        "architectures": ["CLIPTextModelWithProjection"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": "gelu",
+        "hidden_size": 1280,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 5120,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 20,
+        "num_hidden_layers": 32,
+        "pad_token_id": 1,
+        "projection_dim": 1280,
+        "torch_dtype": "float16",
+        "transformers_version": "4.32.0.dev0",
+        "vocab_size": 49408,
+    },
+    "tokenizer/special_tokens_map.json": SD15["tokenizer/special_tokens_map.json"],
+    "tokenizer/tokenizer_config.json": {
+        "add_prefix_space": False,
+        "bos_token": {
+            "__type": "AddedToken",
+            "content": "<|startoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "clean_up_tokenization_spaces": True,
+        "do_lower_case": True,
+        "eos_token": {
+            "__type": "AddedToken",
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "errors": "replace",
+        "model_max_length": 77,
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": {
+            "__type": "AddedToken",
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+    },
+    "tokenizer_2/special_tokens_map.json": SD21_BASE["tokenizer/special_tokens_map.json"],
+    "tokenizer_2/tokenizer_config.json": {
+        "add_prefix_space": False,
+        "bos_token": {
+            "__type": "AddedToken",
+            "content": "<|startoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "clean_up_tokenization_spaces": True,
+        "do_lower_case": True,
+        "eos_token": {
+            "__type": "AddedToken",
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "errors": "replace",
+        "model_max_length": 77,
+        "pad_token": "!",
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": {
+            "__type": "AddedToken",
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+    },
+}
+
+SDXL_TURBO = {  # sdxl-turbo
+    "model_index.json": {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.24.0.dev0",
+        "feature_extractor": [None, None],
+        "force_zeros_for_empty_prompt": True,
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    },
+    "scheduler/scheduler_config.json": {
+        "_class_name": "EulerAncestralDiscreteScheduler",
+        "_diffusers_version": "0.24.0.dev0",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "interpolation_type": "linear",
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "sample_max_value": 1.0,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "timestep_spacing": "trailing",
+        "trained_betas": None,
+    },
+    "unet/config.json": {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.24.0.dev0",
+        "act_fn": "silu",
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256,
+        "attention_head_dim": [5, 10, 20],
+        "attention_type": "default",
+        "block_out_channels": [320, 640, 1280],
+        "center_input_sample": False,
+        "class_embed_type": None,
+        "class_embeddings_concat": False,
+        "conv_in_kernel": 3,
+        "conv_out_kernel": 3,
+        "cross_attention_dim": 2048,
+        "cross_attention_norm": None,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "downsample_padding": 1,
+        "dropout": 0.0,
+        "dual_cross_attention": False,
+        "encoder_hid_dim": None,
+        "encoder_hid_dim_type": None,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_only_cross_attention": None,
+        "mid_block_scale_factor": 1,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "num_attention_heads": None,
+        "num_class_embeds": None,
+        "only_cross_attention": False,
+        "out_channels": 4,
+        "projection_class_embeddings_input_dim": 2816,
+        "resnet_out_scale_factor": 1.0,
+        "resnet_skip_time_act": False,
+        "resnet_time_scale_shift": "default",
+        "reverse_transformer_layers_per_block": None,
+        "sample_size": 64,
+        "time_cond_proj_dim": None,
+        "time_embedding_act_fn": None,
+        "time_embedding_dim": None,
+        "time_embedding_type": "positional",
+        "timestep_post_act": None,
+        "transformer_layers_per_block": [1, 2, 10],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "upcast_attention": None,
+        "use_linear_projection": True,
+    },
+    "vae/config.json": {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.24.0.dev0",
+        "act_fn": "silu",
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "force_upcast": True,
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 1024,
+        "scaling_factor": 0.13025,
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+    },
+    "text_encoder/config.json": {
+        "architectures": ["CLIPTextModel"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": "quick_gelu",
+        "hidden_size": 768,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 3072,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "pad_token_id": 1,
+        "projection_dim": 768,
+        "torch_dtype": "float16",
+        "transformers_version": "4.36.0.dev0",
+        "vocab_size": 49408,
+    },
+    "text_encoder_2/config.json": {
+        "architectures": ["CLIPTextModelWithProjection"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": "gelu",
+        "hidden_size": 1280,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 5120,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 20,
+        "num_hidden_layers": 32,
+        "pad_token_id": 1,
+        "projection_dim": 1280,
+        "torch_dtype": "float16",
+        "transformers_version": "4.36.0.dev0",
+        "vocab_size": 49408,
+    },
+    "tokenizer/special_tokens_map.json": {
+        "bos_token": {
+            "content": "<|startoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "eos_token": {
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "pad_token": {
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+        },
+        "unk_token": {
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        },
+    },
+    "tokenizer/tokenizer_config.json": {
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            "49406": {
+                "content": "<|startoftext|>",
+                "lstrip": False,
+                "normalized": True,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            },
+            "49407": {
+                "content": "<|endoftext|>",
+                "lstrip": False,
+                "normalized": True,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            },
+        },
+        "bos_token": "<|startoftext|>",
+        "clean_up_tokenization_spaces": True,
+        "do_lower_case": True,
+        "eos_token": "<|endoftext|>",
+        "errors": "replace",
+        "model_max_length": 77,
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": "<|endoftext|>",
+    },
+    "tokenizer_2/special_tokens_map.json": SD21_BASE["tokenizer/special_tokens_map.json"],
+    "tokenizer_2/tokenizer_config.json": {
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            "0": {
+                "content": "!",
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            },
+            "49406": {
+                "content": "<|startoftext|>",
+                "lstrip": False,
+                "normalized": True,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            },
+            "49407": {
+                "content": "<|endoftext|>",
+                "lstrip": False,
+                "normalized": True,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            },
+        },
+        "bos_token": "<|startoftext|>",
+        "clean_up_tokenization_spaces": True,
+        "do_lower_case": True,
+        "eos_token": "<|endoftext|>",
+        "errors": "replace",
+        "model_max_length": 77,
+        "pad_token": "!",
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": "<|endoftext|>",
+    },
+}
+
+# sd-turbo: SD 2.1-base's architecture with the turbo scheduler (no verbatim copy of its files was found).
+SD_TURBO = {
+    **SD21_BASE,
+    "model_index.json": {**SD21_BASE["model_index.json"], "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"]},
+    "scheduler/scheduler_config.json": {
+        **SD21_BASE["scheduler/scheduler_config.json"],
+        "_class_name": "EulerAncestralDiscreteScheduler",
+        "timestep_spacing": "trailing",
+    },
+}
+
+CONFIGS = {
+    "sd-1.5": SD15,
+    "sd-2.1-base": SD21_BASE,
+    "sd-2.1": SD21,
+    "sd-turbo": SD_TURBO,
+    "sdxl-base": SDXL_BASE,
+    "sdxl-turbo": SDXL_TURBO,
+}
+PRESETS = tuple(CONFIGS)
+ARCH = {"sd-1.5": "sd1", "sd-2.1-base": "sd2", "sd-2.1": "sd2", "sd-turbo": "sd2", "sdxl-base": "sdxl", "sdxl-turbo": "sdxl"}
+ARCH_CONFIGS = {"sd1": SD15, "sd2": SD21_BASE, "sdxl": SDXL_BASE}  # the weight shapes of each architecture
+
+# The safetensors files of each component as the Hub names them: (file, seed, dtype). The same seed
+# gives the same values (the fp16 variant is the fp32 file rounded); SD 1.5's non_ema and SDXL
+# base's vae_1_0 get another seed, so picking or merging them shows. SD 2.x's fp16 weights are
+# .bin files on another branch: no safetensors variant.
+_UNET, _TEXT = "diffusion_pytorch_model", "model"
+
+
+def _files(stem: str, fp16: bool, seed: int = 0) -> list:
+    return [(f"{stem}.safetensors", seed, "F32")] + ([(f"{stem}.fp16.safetensors", seed, "F16")] if fp16 else [])
+
+
+WEIGHT_FILES = {
+    "sd1": {
+        "unet": _files(_UNET, True) + [(f"{_UNET}.non_ema.safetensors", 1, "F32")],
+        "vae": _files(_UNET, True),
+        "text_encoder": _files(_TEXT, True),
+    },
+    "sd2": {"unet": _files(_UNET, False), "vae": _files(_UNET, False), "text_encoder": _files(_TEXT, False)},
+    "sdxl": {
+        "unet": _files(_UNET, True),
+        "vae": _files(_UNET, True),
+        "vae_1_0": _files(_UNET, True, seed=1),
+        "text_encoder": _files(_TEXT, True),
+        "text_encoder_2": _files(_TEXT, True),
+    },
+}
+MODEL_COMPONENTS = {"sd1": ("unet", "vae", "text_encoder"), "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2")}
+MODEL_COMPONENTS["sd2"] = MODEL_COMPONENTS["sd1"]
+
+
+def expected_weight_files(preset: str, float16: bool) -> list[str]:
+    """The one file per component that diffusers' variant rule loads (fp16 only when asked for and present)."""
+    arch = ARCH[preset]
+    chosen = []
+    for component in MODEL_COMPONENTS[arch]:
+        names = [name for name, _, _ in WEIGHT_FILES[arch][component]]
+        stem = _UNET if component in ("unet", "vae") else _TEXT
+        fp16 = f"{stem}.fp16.safetensors"
+        chosen.append(f"{component}/{fp16 if float16 and fp16 in names else stem + '.safetensors'}")
+    return sorted(chosen)
+
+
+# What the parity runs do: a small-latent txt2img, guided except for the distilled (turbo) models,
+# which run without guidance. The prompt has "!" (SD 2's pad token).
+PROMPT = "A photo of an astronaut riding a horse on Mars!! Wow!"
+STEPS, NEGATIVE, LATENT, NOISE_SEED = 2, "", 8, 7
+CFG = {"sd-1.5": 5.0, "sd-2.1-base": 5.0, "sd-2.1": 5.0, "sd-turbo": 0.0, "sdxl-base": 5.0, "sdxl-turbo": 0.0}
+
+
+# Random weights of the real shapes, written tensor by tensor.
+def parameter_shapes(component: str, config: dict) -> dict:
+    """{key as the Hub's file spells it: shape} of a component, from its model built on the meta device."""
+    import torch
+
+    with torch.device("meta"):
+        if component == "unet":
+            from diffusers import UNet2DConditionModel
+
+            model = UNet2DConditionModel.from_config(config)
+        elif component.startswith("vae"):
+            from diffusers import AutoencoderKL
+
+            model = AutoencoderKL.from_config(config)
+        else:
+            import transformers
+
+            text_config = transformers.CLIPTextConfig.from_dict(config)
+            model = getattr(transformers, config["architectures"][0])(text_config)
+    shapes = {}
+    for key, value in model.state_dict().items():
+        # The Hub's text encoder files spell every key with "text_model." (transformers 5 drops it).
+        if not component.startswith("text_encoder") or key.startswith(("text_model.", "text_projection.")):
+            shapes[key] = tuple(value.shape)
+        else:
+            shapes["text_model." + key] = tuple(value.shape)
+    version = tuple(int(n) for n in config.get("transformers_version", "0.0").split(".")[:2])
+    if component == "text_encoder" and version < (4, 31):
+        # Saved before transformers 4.31 made it non-persistent: the SD 1/2 files keep this buffer.
+        shapes["text_model.embeddings.position_ids"] = (1, config["max_position_embeddings"])
+    return shapes
+
+
+def random_tensor(key: str, shape: tuple, seed: int):
+    """Well-conditioned random values: unit-gain matrices (std 1/sqrt(fan_in)), norms near 1, small biases."""
+    import torch
+
+    if key.endswith("position_ids"):
+        return torch.arange(shape[-1]).reshape(shape)
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
+    x = torch.randn(shape, generator=generator)
+    if len(shape) > 1:
+        fan_in = 1
+        for n in shape[1:]:
+            fan_in *= n
+        return x / fan_in**0.5
+    return x * 0.1 + (1.0 if "norm" in key and key.endswith("weight") else 0.0)
+
+
+_DTYPES = {"F32": "float32", "F16": "float16", "I64": "int64"}
+_SIZES = {"F32": 4, "F16": 2, "I64": 8}
+
+
+def write_safetensors(paths_and_dtypes: list, shapes: dict, seed: int):
+    """Write the same random tensors into several safetensors files (one dtype each), streaming."""
+    import torch
+
+    keys = sorted(shapes)
+    files = []
+    for path, dtype in paths_and_dtypes:
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for key in keys:
+            kind = "I64" if key.endswith("position_ids") else dtype
+            size = _SIZES[kind] * int(torch.Size(shapes[key]).numel())
+            header[key] = {"dtype": kind, "shape": list(shapes[key]), "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        f = open(path, "wb")
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        files.append((f, dtype))
+    try:
+        for key in keys:
+            x = random_tensor(key, shapes[key], seed)
+            for f, dtype in files:
+                kind = "I64" if key.endswith("position_ids") else dtype
+                f.write(x.to(getattr(torch, _DTYPES[kind])).numpy().tobytes())
+    finally:
+        for f, _ in files:
+            f.close()
+
+
+def build_weights(arch: str, folder: Path) -> Path:
+    """Every weight file of an architecture, under folder/<component>/."""
+    for component, files in WEIGHT_FILES[arch].items():
+        shapes = parameter_shapes(component, ARCH_CONFIGS[arch][f"{component}/config.json"])
+        (folder / component).mkdir(parents=True, exist_ok=True)
+        for seed in sorted({seed for _, seed, _ in files}):
+            write_safetensors([(folder / component / name, dtype) for name, s, dtype in files if s == seed], shapes, seed)
+    return folder
+
+
+def write_folder(preset: str, folder: Path, vocab_dir: Path, weights_dir: Path = None) -> Path:
+    """A preset's folder as its Hub repo lays it out; weights hard-linked from weights_dir (configs only without it)."""
+    folder = Path(folder)
+    for relative, content in CONFIGS[preset].items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_text(json.dumps(content, indent=2) + "\n")
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        if (folder / tokenizer).is_dir():
+            for name in ("vocab.json", "merges.txt"):
+                os.link(Path(vocab_dir) / name, folder / tokenizer / name)
+    if weights_dir is not None:
+        for component, files in WEIGHT_FILES[ARCH[preset]].items():
+            if (folder / component).is_dir():  # vae_1_0 is SDXL base's only
+                for name, _, _ in files:
+                    os.link(Path(weights_dir) / component / name, folder / component / name)
+    return folder
+
+
+# The two sides of the parity runs, each in its own process; initial latents (NCHW) come from a .npy.
+def run_reference(preset: str, folder: Path, init: Path, out: Path):
+    """diffusers' pipeline on the folder: final latents (NCHW) and decoded images (NHWC in [0, 1])."""
+    import diffusers
+    import numpy as np
+    import torch
+
+    if "XL" in CONFIGS[preset]["model_index.json"]["_class_name"]:
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    else:
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    if type(pipe.scheduler).__name__ == "PNDMScheduler":  # we run PNDM configs with Euler (README)
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE or None,
+        num_inference_steps=STEPS,
+        guidance_scale=CFG[preset],
+        height=LATENT * 8,
+        width=LATENT * 8,
+        latents=torch.from_numpy(np.load(init)),
+        generator=torch.Generator().manual_seed(NOISE_SEED),
+        output_type="latent",
+    ).images
+    with torch.no_grad():
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    images = pipe.image_processor.postprocess(images, output_type="np")
+    np.savez(out, latents=latents.numpy(), images=images, scheduler=type(pipe.scheduler).__name__)
+
+
+def run_ours(preset: str, folder: Path, init: Path, out: Path, decode: bool = True):
+    """This package on the folder (float32): final latents (NHWC), images, and which weight files it read."""
+    import time
+
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    import mlx.core as mx
+    import numpy as np
+    from parity import torch_step_noise
+
+    from stable_diffusion import load_model
+
+    loaded, load = [], mx.load
+
+    def recording_load(file, *args, **kwargs):
+        loaded.append(os.path.relpath(file, folder))
+        return load(file, *args, **kwargs)
+
+    mx.load = recording_load
+    start = time.perf_counter()
+    sd = load_model(str(folder), float16=False)
+    init = mx.array(np.load(init).transpose(0, 2, 3, 1))
+    step_noise = torch_step_noise(seed=NOISE_SEED) if sd.sampler.needs_noise else None
+    steps = sd.generate_latents(PROMPT, num_steps=STEPS, cfg_weight=CFG[preset], negative_text=NEGATIVE, latents=init, step_noise=step_noise)
+    latents = list(steps)[-1]
+    mx.eval(latents)
+    seconds = [time.perf_counter() - start]
+    images = sd.decode(latents) if decode else mx.zeros((0,))
+    mx.eval(images)
+    seconds.append(time.perf_counter() - start - seconds[0])
+    results = dict(latents=np.array(latents), images=np.array(images), loaded=np.array(loaded), sampler=sd.sampler.name, seconds=seconds)
+    np.savez(out, **results)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("weights", help="write every weight file of an architecture")
+    p.add_argument("arch", choices=sorted(WEIGHT_FILES))
+    p.add_argument("folder", type=Path)
+    p = sub.add_parser("folder", help="write a preset's folder, hard-linking the weights")
+    p.add_argument("preset", choices=PRESETS)
+    p.add_argument("folder", type=Path)
+    p.add_argument("--weights", type=Path, required=True, help="the folder `weights` wrote for the preset's architecture")
+    p.add_argument("--vocab", type=Path, required=True, help="a folder with vocab.json and merges.txt")
+    for command in ("reference", "ours"):
+        p = sub.add_parser(command, help=f"run {'diffusers' if command == 'reference' else 'this package'} on a preset folder")
+        p.add_argument("preset", choices=PRESETS)
+        p.add_argument("folder", type=Path)
+        p.add_argument("init", type=Path, help="initial latents, (1, 4, h, w) float32 .npy")
+        p.add_argument("out", type=Path, help="results .npz")
+    p.add_argument("--no-decode", action="store_true", help="compare the latents only")
+    args = parser.parse_args()
+    if args.command == "weights":
+        build_weights(args.arch, args.folder)
+    elif args.command == "folder":
+        write_folder(args.preset, args.folder, args.vocab, args.weights)
+    elif args.command == "reference":
+        run_reference(args.preset, args.folder, args.init, args.out)
+    else:
+        run_ours(args.preset, args.folder, args.init, args.out, decode=not args.no_decode)
+
+
+if __name__ == "__main__":
+    main()
