@@ -235,8 +235,9 @@ CONFIGS = {
 }
 
 # stabilityai/sdxl-turbo: the same weights layout as SDXL base, its own native size and scheduler.
-# Chosen for SDXL files named "*turbo*" (sd_xl_turbo_1.0_fp16.safetensors): with SDXL base's
-# "leading" Euler, the 1-4 steps a turbo model is run with would stop far from t=0.
+# Chosen for the known sdxl-turbo file (recognised by its size, then its A1111 hash, never by its
+# name): with SDXL base's "leading" Euler, the 1-4 steps a turbo model runs would stop far from t=0.
+SDXL_TURBO_FILES = {6_938_081_905: "e869ac7d69"}  # sd_xl_turbo_1.0_fp16.safetensors (Hub LFS pointer)
 SDXL_TURBO = {
     "unet": {"sample_size": 64},
     "scheduler": {
@@ -646,7 +647,8 @@ class SingleFileSource:
             detect_family(shapes)  # still refuses what we cannot run
             xl = "XL" in self._model_index_of_config_dir().get("_class_name", "")
             self.family = "sdxl" if xl else ("sd2" if any(k.startswith("cond_stage_model.model.") for k in shapes) else "sd1")
-        self.is_sdxl_turbo = self.family == "sdxl" and "turbo" in self.path.name.lower()
+        known = SDXL_TURBO_FILES.get(self.path.stat().st_size)
+        self.is_sdxl_turbo = self.family == "sdxl" and known is not None and model_hash(self.path) == known
         # Converted (still lazy) tensors; each component's are handed out once, then re-read.
         self._pending = self._convert(arrays)
         self._components = set(self._pending)

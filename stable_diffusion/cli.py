@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from . import images
+from . import checkpoint, images
 from .model_io import ModelLoadError, one_line
 from .pipeline import PRESETS, load_model
 from .sampler import SAMPLERS
@@ -124,6 +124,7 @@ def add_common_arguments(parser):
     parser.add_argument("--negative_prompt", default="", help="what the image should not show (used when --cfg > 1)")
     parser.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="sampler (default: the model's own scheduler when implemented, else euler)")
     parser.add_argument("--seed", type=int, default=None, help="random seed in [0, 2**64); -1 or none: drawn and printed; always stored in the PNG")
+    parser.add_argument("--prediction-type", dest="prediction_type", default=None, choices=["epsilon", "v_prediction"], help="for a single-file SD 2.x checkpoint, what its UNet predicts (its keys cannot tell; default: v_prediction, as diffusers)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="merge a LoRA file (kohya/A1111 or diffusers/PEFT .safetensors) at SCALE (default 1); repeatable")
     parser.add_argument("--no-float16", dest="float16", action="store_false", help="run the text encoder and UNet in float32 (float16 is the default; the VAE stays float32)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize the text encoders to 4 bits and the UNet's linear layers to 8 bits")
@@ -201,7 +202,8 @@ def load(args):
     if args.verbose:
         print(f"MLX device: {mx.default_device()}", file=sys.stderr)
     try:
-        sd = load_model(args.model, float16=args.float16, sampler=args.sampler)
+        options = {"prediction_type": args.prediction_type} if args.prediction_type else {}
+        sd = load_model(args.model, float16=args.float16, sampler=args.sampler, **options)
     except ValueError as e:  # an unsupported config value or sampler name
         raise UsageError(f"--model {args.model!r}: {e}") from None
     for path, scale in args.lora:
@@ -245,7 +247,8 @@ def parameters(args, sd, steps, cfg, seed, size, **extra) -> str:
         CFG_scale=f"{cfg:g}",
         Seed=seed,
         Size=f"{size[0]}x{size[1]}",
-        Model=args.model,
+        Model_hash=checkpoint.model_hash(sd.source.path) if isinstance(sd.source, checkpoint.SingleFileSource) else None,
+        Model=Path(args.model).stem if isinstance(sd.source, checkpoint.SingleFileSource) else args.model,
         Lora_hashes=lora.infotext_hashes([p for p, _ in args.lora]) if args.lora else None,
         **extra,
     )

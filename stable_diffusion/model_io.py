@@ -119,13 +119,19 @@ def repo_id_of(model: str) -> Optional[str]:
     return None
 
 
-def open_model(model: str, float16: bool = False):
-    """The source of a model's files: a single-file checkpoint, a diffusers folder or a Hub repo."""
+def open_model(model: str, float16: bool = False, prediction_type: Optional[str] = None, config_dir=None):
+    """The source of a model's files: a single-file checkpoint, a diffusers folder or a Hub repo.
+
+    ``prediction_type`` and ``config_dir`` (a diffusers folder whose configs and tokenizers to use,
+    diffusers' ``config=``) apply to single-file checkpoints, whose keys cannot tell either.
+    """
     path = Path(model).expanduser()
     if path.is_file():
         from . import checkpoint
 
-        return checkpoint.SingleFileSource(str(path))
+        return checkpoint.SingleFileSource(str(path), prediction_type=prediction_type, config_dir=config_dir)
+    if prediction_type is not None or config_dir is not None:
+        raise ModelLoadError(f"model {model!r}: prediction_type and config_dir apply to single-file checkpoints only")
     return resolve(model, float16)
 
 

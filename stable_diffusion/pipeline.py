@@ -72,9 +72,9 @@ class _Pipeline:
     is_xl = False
     pipeline_cfg = 7.5  # diffusers' default guidance_scale for this pipeline
 
-    def __init__(self, model: str, float16: bool, sampler: Optional[str]):
+    def __init__(self, model: str, float16: bool, sampler: Optional[str], **source_options):
         self.model = PRESETS.get(model, model)
-        self.source = model_io.open_model(self.model, float16)
+        self.source = model_io.open_model(self.model, float16, **source_options)
         self.float16 = float16
         self.dtype = mx.float16 if float16 else mx.float32
         self.model_index = self.source.model_index()
@@ -114,7 +114,7 @@ class _Pipeline:
 
     def _resolve_defaults(self) -> Defaults:
         """Steps and guidance from what is known of the model; the size from unet.sample_size x the VAE factor."""
-        distilled = model_io.repo_id_of(self.model) in DISTILLED_REPOS
+        distilled = model_io.repo_id_of(self.model) in DISTILLED_REPOS or getattr(self.source, "is_sdxl_turbo", False)
         sample_size = self.source.config("unet").get("sample_size", 64)
         if isinstance(sample_size, int) and not isinstance(sample_size, bool):
             sample_size = (sample_size, sample_size)
@@ -364,10 +364,14 @@ class _Pipeline:
 
 
 class StableDiffusion(_Pipeline):
-    """Stable Diffusion 1.x / 2.x (and SD-turbo) from a preset, Hub repo id or diffusers folder."""
+    """Stable Diffusion 1.x / 2.x (and SD-turbo) from a preset, Hub repo id, diffusers folder or .safetensors file.
 
-    def __init__(self, model: str = DEFAULT_MODEL, float16: bool = False, sampler: Optional[str] = None):
-        super().__init__(model, float16, sampler)
+    For a single-file checkpoint, ``prediction_type`` ("epsilon" or "v_prediction") overrides what
+    its keys cannot tell, and ``config_dir`` names a diffusers folder whose configs to use.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, float16: bool = False, sampler: Optional[str] = None, **source_options):
+        super().__init__(model, float16, sampler, **source_options)
 
     def _load_tokenizers(self):
         self.tokenizer = self.source.tokenizer("tokenizer")
@@ -395,8 +399,8 @@ class StableDiffusionXL(_Pipeline):
     is_xl = True
     pipeline_cfg = 5.0  # StableDiffusionXLPipeline's default guidance_scale
 
-    def __init__(self, model: str = "stabilityai/sdxl-turbo", float16: bool = False, sampler: Optional[str] = None):
-        super().__init__(model, float16, sampler)
+    def __init__(self, model: str = "stabilityai/sdxl-turbo", float16: bool = False, sampler: Optional[str] = None, **source_options):
+        super().__init__(model, float16, sampler, **source_options)
         self.force_zeros_for_empty_prompt = self.model_index.get("force_zeros_for_empty_prompt", True)
 
     def _load_tokenizers(self):
@@ -434,14 +438,17 @@ class StableDiffusionXL(_Pipeline):
         return context, (pooled.astype(self.dtype), time_ids)
 
 
-def load_model(model: str = DEFAULT_MODEL, float16: bool = False, sampler: Optional[str] = None):
-    """The right facade for a preset name, repo id, diffusers folder or single-file checkpoint."""
+def load_model(model: str = DEFAULT_MODEL, float16: bool = False, sampler: Optional[str] = None, **source_options):
+    """The right facade for a preset name, repo id, diffusers folder or single-file checkpoint.
+
+    ``source_options``: ``prediction_type=`` and ``config_dir=`` for a single-file checkpoint.
+    """
     name = PRESETS.get(model, model)
-    source = model_io.open_model(name, float16)
+    source = model_io.open_model(name, float16, **source_options)
     index = source.model_index()
     is_xl = "XL" in index.get("_class_name", "") or source.has("text_encoder_2")
     cls = StableDiffusionXL if is_xl else StableDiffusion
-    return cls(name, float16=float16, sampler=sampler)
+    return cls(name, float16=float16, sampler=sampler, **source_options)
 
 
 def _key(seed: Optional[int]) -> mx.array:

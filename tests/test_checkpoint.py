@@ -178,17 +178,10 @@ def test_load_model_on_a_single_file_matches_diffusers_from_single_file(ldm_file
     from stable_diffusion import load_model
 
     folder, path = ldm_files(family)
-    opened = []
-
-    def open_model(model, float16=False):
-        assert model == str(path)
-        opened.append(SingleFileSource(model, config_dir=folder))
-        return opened[-1]
-
-    monkeypatch.setattr(model_io, "open_model", open_model)
     steps, n = 3, 1
     init = torch.randn((n, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(7))
-    sd = load_model(str(path), sampler="euler")
+    sd = load_model(str(path), sampler="euler", config_dir=folder)
+    assert isinstance(sd.source, SingleFileSource)
     assert isinstance(sd, StableDiffusionXL if family == "sdxl" else StableDiffusion)
     latents = list(sd.generate_latents(PROMPT, n_images=n, num_steps=steps, cfg_weight=cfg, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
     images = sd.decode(latents[-1])
@@ -368,9 +361,16 @@ def test_sd2_defaults_to_v_prediction_as_diffusers_and_prediction_type_overrides
         SingleFileSource(path, prediction_type="flow")
 
 
-def test_sdxl_turbo_file_gets_sdxl_turbos_scheduler_and_size(tmp_path):
+def test_the_known_sdxl_turbo_file_gets_sdxl_turbos_scheduler_and_size_and_its_name_alone_does_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     xl = {"model.diffusion_model.time_embed.0.weight": (4, 4), "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (4,)}
-    src = SingleFileSource(small_file(tmp_path / "sd_xl_turbo_1.0_fp16.safetensors", xl))
+    named = SingleFileSource(small_file(tmp_path / "my_turbo_merge.safetensors", xl))
+    assert not named.is_sdxl_turbo and named.config("scheduler")["timestep_spacing"] == "leading"
+    path = small_file(tmp_path / "renamed.safetensors", xl)
+    # Stand-in for the real file's (size, A1111 hash), which only a 6.9 GB download could give.
+    monkeypatch.setattr(checkpoint, "SDXL_TURBO_FILES", {path.stat().st_size: checkpoint.model_hash(path)})
+    src = SingleFileSource(path)
+    assert src.is_sdxl_turbo
     real = Path(__file__).resolve().parents[2] / "shared" / "real-configs" / "sdxl-turbo"
     if not real.is_dir():
         pytest.skip("the real configs are not next to this checkout")
