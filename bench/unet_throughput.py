@@ -100,6 +100,9 @@ def parse_args():
     p.add_argument("--profile", action="store_true", help="per-op-type time breakdown for both frameworks at the largest batch")
     p.add_argument("--trace", default="", help="batch sizes at which to list GPU kernels (CUPTI, via torch.profiler) of one MLX and one torch step")
     p.add_argument("--json", default=None, help="write all numbers to this file")
+    p.add_argument("--group-norm", choices=["package", "templated", "portable"], default="package",
+                   help="GroupNorm on CUDA: the package's precompiled kernels, the same kernels NVRTC-compiled per shape "
+                        "(before issue 13), or nn.GroupNorm")
     return p.parse_args()
 
 
@@ -345,6 +348,16 @@ def main():
     args = parse_args()
     import torch
     import diffusers
+
+    from stable_diffusion import norm
+
+    if args.group_norm == "templated":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from groupnorm_coldstart import make_impl
+
+        norm._cuda_group_norm = make_impl("templated")
+    elif args.group_norm == "portable":
+        norm.use_cuda_kernels = lambda x, groups: False
 
     dev = torch_device()
     if dev.type == "cpu":
