@@ -1,4 +1,4 @@
-"""Helpers shared by the parity tests: layout conversion and the relative error they are held to."""
+"""Helpers shared by the parity tests: the error they are held to, layout conversion, the reference pipelines."""
 
 import mlx.core as mx
 import numpy as np
@@ -6,14 +6,36 @@ import torch
 
 
 def relative_error(ours, ref) -> float:
-    """max |ours - ref| / max |ref|."""
+    """max |ours - ref| / max |ref|, in float64."""
     ours = np.asarray(ours.astype(mx.float32) if isinstance(ours, mx.array) else ours, dtype=np.float64)
-    ref = np.asarray(ref.float().numpy() if isinstance(ref, torch.Tensor) else ref, dtype=np.float64)
+    ref = np.asarray(ref.detach().double().numpy() if isinstance(ref, torch.Tensor) else ref, dtype=np.float64)
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def nhwc(x: torch.Tensor) -> mx.array:
-    return mx.array(x.permute(0, 2, 3, 1).float().numpy())
+def nhwc(x) -> mx.array:
+    """A torch tensor or numpy array in NCHW as an MLX array in NHWC."""
+    x = x.detach().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return mx.array(x.transpose(0, 2, 3, 1))
+
+
+def run_latents(latent_iter) -> list:
+    """Every step's latent of a generator, evaluated."""
+    latents = list(latent_iter)
+    mx.eval(latents)
+    return latents
+
+
+def reference_pipeline(folder, scheduler: str = None, img2img: bool = False, xl: bool = False):
+    """diffusers' (SDXL) txt2img or img2img pipeline on ``folder``, with the named scheduler class."""
+    import diffusers
+
+    name = "StableDiffusion" + ("XL" if xl else "") + ("Img2Img" if img2img else "") + "Pipeline"
+    options = {} if xl else dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, name).from_pretrained(folder, **options)
+    if scheduler is not None:
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def torch_step_noise(seed: int, skip: int = 0):

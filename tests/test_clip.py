@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import tiny_models
+from parity import relative_error
 from transformers import CLIPTextModel as HFCLIPTextModel
 from transformers import CLIPTextModelWithProjection as HFCLIPTextModelWithProjection
 
@@ -26,11 +27,6 @@ def token_rows(pad: int, eos_positions=(5, 1, 40, 76), seed: int = 0) -> np.ndar
     return rows
 
 
-def rel_err(ours: mx.array, ref: torch.Tensor) -> float:
-    ref = ref.detach().float().numpy()
-    return float(np.abs(np.array(ours.astype(mx.float32)) - ref).max() / np.abs(ref).max())
-
-
 def reference(folder, ids: np.ndarray, cls=HFCLIPTextModel):
     model = cls.from_pretrained(folder).eval()
     with torch.no_grad():
@@ -50,10 +46,10 @@ def test_text_encoder_matches_transformers_with_eos_at_any_position(flavour, pad
     out = ours(root, ids)
 
     assert len(out.hidden_states) == len(ref.hidden_states)
-    assert rel_err(out.last_hidden_state, ref.last_hidden_state) <= 1e-5
-    assert rel_err(out.pooled_output, ref.pooler_output) <= 1e-5
-    assert rel_err(out.hidden_states[-2], ref.hidden_states[-2]) <= 1e-5
-    assert rel_err(out.hidden_states[0], ref.hidden_states[0]) <= 1e-5
+    assert relative_error(out.last_hidden_state, ref.last_hidden_state) <= 1e-5
+    assert relative_error(out.pooled_output, ref.pooler_output) <= 1e-5
+    assert relative_error(out.hidden_states[-2], ref.hidden_states[-2]) <= 1e-5
+    assert relative_error(out.hidden_states[0], ref.hidden_states[0]) <= 1e-5
     assert out.text_embeds is None
 
 
@@ -75,7 +71,7 @@ def test_legacy_eos_token_id_2_pools_at_the_largest_id(tmp_path):
     ids[1, 30], ids[1, 12] = 100, 49405  # no EOS: the legacy rule still pools at the largest id
     ref = reference(tmp_path / "text_encoder", ids)
     out = ours(tmp_path, ids)
-    assert rel_err(out.pooled_output, ref.pooler_output) <= 1e-5
+    assert relative_error(out.pooled_output, ref.pooler_output) <= 1e-5
 
 
 def test_projection_model_matches_transformers_text_embeds(tmp_path):
@@ -88,9 +84,9 @@ def test_projection_model_matches_transformers_text_embeds(tmp_path):
     out = ours(tmp_path, ids)
 
     assert out.text_embeds.shape == (len(ids), 24)
-    assert rel_err(out.text_embeds, ref.text_embeds) <= 1e-5
-    assert rel_err(out.last_hidden_state, ref.last_hidden_state) <= 1e-5
-    assert rel_err(out.hidden_states[-2], ref.hidden_states[-2]) <= 1e-5
+    assert relative_error(out.text_embeds, ref.text_embeds) <= 1e-5
+    assert relative_error(out.last_hidden_state, ref.last_hidden_state) <= 1e-5
+    assert relative_error(out.hidden_states[-2], ref.hidden_states[-2]) <= 1e-5
 
 
 def test_sanitize_drops_position_ids_and_reads_hub_prefixed_keys(tiny_sd1):
@@ -117,4 +113,4 @@ def test_float16_text_encoder_is_finite_and_close_to_float32_reference(flavour, 
         (out.hidden_states[-2], ref.hidden_states[-2]),
     ]:
         assert mx.all(mx.isfinite(ours_x)).item()
-        assert rel_err(ours_x, ref_x) <= 1e-2
+        assert relative_error(ours_x, ref_x) <= 1e-2

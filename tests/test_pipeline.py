@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity import nhwc, relative_error, torch_step_noise
+from parity import nhwc, reference_pipeline, relative_error, run_latents, torch_step_noise
 from stable_diffusion import StableDiffusion
 
 SIZE = 32  # pixels; the tiny VAE downsamples 4x, so latents are 8x8
@@ -19,21 +19,8 @@ DIFFUSERS_SCHEDULERS = {
 }
 
 
-def reference_pipeline(folder, sampler: str, img2img: bool = False):
-    import diffusers
-
-    cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
-    pipe = cls.from_pretrained(folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    scheduler_cls = getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler])
-    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def run_ours(latent_iter):
-    latents = [x for x in latent_iter]
-    mx.eval(latents)
-    return latents
+def reference_sd(folder, sampler: str, img2img: bool = False):
+    return reference_pipeline(folder, DIFFUSERS_SCHEDULERS[sampler], img2img)
 
 
 @pytest.mark.parametrize(
@@ -51,12 +38,12 @@ def test_txt2img_matches_diffusers(request, flavour, cfg, negative):
     init = torch.randn((n, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(3))
 
     sd = StableDiffusion(str(folder))
-    latents = run_ours(
+    latents = run_latents(
         sd.generate_latents(PROMPT, n_images=n, num_steps=steps, cfg_weight=cfg, negative_text=negative, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init))
     )
     images = sd.decode(latents[-1])
 
-    pipe = reference_pipeline(folder, "euler")
+    pipe = reference_sd(folder, "euler")
     common = dict(
         prompt=PROMPT,
         negative_prompt=negative or None,
@@ -84,9 +71,9 @@ def test_txt2img_with_each_sampler_matches_diffusers(request, sampler, flavour):
     init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(5))
 
     sd = StableDiffusion(str(folder), sampler=sampler)
-    latents = run_ours(sd.generate_latents(PROMPT, num_steps=steps, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init), step_noise=torch_step_noise(seed=11)))
+    latents = run_latents(sd.generate_latents(PROMPT, num_steps=steps, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init), step_noise=torch_step_noise(seed=11)))
 
-    pipe = reference_pipeline(folder, sampler)
+    pipe = reference_sd(folder, sampler)
     ref = pipe(
         PROMPT,
         num_inference_steps=steps,
@@ -126,7 +113,7 @@ def test_img2img_matches_diffusers(request, posterior_mean_img2img, flavour, sam
     noise = torch.randn((n, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(7))
 
     sd = StableDiffusion(str(folder), sampler=sampler)
-    latents = run_ours(
+    latents = run_latents(
         sd.generate_latents_from_image(
             mx.array(image * 2 - 1), PROMPT, n_images=n, strength=strength, num_steps=steps, negative_text="ugly", noise=nhwc(noise),
             step_noise=torch_step_noise(seed=7, skip=1),  # diffusers draws the start noise first
@@ -134,7 +121,7 @@ def test_img2img_matches_diffusers(request, posterior_mean_img2img, flavour, sam
     )
     images = sd.decode(latents[-1])
 
-    pipe = reference_pipeline(folder, sampler, img2img=True)
+    pipe = reference_sd(folder, sampler, img2img=True)
     ref = pipe(
         PROMPT,
         image=image[None],
@@ -155,10 +142,10 @@ def test_float16_pipeline_is_finite_and_close_to_diffusers_float32(tiny_sd2):
     sd = StableDiffusion(str(tiny_sd2), float16=True)
     assert sd.unet.conv_in.weight.dtype == mx.float16
     assert sd.autoencoder.encoder.conv_in.weight.dtype == mx.float32  # the VAE stays fp32
-    latents = run_ours(sd.generate_latents(PROMPT, num_steps=4, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
+    latents = run_latents(sd.generate_latents(PROMPT, num_steps=4, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
     images = np.array(sd.decode(latents[-1]))
 
-    ref = reference_pipeline(tiny_sd2, "euler")(
+    ref = reference_sd(tiny_sd2, "euler")(
         PROMPT, num_inference_steps=4, height=SIZE, width=SIZE, latents=init.clone(), output_type="np"
     ).images
     assert np.isfinite(images).all()
@@ -170,9 +157,9 @@ def test_generate_latents_is_lazy_and_seeded(tiny_sd1):
     first = sd.generate_latents(PROMPT, num_steps=3, latent_size=(8, 8), seed=42)
     x = next(first)
     assert x.shape == (1, 8, 8, 4)
-    again = run_ours(sd.generate_latents(PROMPT, num_steps=3, latent_size=(8, 8), seed=42))
-    other = run_ours(sd.generate_latents(PROMPT, num_steps=3, latent_size=(8, 8), seed=43))
-    rest = run_ours(first)
+    again = run_latents(sd.generate_latents(PROMPT, num_steps=3, latent_size=(8, 8), seed=42))
+    other = run_latents(sd.generate_latents(PROMPT, num_steps=3, latent_size=(8, 8), seed=43))
+    rest = run_latents(first)
     assert np.array_equal(np.array(rest[-1]), np.array(again[-1]))
     assert not np.array_equal(np.array(again[-1]), np.array(other[-1]))
 
@@ -185,7 +172,7 @@ def test_decode_in_chunks_equals_decode_at_once(tiny_sd1):
 
 def test_stochastic_sampler_draws_its_step_noise_from_the_seed(tiny_sd1):
     sd = StableDiffusion(str(tiny_sd1), sampler="euler_a")
-    runs = [run_ours(sd.generate_latents(PROMPT, num_steps=3, latent_size=(8, 8), seed=s))[-1] for s in (7, 7, 8)]
+    runs = [run_latents(sd.generate_latents(PROMPT, num_steps=3, latent_size=(8, 8), seed=s))[-1] for s in (7, 7, 8)]
     assert np.isfinite(np.array(runs[0])).all()
     assert np.array_equal(np.array(runs[0]), np.array(runs[1]))
     assert not np.array_equal(np.array(runs[0]), np.array(runs[2]))
@@ -200,8 +187,8 @@ def test_quantized_model_stays_close_to_diffusers(tiny_sd2):
     sd.quantize(text_bits=8, unet_bits=8, group_size=32)  # a second call changes nothing
     assert isinstance(sd.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q, nn.QuantizedLinear)
     assert isinstance(sd.text_encoder.text_model.encoder.layers[0].mlp.fc1, nn.QuantizedLinear)
-    latents = run_ours(sd.generate_latents(PROMPT, num_steps=4, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
-    ref = reference_pipeline(tiny_sd2, "euler")(
+    latents = run_latents(sd.generate_latents(PROMPT, num_steps=4, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
+    ref = reference_sd(tiny_sd2, "euler")(
         PROMPT, num_inference_steps=4, height=SIZE, width=SIZE, latents=init.clone(), output_type="latent"
     ).images
     assert 0 < relative_error(latents[-1], nhwc(ref)) <= 5e-2
@@ -254,10 +241,10 @@ def test_two_interleaved_generators_of_one_model_each_match_diffusers(tiny_sd2):
         mx.eval(steps_a[-1], steps_b[-1])
     assert next(a, None) is None and next(b, None) is None
 
-    alone = run_ours(sd.generate_latents(PROMPT, num_steps=6, latent_size=size, latents=nhwc(init), sampler="dpm++2m"))
+    alone = run_latents(sd.generate_latents(PROMPT, num_steps=6, latent_size=size, latents=nhwc(init), sampler="dpm++2m"))
     np.testing.assert_array_equal(np.array(steps_a[-1]), np.array(alone[-1]))
     for sampler, steps, ours, seed in (("dpm++2m", 6, steps_a, None), ("euler_a", 3, steps_b, 2)):
-        ref = reference_pipeline(tiny_sd2, sampler)(
+        ref = reference_sd(tiny_sd2, sampler)(
             PROMPT,
             num_inference_steps=steps,
             height=SIZE,
@@ -272,7 +259,7 @@ def test_two_interleaved_generators_of_one_model_each_match_diffusers(tiny_sd2):
 def test_a_sampler_named_at_the_call_leaves_the_models_own_for_later_calls(tiny_sd1):
     sd = StableDiffusion(str(tiny_sd1))
     init = mx.random.normal((1, 8, 8, 4), key=mx.random.key(1))
-    first = run_ours(sd.generate_latents(PROMPT, num_steps=3, latents=init))[-1]
-    run_ours(sd.generate_latents(PROMPT, num_steps=5, latents=init, sampler="ddim"))
-    again = run_ours(sd.generate_latents(PROMPT, num_steps=3, latents=init))[-1]
+    first = run_latents(sd.generate_latents(PROMPT, num_steps=3, latents=init))[-1]
+    run_latents(sd.generate_latents(PROMPT, num_steps=5, latents=init, sampler="ddim"))
+    again = run_latents(sd.generate_latents(PROMPT, num_steps=3, latents=init))[-1]
     np.testing.assert_array_equal(np.array(first), np.array(again))

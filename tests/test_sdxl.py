@@ -5,28 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from parity import nhwc, relative_error, torch_step_noise
+from parity import nhwc, reference_pipeline, relative_error, run_latents, torch_step_noise
 from stable_diffusion import StableDiffusionXL, load_model
 
 SIZE = 32  # pixels; the tiny VAE downsamples 4x
 PROMPT = "A cinematic photo of a lighthouse at dusk, 35mm"
 
 
-def reference(folder, img2img=False, scheduler=None):
-    import diffusers
-
-    cls = diffusers.StableDiffusionXLImg2ImgPipeline if img2img else diffusers.StableDiffusionXLPipeline
-    pipe = cls.from_pretrained(folder)
-    if scheduler is not None:
-        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def run(latent_iter):
-    latents = list(latent_iter)
-    mx.eval(latents)
-    return latents
+def reference_xl(folder, img2img=False, scheduler=None):
+    return reference_pipeline(folder, scheduler, img2img, xl=True)
 
 
 @pytest.mark.parametrize(
@@ -43,14 +30,14 @@ def test_sdxl_txt2img_matches_diffusers(tiny_sdxl, cfg, negative):
     init = torch.randn((n, 4, height // 4, width // 4), generator=torch.Generator().manual_seed(0))
 
     sd = StableDiffusionXL(str(tiny_sdxl))
-    latents = run(
+    latents = run_latents(
         sd.generate_latents(
             PROMPT, n_images=n, num_steps=steps, cfg_weight=cfg, negative_text=negative, latent_size=(height // 4, width // 4), latents=nhwc(init)
         )
     )
     images = sd.decode(latents[-1])
 
-    ref = reference(tiny_sdxl)(
+    ref = reference_xl(tiny_sdxl)(
         PROMPT,
         negative_prompt=negative or None,
         num_images_per_prompt=n,
@@ -70,8 +57,8 @@ def test_sdxl_with_each_sampler_matches_diffusers(tiny_sdxl, sampler):
     classes = {"euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler", "dpm++2m": "DPMSolverMultistepScheduler"}
     init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(1))
     sd = StableDiffusionXL(str(tiny_sdxl), sampler=sampler)
-    latents = run(sd.generate_latents(PROMPT, num_steps=4, cfg_weight=6.0, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init), step_noise=torch_step_noise(seed=4)))
-    ref = reference(tiny_sdxl, scheduler=classes[sampler])(
+    latents = run_latents(sd.generate_latents(PROMPT, num_steps=4, cfg_weight=6.0, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init), step_noise=torch_step_noise(seed=4)))
+    ref = reference_xl(tiny_sdxl, scheduler=classes[sampler])(
         PROMPT,
         num_inference_steps=4,
         guidance_scale=6.0,
@@ -91,8 +78,8 @@ def test_sdxl_turbo_configuration_matches_diffusers(tiny_sdxl_turbo, steps):
     assert isinstance(sd, StableDiffusionXL)
     assert (sd.default_steps, sd.default_cfg, sd.sampler.name) == (2, 0.0, "euler_a")
     init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(2))
-    latents = run(sd.generate_latents(PROMPT, num_steps=steps, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init), step_noise=torch_step_noise(seed=9)))
-    ref = reference(tiny_sdxl_turbo)(
+    latents = run_latents(sd.generate_latents(PROMPT, num_steps=steps, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init), step_noise=torch_step_noise(seed=9)))
+    ref = reference_xl(tiny_sdxl_turbo)(
         PROMPT,
         num_inference_steps=steps,
         guidance_scale=0.0,
@@ -122,12 +109,12 @@ def test_sdxl_img2img_matches_diffusers(tiny_sdxl, posterior_mean_img2img, cfg, 
     noise = torch.randn((n, 4, SIZE // 4, (SIZE + 8) // 4), generator=torch.Generator().manual_seed(3))
 
     sd = StableDiffusionXL(str(tiny_sdxl))
-    latents = run(
+    latents = run_latents(
         sd.generate_latents_from_image(
             mx.array(image * 2 - 1), PROMPT, n_images=n, strength=strength, num_steps=steps, cfg_weight=cfg, negative_text=negative, noise=nhwc(noise)
         )
     )
-    ref = reference(tiny_sdxl, img2img=True)(
+    ref = reference_xl(tiny_sdxl, img2img=True)(
         PROMPT,
         image=image[None],
         strength=strength,
@@ -148,9 +135,9 @@ def test_sdxl_float16_keeps_the_vae_in_float32_when_force_upcast(tiny_sdxl):
     assert sd.text_encoder_2.text_projection.weight.dtype == mx.float16
     assert sd.autoencoder.decoder.conv_in.weight.dtype == mx.float32
     init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(5))
-    latents = run(sd.generate_latents(PROMPT, num_steps=3, cfg_weight=5.0, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
+    latents = run_latents(sd.generate_latents(PROMPT, num_steps=3, cfg_weight=5.0, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
     images = np.array(sd.decode(latents[-1]))
-    ref = reference(tiny_sdxl)(PROMPT, num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE, latents=init.clone(), output_type="np").images
+    ref = reference_xl(tiny_sdxl)(PROMPT, num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE, latents=init.clone(), output_type="np").images
     assert np.isfinite(images).all()
     assert relative_error(images, ref) <= 2e-2
 
@@ -159,6 +146,6 @@ def test_sdxl_size_conditioning_follows_given_latents(tiny_sdxl):
     """Latents of another size than latent_size: diffusers conditions on the size it decodes."""
     init = torch.randn((1, 4, 12, 8), generator=torch.Generator().manual_seed(6))
     sd = StableDiffusionXL(str(tiny_sdxl))
-    latents = run(sd.generate_latents(PROMPT, num_steps=3, cfg_weight=5.0, latents=nhwc(init)))
-    ref = reference(tiny_sdxl)(PROMPT, num_inference_steps=3, guidance_scale=5.0, height=48, width=32, latents=init.clone(), output_type="latent").images
+    latents = run_latents(sd.generate_latents(PROMPT, num_steps=3, cfg_weight=5.0, latents=nhwc(init)))
+    ref = reference_xl(tiny_sdxl)(PROMPT, num_inference_steps=3, guidance_scale=5.0, height=48, width=32, latents=init.clone(), output_type="latent").images
     assert relative_error(latents[-1], nhwc(ref)) <= 1e-4

@@ -10,6 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import tiny_models
+from parity import relative_error
 from stable_diffusion.config import UNetConfig
 from stable_diffusion.model_io import ModelLoadError, load_component
 from stable_diffusion.unet import Attention, UNetModel
@@ -74,10 +75,6 @@ def _ours(model, x, t, context, text_time=None):
     return np.array(out.astype(mx.float32))
 
 
-def _rel(ours, ref):
-    return np.abs(ours - ref).max() / np.abs(ref).max()
-
-
 TIMESTEPS = [517.3, np.array([517.3, 20.7], np.float32)]
 
 
@@ -88,7 +85,7 @@ def test_unet_matches_diffusers_for_float_and_per_sample_timesteps(flavour, requ
     x, context = _inputs()
     for t in TIMESTEPS:
         ref = _reference(root, x, t, context)
-        assert _rel(_ours(model, x, t, context), ref) <= 1e-5
+        assert relative_error(_ours(model, x, t, context), ref) <= 1e-5
 
 
 def test_sdxl_shaped_unet_matches_diffusers_with_text_time(tiny_sdxl_unet):
@@ -97,7 +94,7 @@ def test_sdxl_shaped_unet_matches_diffusers_with_text_time(tiny_sdxl_unet):
     text_time = _sdxl_conditioning()
     for t in TIMESTEPS:
         ref = _reference(tiny_sdxl_unet, x, t, context, text_time)
-        assert _rel(_ours(model, x, t, context, text_time), ref) <= 1e-5
+        assert relative_error(_ours(model, x, t, context, text_time), ref) <= 1e-5
 
 
 def test_sdxl_shaped_unet_requires_text_time(tiny_sdxl_unet):
@@ -114,7 +111,7 @@ def test_unet_upsamples_to_the_skip_size_for_latents_not_a_multiple_of_four(tiny
     ref = _reference(tiny_sd1, x, 517.3, context)
     out = _ours(model, x, 517.3, context)
     assert out.shape == x.shape
-    assert _rel(out, ref) <= 1e-5
+    assert relative_error(out, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("flavour", ["tiny_sd2", "tiny_sdxl_unet"])
@@ -127,7 +124,7 @@ def test_float16_unet_is_finite_and_close_to_the_float32_reference(flavour, requ
     t = np.array([517.3, 20.7], np.float32)
     out = _ours(model, x, t, context, text_time)
     assert np.isfinite(out).all()
-    assert _rel(out, _reference(root, x, t, context, text_time)) <= 1e-2
+    assert relative_error(out, _reference(root, x, t, context, text_time)) <= 1e-2
 
 
 def test_unet_with_an_unsupported_config_value_is_refused(tiny_sd1, tmp_path):
@@ -157,4 +154,4 @@ def test_upcast_attention_in_float16_survives_scores_beyond_the_float16_range():
     ours.set_dtype(mx.float16)
     out = np.array(ours(mx.array(x).astype(mx.float16)).astype(mx.float32))
     assert np.isfinite(out).all()
-    assert _rel(out, expected) <= 1e-2
+    assert relative_error(out, expected) <= 1e-2

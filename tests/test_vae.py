@@ -14,15 +14,11 @@ from safetensors.numpy import load_file, save_file
 from stable_diffusion import model_io
 from stable_diffusion.config import AutoencoderConfig
 from stable_diffusion.vae import Autoencoder
+from parity import nhwc, relative_error
 
 # Non-square, batch 2; the tiny VAE has 3 blocks, so latents are 4x smaller.
 IMAGE_SHAPE = (2, 3, 24, 40)
 LATENT_SHAPE = (2, 4, 6, 10)
-
-
-def rel_err(ours: mx.array, ref: torch.Tensor) -> float:
-    ref = ref.detach().float().numpy().transpose(0, 2, 3, 1)  # NCHW -> NHWC
-    return float(np.abs(np.array(ours.astype(mx.float32)) - ref).max() / np.abs(ref).max())
 
 
 def inputs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -30,10 +26,6 @@ def inputs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     image = rng.uniform(-1, 1, IMAGE_SHAPE).astype(np.float32)
     latents = rng.standard_normal(LATENT_SHAPE).astype(np.float32)
     return image, latents
-
-
-def nhwc(x: np.ndarray) -> mx.array:
-    return mx.array(x.transpose(0, 2, 3, 1))
 
 
 def reference(root, image: np.ndarray, latents: np.ndarray):
@@ -57,7 +49,7 @@ def assert_matches(root, ref_root=None, dtype=mx.float32, tol=1e-5):
     for ours in (mean, logvar, decoded):
         assert ours.dtype == dtype
         assert bool(mx.all(mx.isfinite(ours)))
-    errors = rel_err(mean, ref_mean), rel_err(logvar, ref_logvar), rel_err(decoded, ref_image)
+    errors = relative_error(mean, ref_mean.permute(0, 2, 3, 1)), relative_error(logvar, ref_logvar.permute(0, 2, 3, 1)), relative_error(decoded, ref_image.permute(0, 2, 3, 1))
     assert max(errors) <= tol, f"relative errors (mean, logvar, decoded): {errors}"
 
 
