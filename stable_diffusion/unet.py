@@ -17,6 +17,8 @@ cast, as diffusers does), and the attention softmax runs in float32 inside
 
 import math
 
+from typing import Optional
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -159,23 +161,27 @@ class Transformer2DModel(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    """GroupNorm-SiLU-conv, plus the projected time embedding, GroupNorm-SiLU-conv, plus a shortcut."""
+    """GroupNorm-SiLU-conv, plus the projected time embedding (UNet only), GroupNorm-SiLU-conv, plus a shortcut.
 
-    def __init__(self, config: UNetConfig, in_channels: int, out_channels: int, temb_channels: int):
+    The VAE uses it too, without a time embedding (``temb_channels=None``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: Optional[int], groups: int, eps: float):
         super().__init__()
-        groups, eps = config.norm_num_groups, config.norm_eps
         self.norm1 = GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        if temb_channels is not None:
+            self.time_emb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         if in_channels != out_channels:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
-    def __call__(self, x: mx.array, temb_act: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, temb_act: Optional[mx.array] = None) -> mx.array:
         """``temb_act`` is SiLU(time embedding), computed once for all resnets."""
         h = self.conv1(self.norm1(x, silu=True))
-        h = h + self.time_emb_proj(temb_act)[:, None, None, :]
+        if temb_act is not None:
+            h = h + self.time_emb_proj(temb_act)[:, None, None, :]
         h = self.conv2(self.norm2(h, silu=True))
         shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
         return shortcut + h
@@ -229,7 +235,7 @@ class DownBlock(nn.Module):
         out_channels = config.block_out_channels[i]
         n = config.layers_per_block[i]
         self.resnets = [
-            ResnetBlock2D(config, in_channels if j == 0 else out_channels, out_channels, temb_channels)
+            ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, temb_channels, config.norm_num_groups, config.norm_eps)
             for j in range(n)
         ]
         if config.down_block_types[i] == "CrossAttnDownBlock2D":
@@ -266,7 +272,8 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         super().__init__()
         channels = config.block_out_channels[-1]
         self.resnets = [
-            ResnetBlock2D(config, channels, channels, temb_channels) for _ in range(config.mid_block_layers + 1)
+            ResnetBlock2D(channels, channels, temb_channels, config.norm_num_groups, config.norm_eps)
+            for _ in range(config.mid_block_layers + 1)
         ]
         self.attentions = [
             Transformer2DModel(
@@ -298,10 +305,11 @@ class UpBlock(nn.Module):
         n = config.layers_per_block[::-1][i] + 1
         self.resnets = [
             ResnetBlock2D(
-                config,
                 (prev_channels if j == 0 else out_channels) + (skip_in if j == n - 1 else out_channels),
                 out_channels,
                 temb_channels,
+                config.norm_num_groups,
+                config.norm_eps,
             )
             for j in range(n)
         ]

@@ -2,9 +2,9 @@
 
 Follows diffusers' ``AutoencoderKL`` (models/autoencoders/autoencoder_kl.py) with its ``Encoder`` and
 ``Decoder`` (autoencoders/vae.py), ``DownEncoderBlock2D``, ``UpDecoderBlock2D`` and
-``UNetMidBlock2D`` (unets/unet_2d_blocks.py), ``ResnetBlock2D``, ``Downsample2D`` and
-``Upsample2D`` (resnet.py, downsampling.py, upsampling.py) and the mid block's ``Attention`` with
-``AttnProcessor2_0`` (attention_processor.py). Module names are the diffusers state-dict keys.
+``UNetMidBlock2D`` (unets/unet_2d_blocks.py) and the mid block's ``Attention`` with
+``AttnProcessor2_0`` (attention_processor.py); ``ResnetBlock2D``, ``Downsample2D`` and ``Upsample2D``
+are the UNet's (diffusers shares them too). Module names are the diffusers state-dict keys.
 """
 
 import math
@@ -14,32 +14,13 @@ import mlx.nn as nn
 
 from .config import AutoencoderConfig
 from .norm import GroupNorm
+from .unet import Downsample2D, ResnetBlock2D, Upsample2D
 
 EPS = 1e-6
 
 # Attention key spellings of checkpoints saved before diffusers' Attention class (the "deprecated
 # attention block"), still found on the Hub; diffusers renames them on load the same way.
 _LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-class ResnetBlock2D(nn.Module):
-    """Two GroupNorm-SiLU-conv layers with a residual (1x1 conv when the width changes); no time embedding."""
-
-    def __init__(self, in_channels: int, out_channels: int, groups: int):
-        super().__init__()
-        self.norm1 = GroupNorm(groups, in_channels, EPS)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = GroupNorm(groups, out_channels, EPS)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(self.norm1(x, silu=True))
-        h = self.conv2(self.norm2(h, silu=True))
-        if "conv_shortcut" in self:
-            x = self.conv_shortcut(x)
-        return x + h
 
 
 class Attention(nn.Module):
@@ -63,43 +44,16 @@ class Attention(nn.Module):
         return x + h
 
 
-class Downsample2D(nn.Module):
-    """Stride-2 3x3 conv after zero padding one row and column at the bottom/right only."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        # The original LDM encoder pads asymmetrically, so the kernel windows start at pixel 0.
-        x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
-        return self.conv(x)
-
-
-class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        B, H, W, C = x.shape
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
-        x = x.reshape(B, H * 2, W * 2, C)
-        return self.conv(x)
-
-
 class DownEncoderBlock2D(nn.Module):
     """Resnets, then an optional downsample."""
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_downsample: bool):
         super().__init__()
         self.resnets = [
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, EPS) for i in range(num_layers)
         ]
         if add_downsample:
-            self.downsamplers = [Downsample2D(out_channels)]
+            self.downsamplers = [Downsample2D(out_channels, padding=0)]  # LDM's asymmetric pad: windows start at pixel 0
 
     def __call__(self, x: mx.array) -> mx.array:
         for resnet in self.resnets:
@@ -115,7 +69,7 @@ class UpDecoderBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_upsample: bool):
         super().__init__()
         self.resnets = [
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, EPS) for i in range(num_layers)
         ]
         if add_upsample:
             self.upsamplers = [Upsample2D(out_channels)]
@@ -124,7 +78,7 @@ class UpDecoderBlock2D(nn.Module):
         for resnet in self.resnets:
             x = resnet(x)
         if "upsamplers" in self:
-            x = self.upsamplers[0](x)
+            x = self.upsamplers[0](x, (2 * x.shape[1], 2 * x.shape[2]))
         return x
 
 
@@ -134,7 +88,7 @@ class UNetMidBlock2D(nn.Module):
     def __init__(self, channels: int, groups: int, add_attention: bool):
         super().__init__()
         self.attentions = [Attention(channels, groups)] if add_attention else []
-        self.resnets = [ResnetBlock2D(channels, channels, groups) for _ in range(2)]
+        self.resnets = [ResnetBlock2D(channels, channels, None, groups, EPS) for _ in range(2)]
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.resnets[0](x)
