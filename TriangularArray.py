@@ -8,13 +8,21 @@ i.e. one strength), the input (``<base>_0_0``) at the left, the interim images i
 the run's final image (``<base>_<limit>_<limit>``) in the rightmost column.
 """
 
+import math
 import re
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from stable_diffusion import cli, images
 from stable_diffusion.cli import UsageError
+
+# No image2image.py run is longer (--steps is at most the model's training timesteps, 1000 for
+# every real model); a longer one in a file name is not ours and would only make work.
+MAX_STEPS = 10000
+# The largest picture each format can store, per side.
+MAX_SIDE = {"PNG": 2**31 - 1, "JPEG": 65535, "WEBP": 16383}
 
 
 def parse_args(argv=None):
@@ -42,24 +50,32 @@ def discover(base: Path) -> dict[int, dict[int, Path]]:
         match = pattern.match(path.name)
         if match:
             limit, count = map(int, match.groups())
+            if limit > MAX_STEPS or count > MAX_STEPS:
+                raise UsageError(f"{path}: a run of {limit} steps is longer than any image2image.py run (at most {MAX_STEPS}); move the file away")
             rows.setdefault(limit, {})[count] = path
     return rows
 
 
 def _open(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as image:
-            image.load()
-            return images.to_rgb(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return images.to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UsageError(f"{path}: too large to open safely, a decompression bomb? ({cli.one_line(e)})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise UsageError(f"{path}: cannot be read as an image ({cli.one_line(e)})") from None
 
 
 def _parameters(path: Path) -> dict:
     try:
-        text = images.read_parameters(path)
-    except (OSError, SyntaxError, ValueError):
-        return {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            text = images.read_parameters(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return {}  # an unreadable file is named when its pixels are read
     return images.parse_parameters(text) if text else {}
 
 
@@ -90,7 +106,9 @@ def check_rows(base: Path, rows: dict, seed_image: Path | None):
     if bad:
         raise UsageError(f"inconsistent files (step count beyond the run's length): {', '.join(bad)}")
     if missing:
-        raise UsageError(f"missing files: {', '.join(sorted(set(missing)))}")
+        missing = sorted(set(missing))
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise UsageError(f"missing files: {', '.join(missing[:10])}{more}")
     ordered = {limit: [counts[c] for c in sorted(counts)] for limit, counts in sorted(rows.items())}
     return Path(seed_path), ordered
 
@@ -137,6 +155,16 @@ def _label(tile: Image.Image, text: str) -> Image.Image:
     return tile
 
 
+def check_canvas(output: Path, width: int, height: int):
+    """Refuse a picture the output format cannot store or the machine cannot hold (3 bytes a pixel, twice: the canvas and its encoding)."""
+    fmt = images.FORMATS[output.suffix.lower()]
+    if max(width, height) > MAX_SIDE[fmt]:
+        raise UsageError(f"the picture would be {width}x{height}; {fmt} stores at most {MAX_SIDE[fmt]} px a side; lower --scale")
+    need, have = 2 * 3 * width * height, cli.available_memory()
+    if need > have:
+        raise UsageError(f"the picture would be {width}x{height}, at least {need / 1e9:.3g} GB of memory, more than this machine's {have / 1e9:.3g} GB; lower --scale")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.print_parser:
@@ -144,8 +172,8 @@ def main(argv=None):
     base = Path(args.base).expanduser()
     if base.suffix.lower() not in images.FORMATS:
         raise UsageError(f"base {str(base)!r}: give the output file image2image.py wrote, with its extension (e.g. out.png)")
-    if not args.scale > 0:
-        raise UsageError(f"--scale must be positive (got {args.scale})")
+    if not 0 < args.scale < math.inf:
+        raise UsageError(f"--scale must be a positive finite number (got {args.scale})")
     output = cli.check_output_path(args.output or str(images.sibling(base, "triangle")))
     seed_path, rows = check_rows(base, discover(base), Path(args.seed_image).expanduser() if args.seed_image else None)
     every_file = [p for row in rows.values() for p in row]
@@ -168,6 +196,7 @@ def main(argv=None):
         return _label(image, text) if args.labels else image
 
     n_columns, placed = layout(rows, args.right_only, args.full_triangle)
+    check_canvas(output, n_columns * w, len(rows) * h)
     canvas = Image.new("RGB", (n_columns * w, len(rows) * h), "white")
     for r, (limit, row) in enumerate(rows.items()):
         strength = _parameters(row[-1]).get("Strength")

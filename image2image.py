@@ -51,6 +51,22 @@ def counts_to_save(limit: int, every: int | None, last_n: int, triangle: bool) -
     return counts
 
 
+def files_to_write(output, args, steps: int, strengths: list[float]) -> list:
+    """Every file this run will write, so that none is a directory or the input (checked before generating)."""
+    files = [] if args.generate_triangle else [output]
+    if args.save_individual and not args.generate_triangle:
+        files += [images.sibling(output, i) for i in range(1, args.n_images + 1)]
+    if args.show_denoising or args.save_last_N or args.generate_triangle:
+        files.append(images.sibling(output, 0, 0))
+        for strength in strengths:
+            limit = img2img_steps(steps, strength)
+            for count in sorted(counts_to_save(limit, args.show_denoising, args.save_last_N, args.generate_triangle)):
+                files.append(images.sibling(output, limit, count))
+                if args.generate_triangle and args.save_individual and count == limit:
+                    files += [images.sibling(images.sibling(output, limit, limit), i) for i in range(1, args.n_images + 1)]
+    return files
+
+
 def main(argv=None):
     args = parse_args(argv)
     output = cli.check_common_arguments(args)
@@ -67,6 +83,9 @@ def main(argv=None):
     if args.steps is not None:
         check_steps(args.steps, strengths, args.generate_triangle)
     picture = cli.read_image(args.image)
+    # The configs only: size, steps, memory and every file name are checked before any weight is read or downloaded.
+    model, _ = cli.check_before_loading(args, picture_size=picture.size)
+    cli.check_written_paths(files_to_write(output, args, model.steps(args), strengths), inputs=[args.image])
 
     sd = cli.load(args)
     steps, cfg = cli.steps_and_cfg(args, sd)

@@ -8,7 +8,7 @@ The flags shared with image2image.py (model, sampling, output, metadata) live in
 import sys
 import time
 
-from stable_diffusion import cli
+from stable_diffusion import cli, images
 from stable_diffusion.cli import UsageError
 
 
@@ -27,6 +27,10 @@ def main(argv=None):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag} must be positive (got {value})")
+    # The configs only: size, steps and memory are checked before any weight is read or downloaded.
+    cli.check_before_loading(args, args.width, args.height)
+    if args.save_individual:
+        cli.check_written_paths([output, *(images.sibling(output, i) for i in range(1, args.n_images + 1))])
 
     sd = cli.load(args)
     steps, cfg = cli.steps_and_cfg(args, sd)

@@ -7,22 +7,25 @@ any model loads.
 """
 
 import argparse
+import os
 import secrets
 import signal
 import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, images
+from . import checkpoint, images, model_io
+from .config import AutoencoderConfig, UNetConfig
 from .model_io import ModelLoadError, one_line
-from .pipeline import PRESETS, load_model
-from .sampler import SAMPLERS
+from .pipeline import DISTILLED_REPOS, DISTILLED_STEPS, PRESETS, load_model
+from .sampler import SAMPLERS, make_sampler
 
 DEFAULT_MODEL = "sdxl-turbo"
 
@@ -69,7 +72,7 @@ def run_cli(main, prog: str):
     signal.signal(signal.SIGTERM, terminate)
     try:
         main()
-    except (UsageError, ModelLoadError) as e:
+    except (UsageError, ModelLoadError, images.WriteError) as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -83,9 +86,11 @@ def check_output_path(path: str) -> Path:
     if path.suffix.lower() not in images.FORMATS:
         known = ", ".join(images.FORMATS)
         raise UsageError(f"output {str(path)!r}: unknown image extension {path.suffix or '(none)'!r}; use one of {known}")
+    folder = path.parent
+    if len(path.name.encode()) > _name_max(folder):
+        raise UsageError(f"output name {path.name!r} is {len(path.name.encode())} bytes; the file system allows {_name_max(folder)}")
     if path.is_dir():
         raise UsageError(f"output {str(path)!r} is a directory; give a file name such as {str(path / 'out.png')!r}")
-    folder = path.parent
     if not folder.exists():
         raise UsageError(f"output directory {str(folder)!r} does not exist")
     if not folder.is_dir():
@@ -196,11 +201,19 @@ def draw_seed(seed):
     return seed
 
 
+def device_name() -> str:
+    """The device MLX computes on, with its backend: 'gpu (CUDA)', 'gpu (Metal)' or 'cpu'."""
+    if mx.default_device() != mx.gpu:
+        return "cpu"
+    cuda = hasattr(mx, "cuda") and mx.cuda.is_available()
+    return "gpu (CUDA)" if cuda else "gpu (Metal)" if mx.metal.is_available() else "gpu"
+
+
 def load(args):
     """The facade for --model, with its LoRAs, quantized and preloaded as asked."""
     start = time.perf_counter()
     if args.verbose:
-        print(f"MLX device: {mx.default_device()}", file=sys.stderr)
+        print(f"MLX device: {device_name()}", file=sys.stderr)
     try:
         options = {"prediction_type": args.prediction_type} if args.prediction_type else {}
         sd = load_model(args.model, float16=args.float16, sampler=args.sampler, **options)
@@ -254,6 +267,155 @@ def parameters(args, sd, steps, cfg, seed, size, **extra) -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Checks against the model's small config files, before any weight is read or downloaded
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """What the flags are checked against, read from the configs alone (a Hub repo's weights are not fetched yet)."""
+
+    unet: UNetConfig
+    vae: AutoencoderConfig
+    num_train_timesteps: int
+    latent_size: tuple  # the native (h, w) in latents: unet.sample_size
+    distilled: bool  # sdxl-turbo / sd-turbo: 2 steps, no guidance by default (as the facade decides)
+    is_xl: bool
+
+    @property
+    def latent_factor(self) -> int:
+        return self.vae.downsample_factor
+
+    def steps(self, args) -> int:
+        return (DISTILLED_STEPS if self.distilled else 50) if args.steps is None else args.steps
+
+    def cfg(self, args) -> float:
+        return (0.0 if self.distilled else 5.0 if self.is_xl else 7.5) if args.cfg is None else args.cfg
+
+
+def read_model_configs(args) -> ModelConfigs:
+    """Open --model's source and read its scheduler, UNet and VAE configs; a malformed one is a ModelLoadError."""
+    name = PRESETS.get(args.model, args.model)
+    options = {"prediction_type": args.prediction_type} if getattr(args, "prediction_type", None) else {}
+    source = model_io.open_model(name, args.float16, **options)
+    unet = model_io.read_component_config(source, "unet", UNetConfig)
+    vae = model_io.read_component_config(source, "vae", AutoencoderConfig)
+    try:
+        sampler = make_sampler(args.sampler, source.config("scheduler"))
+    except ValueError as e:
+        raise ModelLoadError(f"{model_io.config_file(source, 'scheduler')}: {e}") from None
+    sample_size = source.config("unet").get("sample_size", 64)
+    latent_size = tuple(sample_size) if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size)
+    is_xl = "XL" in source.model_index().get("_class_name", "") or source.has("text_encoder_2")
+    distilled = model_io.repo_id_of(name) in DISTILLED_REPOS
+    return ModelConfigs(unet, vae, sampler.config.num_train_timesteps, latent_size, distilled, is_xl)
+
+
+def check_steps_against_model(args, model: ModelConfigs) -> int:
+    steps = model.steps(args)
+    if steps > model.num_train_timesteps:
+        raise UsageError(f"--steps {steps} is more than the model's {model.num_train_timesteps} training timesteps")
+    return steps
+
+
+def check_before_loading(args, width=None, height=None, picture_size=None):
+    """What the configs decide, before any weight is read or downloaded: --steps, the image size and the memory.
+
+    txt2img passes --width/--height (None: the model's native size), img2img the input picture's
+    size, shrunk to the VAE factor as it will be. Returns the ModelConfigs and (width, height).
+    """
+    model = read_model_configs(args)
+    check_steps_against_model(args, model)
+    f = model.latent_factor
+    if picture_size is not None:
+        try:
+            width, height = images.size_to_multiple(picture_size, f, getattr(args, "resize", True))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    else:
+        width = model.latent_size[1] * f if width is None else width
+        height = model.latent_size[0] * f if height is None else height
+        for flag, value in (("width", width), ("height", height)):
+            if value % f:
+                raise UsageError(f"--{flag} {value} is not a multiple of {f} (this model's VAE factor)")
+    check_memory(args, model, width, height, encode=picture_size is not None)
+    return model, (width, height)
+
+
+def available_memory() -> int:
+    """Bytes the default device can hold: the GPU's memory where MLX reports it, else the machine's RAM."""
+    if mx.default_device() == mx.gpu:
+        info = mx.device_info() if hasattr(mx, "device_info") else {}
+        for key in ("memory_size", "total_memory"):
+            if info.get(key):
+                return int(info[key])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_estimate(model: ModelConfigs, n_images: int, batch: int, width: int, height: int, guided: bool, float16: bool, decode_batch: int, encode: bool = False) -> dict:
+    """A lower bound, in bytes, of what one run allocates besides the weights, by part.
+
+    - unet: its first level runs at the full latent size: batch (x2 with guidance) x h x w x
+      block_out_channels[0] values, layers_per_block + 2 of them alive at once (the skip
+      connections kept for the up path and the working tensor), in the UNet's dtype;
+    - vae: decoding (or img2img's encoding) one chunk at the full pixel size: chunk x H x W x
+      the VAE's block_out_channels[0] float32 values, a conv's input and output alive at once;
+    - pictures: every decoded image in float32 and in uint8, and the uint8 grid.
+    """
+    f = model.latent_factor
+    h, w = height // f, width // f
+    unet_bytes = 2 if float16 else 4
+    unet = batch * (2 if guided else 1) * h * w * model.unet.block_out_channels[0] * (max(model.unet.layers_per_block) + 2) * unet_bytes
+    chunk = max(min(decode_batch, n_images), 1 if encode else 0)
+    vae = chunk * height * width * model.vae.block_out_channels[0] * 4 * 2
+    pictures = n_images * height * width * 3 * (4 + 1 + 1)
+    return {"UNet activations": unet, "VAE": vae, "decoded pictures": pictures}
+
+
+def check_memory(args, model: ModelConfigs, width: int, height: int, encode: bool = False):
+    """Refuse a run whose estimated memory (see memory_estimate) is more than the device has."""
+    batch = min(getattr(args, "batch_size", None) or args.n_images, args.n_images)
+    parts = memory_estimate(model, args.n_images, batch, width, height, model.cfg(args) > 1, args.float16, args.decoding_batch_size, encode)
+    need, have = sum(parts.values()), available_memory()
+    if need > have:
+        detail = ", ".join(f"{k} {_size(v)}" for k, v in parts.items())
+        raise UsageError(
+            f"{args.n_images} image(s) of {width}x{height} need at least {_size(need)} of memory ({detail}) but this machine has {_size(have)}; "
+            "use a smaller size, fewer --n_images or a smaller --decoding_batch_size"
+        )
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+
+
+def check_written_paths(paths, inputs=()):
+    """Before generating: no directory and no too-long name in the way of a file to write, and no input overwritten."""
+    protected = [Path(p).expanduser() for p in inputs]
+    for path in paths:
+        path = Path(path)
+        limit = _name_max(path.parent)
+        if len(path.name.encode()) > limit:
+            raise UsageError(f"output name {path.name!r} is {len(path.name.encode())} bytes; the file system allows {limit}; choose a shorter -o")
+        if path.is_dir():
+            raise UsageError(f"{str(path)!r} is a directory, in the way of an output file; move it or choose another -o")
+        for source in protected:
+            if path.resolve() == source.resolve() or (path.exists() and source.exists() and os.path.samefile(path, source)):
+                raise UsageError(f"{str(path)!r} would overwrite the input {str(source)!r}; choose another -o")
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the folder's file system takes; 255 where it cannot say."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+# ---------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------
 # Running: denoise, decode, save
 

@@ -18,6 +18,45 @@ def _as_tuple(value, n: int) -> tuple:
     return (value,) * n
 
 
+def _object(config, what: str) -> dict:
+    if not isinstance(config, dict):
+        raise ValueError(f"{what}: expected a JSON object, got a {type(config).__name__}")
+    return config
+
+
+def _key(config: dict, key: str, what: str):
+    if key not in config:
+        raise ValueError(f"{what}: missing key {key!r}")
+    return config[key]
+
+
+def _positive_int(value, key: str, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what}: {key}={value!r} must be a whole number >= 1")
+    return value
+
+
+def _positive_ints(value, key: str, what: str) -> tuple:
+    """A non-empty list of whole numbers >= 1 (or one such number, for per-block settings)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"{what}: {key}={value!r} must be whole numbers >= 1")
+    return value
+
+
+def _strings(value, key: str, what: str) -> tuple:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what}: {key}={value!r} must be a list of block type names")
+    return tuple(value)
+
+
+def _number(config: dict, key: str, default, what: str) -> float:
+    value = config.get(key, default)
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{what}: {key}={value!r} must be a number")
+    return value
+
+
 def _require(config: dict, key: str, allowed, what: str):
     value = config.get(key, allowed[0])
     if value not in allowed:
@@ -40,6 +79,13 @@ class CLIPTextModelConfig:
 
     @classmethod
     def from_dict(cls, config: dict) -> "CLIPTextModelConfig":
+        what = "text encoder"
+        _object(config, what)
+        for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size", "intermediate_size"):
+            _positive_int(_key(config, key, what), key, what)
+        if config["hidden_size"] % config["num_attention_heads"]:
+            raise ValueError(f"{what}: num_attention_heads={config['num_attention_heads']} does not divide hidden_size={config['hidden_size']}")
+        _positive_int(config.get("max_position_embeddings", 77), "max_position_embeddings", what)
         archs = config.get("architectures") or ["CLIPTextModel"]
         with_projection = "CLIPTextModelWithProjection" in archs
         if config.get("hidden_act", "quick_gelu") not in ("gelu", "quick_gelu"):
@@ -100,6 +146,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, config: dict) -> "UNetConfig":
         what = "unet"
+        _object(config, what)
         for key, allowed in [
             ("act_fn", ("silu",)),
             ("resnet_time_scale_shift", ("default",)),
@@ -125,17 +172,42 @@ class UNetConfig:
             ("mid_block_only_cross_attention", (None, False)),
         ]:
             _require(config, key, allowed, what)
+        channels = _positive_ints(_key(config, "block_out_channels", what), "block_out_channels", what)
+        if not isinstance(channels, (list, tuple)):
+            raise ValueError(f"{what}: block_out_channels={channels!r} must be a list")
+        n = len(channels)
+        for key in ("down_block_types", "up_block_types"):
+            if len(_strings(_key(config, key, what), key, what)) != n:
+                raise ValueError(f"{what}: {key} has {len(config[key])} entries but block_out_channels has {n}")
         for t in config["down_block_types"]:
             if t not in ("CrossAttnDownBlock2D", "DownBlock2D"):
                 raise ValueError(f"unet: down block type {t!r} is not supported")
         for t in config["up_block_types"]:
             if t not in ("CrossAttnUpBlock2D", "UpBlock2D"):
                 raise ValueError(f"unet: up block type {t!r} is not supported")
+        for key, default in (("in_channels", 4), ("out_channels", 4), ("norm_num_groups", 32), ("conv_in_kernel", 3), ("conv_out_kernel", 3)):
+            _positive_int(config.get(key, default), key, what)
+        for key, default in (("layers_per_block", 2), ("cross_attention_dim", 1280)):
+            _positive_ints(config.get(key, default), key, what)
+        _number(config, "norm_eps", 1e-5, what)
+        sample_size = config.get("sample_size", 64)
+        if isinstance(sample_size, (list, tuple)) and len(sample_size) == 2:
+            _positive_ints(sample_size, "sample_size", what)
+        else:
+            _positive_int(sample_size, "sample_size", what)
 
-        n = len(config["block_out_channels"])
         # diffusers' historical naming: when num_attention_heads is absent, attention_head_dim
         # holds the number of heads (SD 1: 8, SD 2: [5, 10, 20, 20]).
         heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+        heads_key = "num_attention_heads" if config.get("num_attention_heads") else "attention_head_dim"
+        attends = [t.startswith("CrossAttn") for t in config["down_block_types"]]
+        attends[-1] = attends[-1] or config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None
+        for c, h, a in zip(channels, _as_tuple(_positive_ints(heads, heads_key, what), n), attends):
+            if a and c % h:
+                raise ValueError(f"{what}: {heads_key}={heads!r} does not divide block_out_channels={list(channels)} ({h} heads for {c} channels)")
+        groups = config.get("norm_num_groups", 32)
+        if any(c % groups for c in channels):
+            raise ValueError(f"{what}: norm_num_groups={groups} does not divide block_out_channels={list(channels)}")
         reverse = config.get("reverse_transformer_layers_per_block")
         if reverse is not None:
             if any(isinstance(r, (list, tuple)) and len(set(r)) != 1 for r in reverse):
@@ -190,6 +262,20 @@ class AutoencoderConfig:
 
     @classmethod
     def from_dict(cls, config: dict) -> "AutoencoderConfig":
+        what = "vae"
+        _object(config, what)
+        channels = _positive_ints(_key(config, "block_out_channels", what), "block_out_channels", what)
+        if not isinstance(channels, (list, tuple)):
+            raise ValueError(f"{what}: block_out_channels={channels!r} must be a list")
+        for key, default in (("in_channels", 3), ("out_channels", 3), ("latent_channels", 4), ("layers_per_block", 2), ("norm_num_groups", 32)):
+            _positive_int(config.get(key, default), key, what)
+        groups = config.get("norm_num_groups", 32)
+        if any(c % groups for c in channels):
+            raise ValueError(f"{what}: norm_num_groups={groups} does not divide block_out_channels={list(channels)}")
+        if _number(config, "scaling_factor", 0.18215, what) == 0:
+            raise ValueError(f"{what}: scaling_factor=0 is not a usable latent scale")
+        if config.get("shift_factor") is not None:
+            _number(config, "shift_factor", 0.0, what)
         _require(config, "act_fn", ("silu",), "vae")
         for t in config.get("down_block_types", ()):
             if t != "DownEncoderBlock2D":
@@ -264,6 +350,7 @@ class SchedulerConfig:
         implemented, else EulerDiscreteScheduler, which runs the configs of the others, e.g. PNDM).
         Every setting that would change the math and is not implemented raises ValueError.
         """
+        _object(config, "scheduler")
         own = config.get("_class_name")
         class_name = class_name or (own if own in SCHEDULER_CLASSES else cls.class_name)
         if config.get("trained_betas") is not None:

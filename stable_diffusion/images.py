@@ -11,14 +11,20 @@ The PNG metadata is the ``parameters`` text chunk written by AUTOMATIC1111's web
     Steps: 50, Sampler: Euler, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd-2.1-base
 """
 
+import errno
 import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+class WriteError(ValueError):
+    """A picture could not be written (disk full, a directory in the way, a name too long); nothing was left behind."""
+
 
 # Extension -> PIL format. Only PNG carries the parameters chunk.
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -45,13 +51,19 @@ def load_image(path: str) -> Image.Image:
     if p.is_dir():
         raise ValueError(f"input image {str(path)!r} is a directory")
     try:
-        with Image.open(p) as image:
-            image.load()
-            image = _oriented(image)
-            return to_rgb(image)
+        with warnings.catch_warnings():
+            # Past PIL's limit (89 Mpx) a warning, past twice that an error; the scripts check the
+            # memory a large picture needs themselves, so only the error stops here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as image:
+                image.load()
+                image = _oriented(image)
+                return to_rgb(image)
     except PermissionError:
         raise ValueError(f"input image {str(path)!r} cannot be read (permission denied)") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"input image {str(path)!r} is too large to open safely ({e})") from None
+    except UnidentifiedImageError as e:
         raise ValueError(f"input image {str(path)!r} is not an image PIL can read ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ValueError(f"input image {str(path)!r} is corrupt or truncated ({e})") from None
@@ -80,17 +92,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_to_multiple(image: Image.Image, multiple: int, allow_resize: bool = True) -> Image.Image:
-    """Shrink each side down to a multiple of ``multiple`` (Lanczos), or refuse when resizing is off."""
-    w, h = image.size
+def size_to_multiple(size: tuple, multiple: int, allow_resize: bool = True) -> tuple:
+    """(width, height) shrunk down to multiples of ``multiple``, as diffusers' VaeImageProcessor; ValueError when impossible."""
+    w, h = size
     if w < multiple or h < multiple:
         raise ValueError(f"the input image is {w}x{h}; each side must be at least {multiple} px")
     new = (w // multiple * multiple, h // multiple * multiple)
-    if new == (w, h):
-        return image
-    if not allow_resize:
+    if new != (w, h) and not allow_resize:
         raise ValueError(f"the input image is {w}x{h}, not a multiple of {multiple} px on each side (--no-resize is set)")
-    return image.resize(new, Image.Resampling.LANCZOS)
+    return new
+
+
+def resize_to_multiple(image: Image.Image, multiple: int, allow_resize: bool = True) -> Image.Image:
+    """Shrink each side down to a multiple of ``multiple`` (Lanczos), or refuse when resizing is off."""
+    new = size_to_multiple(image.size, multiple, allow_resize)
+    return image if new == image.size else image.resize(new, Image.Resampling.LANCZOS)
 
 
 def to_model_input(image: Image.Image) -> np.ndarray:
@@ -176,11 +192,22 @@ def read_parameters(path) -> str | None:
 # Writing
 
 
+def temporary_prefix(path: Path) -> str:
+    """``.<name>.`` for the temporary file, the name cut so that ``.<name>.XXXXXXXX.part`` fits a 255-byte file name."""
+    name = path.name.encode()[:TEMP_NAME_BYTES].decode(errors="ignore")
+    return f".{name}."
+
+
+# Room left for mkstemp's 8 random characters, the dots and ".part" within 255 bytes, with margin.
+TEMP_NAME_BYTES = 200
+
+
 def save_image(picture, path: Path, parameters: str | None = None) -> Path:
     """Write a picture (PIL image or (H, W, 3) uint8) atomically: a temporary file in the same folder, then a rename.
 
     Ctrl-C or an error leaves no partial file, and an existing file is replaced only once the
-    new one is complete. PNGs get the A1111 ``parameters`` text chunk.
+    new one is complete. PNGs get the A1111 ``parameters`` text chunk. A file system error (disk
+    full, a directory in the way, a name too long) raises WriteError naming the file.
     """
     from PIL.PngImagePlugin import PngInfo
 
@@ -194,7 +221,10 @@ def save_image(picture, path: Path, parameters: str | None = None) -> Path:
         options["pnginfo"] = info
     elif fmt == "JPEG":
         options["quality"] = 95
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".part")
+    except OSError as e:
+        raise WriteError(f"cannot write {str(path)!r}: {_reason(e)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt, **options)
@@ -202,13 +232,23 @@ def save_image(picture, path: Path, parameters: str | None = None) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise WriteError(f"cannot write {str(path)!r}: {_reason(e)}; nothing was written there") from None
         raise
     return path
+
+
+def _reason(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on the device"
+    if e.errno == errno.EISDIR or Path(getattr(e, "filename2", None) or "").is_dir():
+        return "a directory of that name is in the way"
+    return e.strerror or str(e)
 
 
 def _umask() -> int:

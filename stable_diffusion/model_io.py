@@ -245,11 +245,34 @@ def component_dir(root: Path, component: str) -> Path:
 def read_config(root: Path, component: str, name: str = "config.json") -> dict:
     path = component_dir(root, component) / name
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: missing file") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{path}: cannot be read as JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got a {type(config).__name__}")
+    return config
+
+
+def config_file(source, component: str) -> str:
+    """Where a component's config comes from, for error messages."""
+    root = getattr(source, "root", None)
+    if root is None:
+        return f"{source.name} ({component} config)"
+    return str(Path(root) / component / ("scheduler_config.json" if component == "scheduler" else "config.json"))
+
+
+def read_component_config(source, component: str, config_cls):
+    """``config_cls.from_dict`` of a component's config; a ModelLoadError naming the file and the key otherwise."""
+    config = source.config(component)
+    try:
+        if not isinstance(config, dict):
+            raise ValueError(f"expected a JSON object, got a {type(config).__name__}")
+        return config_cls.from_dict(config)
+    except (KeyError, TypeError, ValueError) as e:
+        detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise ModelLoadError(f"{config_file(source, component)}: {detail}") from None
 
 
 def _weight_paths(folder: Path, float16: bool) -> list[Path]:
@@ -262,7 +285,9 @@ def _weight_paths(folder: Path, float16: bool) -> list[Path]:
         try:
             weight_map = json.loads(path.read_text())["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except KeyError:
+            raise ModelLoadError(f"{path}: not a safetensors index: missing key 'weight_map'") from None
+        except (OSError, ValueError, TypeError, AttributeError) as e:
             raise ModelLoadError(f"{path}: not a safetensors index with a weight_map ({type(e).__name__}: {e})") from None
         outside = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in (".", "..")]
         if outside:
@@ -311,9 +336,12 @@ def read_model_index(root: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{path}: cannot be read as JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got a {type(index).__name__}")
+    return index
 
 
 def load_component(source, component: str, model_cls, config_cls, dtype=mx.float32, float16_files: bool = False):
@@ -323,19 +351,13 @@ def load_component(source, component: str, model_cls, config_cls, dtype=mx.float
     """
     if not hasattr(source, "weights"):
         source = FolderSource(Path(source))
-    config = source.config(component)
-    try:
-        if not isinstance(config, dict):
-            raise TypeError(f"expected a JSON object, got {type(config).__name__}")
-        config = config_cls.from_dict(config)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelLoadError(f"{source.name}: {component} config: unsupported or incomplete ({type(e).__name__}: {e})") from None
+    config = read_component_config(source, component, config_cls)
     model = model_cls(config)
     weights, where = source.weights(component, float16_files)
     weights = model.sanitize(weights)
     for key, value in weights.items():
         if not mx.issubdtype(value.dtype, mx.floating):
-            raise ModelLoadError(f"{where}: key {key!r} holds {value.dtype} values; model weights must be floating point")
+            raise ModelLoadError(f"{where}: key {key!r} holds {str(value.dtype).removeprefix('mlx.core.')} values; model weights must be floating point")
     weights = {k: v.astype(dtype) for k, v in weights.items()}
     load_weights_strict(model, weights, where)
     model.eval()
