@@ -21,7 +21,7 @@ import numpy as np
 from . import lora as lora_io
 from . import model_io
 from .clip import CLIPTextModel
-from .config import AutoencoderConfig, CLIPTextModelConfig, UNetConfig
+from .config import AutoencoderConfig, CLIPTextModelConfig, SchedulerConfig, UNetConfig
 from .model_io import ModelLoadError
 from .sampler import make_sampler
 from .tokenizer import Tokenizer
@@ -82,14 +82,18 @@ class _Pipeline:
 
         # The small files first: a bad config or sampler fails before any weight is read or downloaded.
         self.scheduler_config = self.source.config("scheduler")
-        if not isinstance(self.scheduler_config, dict):
-            raise ModelLoadError(f"{self.source.name}: scheduler config: expected a JSON object")
+        try:
+            if not isinstance(self.scheduler_config, dict):
+                raise ValueError(f"expected a JSON object, got a {type(self.scheduler_config).__name__}")
+            SchedulerConfig.from_dict(self.scheduler_config)
+        except ValueError as e:
+            raise ModelLoadError(f"{model_io.config_file(self.source, 'scheduler')}: {e}") from None
         self.sampler = make_sampler(sampler, self.scheduler_config)
         self.defaults = self._resolve_defaults()
         self._load_tokenizers()
 
         self.unet = self._load("unet", UNetModel, UNetConfig, self.dtype)
-        vae_config = AutoencoderConfig.from_dict(self.source.config("vae"))
+        vae_config = model_io.read_component_config(self.source, "vae", AutoencoderConfig)
         # The VAE overflows in float16 unless its config says it is safe (force_upcast=False).
         self.vae_dtype = mx.float16 if float16 and not vae_config.force_upcast else mx.float32
         self.autoencoder = self._load("vae", Autoencoder, AutoencoderConfig, self.vae_dtype)
@@ -316,7 +320,8 @@ class _Pipeline:
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"image has shape {tuple(image.shape)}; expected (H, W, 3), channels last, values in [-1, 1]")
         if not mx.issubdtype(image.dtype, mx.floating):
-            raise ValueError(f"image has dtype {image.dtype}; expected floats in [-1, 1] (a uint8 picture: x / 127.5 - 1)")
+            dtype = str(image.dtype).removeprefix("mlx.core.")
+            raise ValueError(f"image has dtype {dtype}; expected floats in [-1, 1] (a uint8 picture: x / 127.5 - 1)")
         if not mx.isfinite(image).all().item():
             raise ValueError("image holds NaN or infinite values")
         H, W, _ = image.shape
