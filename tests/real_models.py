@@ -1137,10 +1137,11 @@ def run_reference(preset: str, folder: Path, init: Path, out: Path):
     import torch
 
     if "XL" in CONFIGS[preset]["model_index.json"]["_class_name"]:
-        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+        # float32 throughout: transformers 5 would otherwise load SDXL's encoders in their config's float16.
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     else:
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False, torch_dtype=torch.float32
         )
     if type(pipe.scheduler).__name__ == "PNDMScheduler":  # we run PNDM configs with Euler (README)
         pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)

@@ -44,26 +44,34 @@ def _wait(process: subprocess.Popen, log: Path):
 
 
 class _Weights:
-    """Builds each architecture's weight files once, in the background, in the order presets run."""
+    """Builds each architecture's weight files once: the first one asked for, then the later ones in the background."""
 
     def __init__(self, root: Path):
         self.root = root
         self.done = {arch: threading.Event() for arch in real_models.WEIGHT_FILES}
         self.errors = {}
-        order = list(dict.fromkeys(real_models.ARCH[p] for p in real_models.PRESETS))
-        self.thread = threading.Thread(target=self._build_all, args=(order,), daemon=True)
-        self.thread.start()
+        self.thread, self.order = None, []
+
+    def _build(self, arch):
+        log = self.root / f"weights-{arch}.log"
+        try:
+            _wait(_run(["weights", arch, self.root / arch], log), log)
+        except BaseException as e:  # reported by get()
+            self.errors[arch] = e
+        self.done[arch].set()
 
     def _build_all(self, order):
         for arch in order:
-            log = self.root / f"weights-{arch}.log"
-            try:
-                _wait(_run(["weights", arch, self.root / arch], log), log)
-            except BaseException as e:  # reported by get()
-                self.errors[arch] = e
-            self.done[arch].set()
+            self._build(arch)
 
     def get(self, arch: str) -> Path:
+        if self.thread is None:  # presets run in PRESETS order: build this one and the ones after it
+            order = list(dict.fromkeys(real_models.ARCH[p] for p in real_models.PRESETS))
+            self.order = order[order.index(arch) :]
+            self.thread = threading.Thread(target=self._build_all, args=(self.order,), daemon=True)
+            self.thread.start()
+        elif arch not in self.order and not self.done[arch].is_set():
+            self._build(arch)
         self.done[arch].wait()
         if arch in self.errors:
             raise self.errors[arch]
@@ -75,7 +83,8 @@ def real_weights(tmp_path_factory):
     root = tmp_path_factory.mktemp("real_weights")
     weights = _Weights(root)
     yield weights
-    weights.thread.join()
+    if weights.thread is not None:
+        weights.thread.join()
     shutil.rmtree(root, ignore_errors=True)  # 34 GB, and pytest keeps the last three sessions' folders
 
 
