@@ -5,8 +5,9 @@ small kernels with no transposes; everywhere else as ``nn.GroupNorm(pytorch_comp
 
 The CUDA kernels take every size as a run-time argument and ship precompiled, as PTX text
 (``group_norm.ptx``, generated from ``CUDA_SOURCE`` below by ``python -m stable_diffusion.norm``):
-the driver turns PTX into machine code in milliseconds and keeps the result in its own disk cache, so
-no process compiles anything for GroupNorm, whatever the shapes (NVRTC took ~2 s per kernel and shape).
+the driver turns it into machine code once per machine (0.5-0.7 s on an H100 for all of them) and keeps
+the result in its own disk cache (``CUDA_CACHE_PATH``), so a new process spends ~6 ms on GroupNorm whatever
+the shapes, where NVRTC took 1.4-3 s per kernel and shape (bench/RESULTS.md, section 8).
 """
 
 import hashlib
