@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from stable_diffusion import cli, images, img2img_steps
+from stable_diffusion import cli, distributed, images, img2img_steps
 from stable_diffusion.cli import UsageError
 
 DEFAULT_STRENGTH = 0.8
@@ -21,8 +21,9 @@ TRIANGLE_STRENGTHS = [round(0.1 * k, 1) for k in range(1, 11)]
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser(prog="image2image.py", description="Transform an image with a text prompt (img2img) with Stable Diffusion in MLX.")
-    parser.add_argument("image", help="the input image (any format PIL reads; converted to RGB, EXIF orientation applied)")
+    parser.add_argument("image", nargs="?", default=None, help="the input image (any format PIL reads; converted to RGB, EXIF orientation applied); with --images leave it out")
     cli.add_common_arguments(parser)
+    parser.add_argument("--images", default=None, metavar="FILE", help="a text file of input images, one path a line: --n_images (or --seeds) images each, saved as <base>_<k>.<ext>")
     parser.add_argument("--strength", type=float, default=None, help=f"how much to change the image, in (0, 1]: int(steps * strength) steps are run (default {DEFAULT_STRENGTH})")
     parser.add_argument("--no-resize", dest="resize", action="store_false", help="refuse an input whose sides are not multiples of the VAE factor (8 px for real models) instead of shrinking it")
     parser.add_argument("-sd", "--show_denoising", type=int, default=None, metavar="N", help="every N steps, decode the current latent and save the grid as <base>_<limit>_<count>.<ext> (the final step is always saved too)")
@@ -51,8 +52,11 @@ def counts_to_save(limit: int, every: int | None, last_n: int, triangle: bool) -
     return counts
 
 
-def files_to_write(output, args, steps: int, strengths: list[float]) -> list:
-    """Every file this run will write, so that none is a directory or the input (checked before generating)."""
+def files_to_write(output, args, steps: int, strengths: list[float], n_inputs: int) -> list:
+    """Every file this run will write, so that none is a directory or an input (checked before generating)."""
+    if cli.is_batch(args):
+        n = n_inputs * (len(args.seed_list) if args.seed_list else args.n_images)
+        return [output, *(images.sibling(output, k) for k in range(1, n + 1))]
     files = [] if args.generate_triangle else [output]
     if args.save_individual and not args.generate_triangle:
         files += [images.sibling(output, i) for i in range(1, args.n_images + 1)]
@@ -69,7 +73,12 @@ def files_to_write(output, args, steps: int, strengths: list[float]) -> list:
 
 def main(argv=None):
     args = parse_args(argv)
+    group = distributed.Group()  # first: every rank of mlx.launch connects before any can stop
+    if args.images is not None and args.prompt is None:  # `--images FILE 'a prompt'`: the one positional is the prompt
+        args.image, args.prompt = None, args.image
     output = cli.check_common_arguments(args)
+    if args.prompt is None or (args.image is None) == (args.images is None):
+        raise UsageError("give an input image and a prompt, or --images FILE and a prompt")
     if args.generate_triangle and args.strength is not None:
         print("image2image.py: warning: -gt runs strengths 0.1 to 1.0; --strength is ignored", file=sys.stderr)
     strength = DEFAULT_STRENGTH if args.strength is None else args.strength
@@ -82,27 +91,41 @@ def main(argv=None):
     strengths = TRIANGLE_STRENGTHS if args.generate_triangle else [strength]
     if args.steps is not None:
         check_steps(args.steps, strengths, args.generate_triangle)
-    picture = cli.read_image(args.image)
+    interim = bool(args.show_denoising or args.save_last_N or args.generate_triangle)
+    if interim and (cli.is_batch(args) or group.distributed or args.resume):
+        raise UsageError("-sd, --save_last_N and -gt run one image in one process: not with --images, --seeds, --resume or mlx.launch")
+    try:
+        paths = [args.image] if args.images is None else distributed.read_list(args.images, "--images")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    originals = [cli.read_image(path) for path in paths]
     # The configs only: size, steps, memory and every file name are checked before any weight is read or downloaded.
-    model, _ = cli.check_before_loading(args, picture_size=picture.size)
-    cli.check_written_paths(files_to_write(output, args, model.steps(args), strengths), inputs=[args.image])
+    largest = max(originals, key=lambda picture: picture.size[0] * picture.size[1])
+    model, _ = cli.check_before_loading(args, picture_size=largest.size)
+    cli.check_written_paths(files_to_write(output, args, model.steps(args), strengths, len(paths)), inputs=paths)
 
     sd = cli.load(args)
     steps, cfg = cli.steps_and_cfg(args, sd)
     check_steps(steps, strengths, args.generate_triangle)
-    try:
-        resized = images.resize_to_multiple(picture, sd.latent_factor, args.resize)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if resized.size != picture.size:
-        w, h = picture.size
-        print(f"resizing the input image from {w}x{h} to {resized.size[0]}x{resized.size[1]} (multiples of {sd.latent_factor} px)", file=sys.stderr)
-    picture = resized
+    resized = []
+    for path, picture in zip(paths, originals):
+        try:
+            new = images.resize_to_multiple(picture, sd.latent_factor, args.resize)
+        except ValueError as e:
+            raise UsageError(f"{path}: {e}" if len(paths) > 1 else str(e)) from None
+        if new.size != picture.size and group.rank == 0:
+            (w, h), name = picture.size, f" {path}" if len(paths) > 1 else ""
+            print(f"resizing the input image{name} from {w}x{h} to {new.size[0]}x{new.size[1]} (multiples of {sd.latent_factor} px)", file=sys.stderr)
+        resized.append(new)
+    picture = resized[0]
     size = picture.size
     init = images.to_model_input(picture)
-    seed = cli.draw_seed(args.seed)
+    seed = None if args.seed_list else group.broadcast_seed(lambda: cli.draw_seed(args.seed))
+    seeds = args.seed_list or distributed.seeds_for(seed, args.n_images)
+    if not interim:
+        return run_job(args, group, sd, output, resized, seeds, steps, cfg, strength)
 
-    interim = bool(args.show_denoising or args.save_last_N or args.generate_triangle)
+    noise_shape = (size[1] // sd.latent_factor, size[0] // sd.latent_factor, sd.autoencoder.config.latent_channels)
     written = []
     if interim:  # the input as tile <base>_0_0, in the same grid as the outputs
         path = images.sibling(output, 0, 0)
@@ -132,7 +155,8 @@ def main(argv=None):
             num_steps=steps,
             cfg_weight=cfg,
             negative_text=args.negative_prompt,
-            seed=seed,
+            noise=distributed.initial_noise(seeds, noise_shape),  # image j: seed + j, as in a run without -sd/-gt
+            step_noise=distributed.step_noise(seeds, steps),
         )
         pictures = None
         for count, x_t in cli.denoise(latents, limit, desc=f"strength {strength:g}"):
@@ -159,6 +183,65 @@ def main(argv=None):
     else:
         extra = f" and {len(written) - 1} interim files" if len(written) > 1 else ""
         print(f"saved {output}{extra}")
+
+
+def run_job(args, group, sd, output, pictures, seeds, steps, cfg, strength):
+    """Every (input image, seed) pair, one file each (a batch job) or one grid, split over the ranks."""
+    batch = cli.is_batch(args)
+    items = distributed.make_items(len(pictures), seeds)
+    sizes = {p.size for p in pictures}
+    if batch and args.grid and len(sizes) > 1:
+        raise UsageError(f"--grid needs input images of one size (after resizing); got {', '.join(f'{w}x{h}' for w, h in sorted(sizes))}")
+    if batch and args.grid and len(items) % args.n_rows:
+        raise UsageError(f"--n_rows {args.n_rows} does not divide the {len(items)} images of the grid")
+    inits = [images.to_model_input(p) for p in pictures]
+    f = sd.latent_factor
+
+    def generate(chunk):
+        seeds = [it.seed for it in chunk]
+        w, h = pictures[chunk[0].source].size
+        return sd.generate_latents_from_image(
+            inits[chunk[0].source],
+            args.prompt,
+            n_images=len(chunk),
+            strength=strength,
+            num_steps=steps,
+            cfg_weight=cfg,
+            negative_text=args.negative_prompt,
+            noise=distributed.initial_noise(seeds, (h // f, w // f, sd.autoencoder.config.latent_channels)),
+            step_noise=distributed.step_noise(seeds, steps),
+        )
+
+    def parameters(item, n):
+        position = {} if batch else {"Batch_size": n, "Batch_pos": item.pos}
+        return cli.parameters(args, sd, steps, cfg, item.seed, pictures[item.source].size, Strength=f"{strength:g}", **position)
+
+    job = distributed.Job(
+        prog="image2image.py",
+        items=items,
+        batch_size=args.batch_size or (8 if batch else args.n_images),
+        output=output,
+        generate=generate,
+        steps=img2img_steps(steps, strength),
+        decode=lambda x: cli.decode(sd, x, args.decoding_batch_size),
+        parameters=parameters,
+        individual=batch or args.save_individual,
+        image_size=pictures[0].size,
+        grid_rows=args.n_rows if args.grid or not batch else None,
+        grid_parameters=cli.parameters(args, sd, steps, cfg, seeds[0], pictures[0].size, Strength=f"{strength:g}"),
+        resume=args.resume,
+        verbose=args.verbose,
+    )
+    written = distributed.run(job, group)
+    if group.rank == 0:
+        cli.report_memory(args, f"strength {strength:g}")
+        if args.save_prompt:
+            cli.print_stored_parameters(written[-1] if job.grid_rows else written[0])
+        if batch:
+            grid = f" and the grid {output}" if job.grid_rows else ""
+            print(f"saved {len(items)} images {images.sibling(output, '<k>')} (k = 1 to {len(items)}){grid}")
+        else:
+            print(f"saved {output}")
 
 
 if __name__ == "__main__":

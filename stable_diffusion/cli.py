@@ -69,15 +69,20 @@ def run_cli(main, prog: str):
     def terminate(signum, frame):
         raise SystemExit(143)  # unwinds like Ctrl-C, so atomic writes remove their temporary file
 
-    signal.signal(signal.SIGTERM, terminate)
+    previous = signal.signal(signal.SIGTERM, terminate)
+    lead = int(os.environ.get("MLX_RANK", "0") or 0) == 0  # under mlx.launch every rank sees the same error: rank 0 says it
     try:
         main()
     except (UsageError, ModelLoadError, images.WriteError) as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        if lead:
+            print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
+        if lead:
+            print(f"\n{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_output_path(path: str) -> Path:
@@ -116,7 +121,7 @@ def read_image(path: str):
 
 def add_common_arguments(parser):
     presets = ", ".join(PRESETS)
-    parser.add_argument("prompt", help="what the image should show")
+    parser.add_argument("prompt", nargs="?", default=None, help="what the image should show")
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -140,6 +145,11 @@ def add_common_arguments(parser):
     parser.add_argument("-sp", "--save_prompt", action="store_true", help="print the parameters stored in the PNG, read back from the file")
     parser.add_argument("-pp", "--print_parser", action="store_true", help="print the parsed arguments at start")
     parser.add_argument("-v", "--verbose", action="store_true", help="print the device MLX runs on, timings and peak memory (mx.get_peak_memory)")
+    batch = parser.add_argument_group("many images (also split over the ranks of mlx.launch -n K)")
+    batch.add_argument("--seeds", default=None, metavar="LIST", help="one image per seed (per prompt or input image): a list 1,2,3, a range 10-19 or both (1,5-7); instead of --seed/--n_images")
+    batch.add_argument("--batch_size", type=int, default=None, help="images denoised at once on a rank (default: --n_images; 8 with --seeds, --prompts or --images); the batches are the same for any number of ranks")
+    batch.add_argument("--resume", action="store_true", help="skip the images whose file <base>_<k>.<ext> already exists (finish an interrupted job)")
+    batch.add_argument("--grid", action="store_true", help="with --seeds or a list of prompts/images: also write the grid <base>.<ext>")
 
 
 def check_common_arguments(args) -> Path:
@@ -148,7 +158,7 @@ def check_common_arguments(args) -> Path:
         print(args)
     if args.n_images < 1:
         raise UsageError(f"--n_images must be at least 1 (got {args.n_images})")
-    if args.n_rows < 1 or args.n_images % args.n_rows:
+    if args.n_rows < 1 or (args.n_images % args.n_rows and not is_batch(args)):  # a batch job checks its total later
         raise UsageError(f"--n_rows {args.n_rows} does not divide --n_images {args.n_images}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be at least 1 (got {args.steps})")
@@ -158,9 +168,35 @@ def check_common_arguments(args) -> Path:
         raise UsageError(f"--decoding_batch_size must be at least 1 (got {args.decoding_batch_size})")
     if args.seed is not None and args.seed != -1 and not 0 <= args.seed < 2**64:
         raise UsageError(f"--seed must be in [0, 2**64) or -1 to draw one (got {args.seed})")
+    check_batch_arguments(args)
     args.lora = [parse_lora(spec) for spec in args.lora]
     check_model_name(args.model)
     return check_output_path(args.output)
+
+
+def check_batch_arguments(args):
+    """--seeds, --batch_size, --resume, --grid; the seeds list is parsed into ``args.seed_list``."""
+    args.seed_list = None
+    if args.seeds is not None:
+        if args.seed is not None:
+            raise UsageError("give --seed or --seeds, not both")
+        if args.n_images != 1:
+            raise UsageError("--seeds makes one image per seed; leave --n_images at 1")
+        from .distributed import parse_seeds
+
+        try:
+            args.seed_list = parse_seeds(args.seeds)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1 (got {args.batch_size})")
+    if args.resume and not (is_batch(args) or args.save_individual):
+        raise UsageError("--resume skips the files <base>_<k>; they are written with --seeds, a list of prompts/images or --save_individual")
+
+
+def is_batch(args) -> bool:
+    """A job of one file per image (--seeds or a list of prompts/images) rather than one grid."""
+    return args.seeds is not None or getattr(args, "prompts", None) is not None or getattr(args, "images", None) is not None
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -247,11 +283,11 @@ def sampler_label(sd) -> str:
     return f"{label} Karras" if sd.sampler.config.use_karras_sigmas else label
 
 
-def parameters(args, sd, steps, cfg, seed, size, **extra) -> str:
+def parameters(args, sd, steps, cfg, seed, size, *, prompt=None, **extra) -> str:
     """The A1111 parameters text for this run; ``size`` is (width, height) of one image."""
     from . import lora
 
-    prompt = args.prompt + "".join(f" <lora:{lora.a1111_name(p)}:{s:g}>" for p, s in args.lora)
+    prompt = (args.prompt if prompt is None else prompt) + "".join(f" <lora:{lora.a1111_name(p)}:{s:g}>" for p, s in args.lora)
     return images.format_parameters(
         prompt,
         args.negative_prompt,
@@ -415,7 +451,6 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
-# ---------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------
 # Running: denoise, decode, save
 

@@ -1,0 +1,338 @@
+"""Batch jobs for the scripts, split over ``mx.distributed`` ranks: many images, many GPUs or Macs.
+
+``mlx.launch -n K python txt2image.py ...`` starts K copies of a script. Each calls ``Group()``
+(``mx.distributed.init()``), builds the same list of items from the same flags, and takes its share:
+
+- an item is one image: (source, seed), where the source is a prompt (txt2image) or an input image
+  (image2image); ``k`` (1-based) orders the job source-major and names its file ``<base>_<k>.<ext>``;
+- its noise comes from its own seed alone, drawn exactly as a one-image run of the facade draws it
+  (``initial_noise``, ``step_noise``), so a batch is a concatenation of one-image draws;
+- the batches are fixed by the job (each source's items in chunks of ``batch_size``), whatever K,
+  and batch b goes to rank b mod K: every image is computed in the same batch for any K, so
+  K = 1, 2, 4 write identical files. Ranks never write the same file.
+
+Rank 0 prints the progress of the whole job (one small ``all_sum`` per round of batches), gathers
+the pixels for the grid when one is asked, and checks at the end that every image was written. A
+rank that dies makes the others stop with a message naming what is missing (``mlx.launch`` itself
+only warns); ``--resume`` skips the images whose final file exists (files are written atomically,
+so an existing file is a finished image). The facade stays single-process: nothing here changes it.
+"""
+
+import glob
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from . import images
+
+MAX_NAMED = 8  # missing files named in an error; the rest are counted
+
+
+class JobStopped(Exception):
+    """A collective failed: another rank is gone (its process died or was stopped)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a job."""
+
+    k: int  # 1-based position in the job; the file is <base>_<k>.<ext>
+    source: int  # index of the prompt (txt2image) or input image (image2image)
+    pos: int  # index among its source's images (A1111's "Batch pos")
+    seed: int  # the image's own seed: its noise comes from this alone
+
+
+# ---------------------------------------------------------------------------------------------
+# The job: items, batches, shares
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"1,2,3"``, ``"10-19"`` (inclusive) or a mix (``"1,5-7"``) -> the seeds in that order; ValueError if malformed."""
+    seeds = []
+    for part in text.split(","):
+        part = part.strip()
+        first, dash, last = part.partition("-")
+        try:
+            lo = int(first)
+            hi = int(last) if dash else lo
+        except ValueError:
+            raise ValueError(f"--seeds {text!r}: {part!r} is not a seed or a range A-B of seeds") from None
+        if hi < lo:
+            raise ValueError(f"--seeds {text!r}: the range {part!r} is empty (A-B needs A <= B)")
+        if not 0 <= lo and hi < 2**64:
+            raise ValueError(f"--seeds {text!r}: seeds must be in [0, 2**64)")
+        seeds.extend(range(lo, hi + 1))
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: a seed is listed twice")
+    return seeds
+
+
+def read_list(path: str, what: str) -> list[str]:
+    """The non-blank lines of a text file (stripped), or ValueError naming the file."""
+    p = Path(path).expanduser()
+    try:
+        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    except FileNotFoundError:
+        raise ValueError(f"{what} file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} file {str(path)!r} cannot be read ({e})") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError(f"{what} file {str(path)!r} has no non-blank line")
+    return lines
+
+
+def make_items(n_sources: int, seeds: list[int]) -> list[Item]:
+    """Every (source, seed) pair, source-major: the job's stable order."""
+    items = []
+    for source in range(n_sources):
+        for pos, seed in enumerate(seeds):
+            items.append(Item(k=len(items) + 1, source=source, pos=pos, seed=seed))
+    return items
+
+
+def seeds_for(seed: int, n_images: int) -> list[int]:
+    """``--seed S --n_images N``: image j gets seed S + j, as AUTOMATIC1111 numbers a batch."""
+    return [(seed + j) % 2**64 for j in range(n_images)]
+
+
+def make_batches(items: list[Item], batch_size: int) -> list[list[Item]]:
+    """Each source's items in chunks of ``batch_size``: fixed by the job, the same for any number of ranks."""
+    batches = []
+    for source in sorted({it.source for it in items}):
+        mine = [it for it in items if it.source == source]
+        batches += [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    return batches
+
+
+def share(n_batches: int, rank: int, size: int) -> list[int]:
+    """The batches rank ``rank`` of ``size`` runs: b mod size == rank."""
+    return list(range(rank, n_batches, size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise: each image's from its own seed, exactly as a one-image run draws it
+
+
+def _seed_keys(seed: int):
+    return mx.random.split(mx.random.key(seed))  # (initial noise key, step noise key), as the facade splits a seed
+
+
+def initial_noise(seeds: list[int], shape: tuple) -> mx.array:
+    """(len(seeds), *shape) unit normal noise, row i what ``generate_latents(seed=seeds[i], n_images=1)`` draws."""
+    return mx.concatenate([mx.random.normal((1, *shape), key=_seed_keys(s)[0]) for s in seeds])
+
+
+def step_noise(seeds: list[int], num_steps: int) -> Callable[[int, tuple], mx.array]:
+    """A stochastic sampler's per-step noise, row i that of a one-image run with ``seeds[i]``."""
+    keys = [mx.random.split(_seed_keys(s)[1], num_steps) for s in seeds]
+
+    def noise(i: int, shape: tuple) -> mx.array:
+        return mx.concatenate([mx.random.normal((1, *shape[1:]), key=k[i]) for k in keys])
+
+    return noise
+
+
+# ---------------------------------------------------------------------------------------------
+# The group of ranks
+
+
+class Group:
+    """``mx.distributed.init()`` and the few collectives a job needs (a size-1 group when not launched)."""
+
+    def __init__(self):
+        self.group = mx.distributed.init()
+        self.rank, self.size = self.group.rank(), self.group.size()
+        # NCCL reduces on the GPU; ring (TCP) and the Mac backends on the CPU.
+        self.stream = mx.gpu if mx.cuda.is_available() and "MLX_HOSTFILE" not in os.environ else mx.cpu
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def all_sum(self, x: np.ndarray) -> np.ndarray:
+        """Sum over ranks. A lost peer raises JobStopped; SIGTERM kills at once meanwhile (no file is open)."""
+        if not self.distributed:
+            return x
+        previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a Python handler cannot run while NCCL waits
+        try:
+            y = mx.distributed.all_sum(mx.array(x), group=self.group, stream=self.stream)
+            mx.eval(y)
+            return np.array(y)
+        except RuntimeError as e:
+            raise JobStopped(str(e)) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def broadcast_seed(self, draw: Callable[[], int]) -> int:
+        """Rank 0 draws (and prints) a seed; every rank gets it."""
+        seed = draw() if self.rank == 0 else 0
+        return int(self.all_sum(np.array([seed], dtype=np.int64))[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a job
+
+
+@dataclass
+class Job:
+    """What a script hands to ``run``: the items, how to make and label a batch, where files go."""
+
+    prog: str
+    items: list[Item]
+    batch_size: int
+    output: Path  # the grid's path; image k is images.sibling(output, k)
+    generate: Callable[[list[Item]], Iterator[mx.array]]  # a batch -> latents per step, as the facade yields them
+    steps: int  # steps the generator yields (for the progress bar)
+    decode: Callable[[mx.array], np.ndarray]  # latents -> (B, H, W, 3) uint8
+    parameters: Callable[[Item, int], str]  # (item, images of its source) -> the PNG's A1111 text
+    individual: bool = True  # one file per image (False: only the grid, in one process)
+    image_size: tuple = (0, 0)  # (width, height) of every image; needed for the grid
+    grid_rows: Optional[int] = None  # write the grid with this many rows (None: no grid)
+    grid_parameters: str = ""
+    resume: bool = False
+    verbose: bool = False
+
+
+def path_of(job: Job, item: Item) -> Path:
+    return images.sibling(job.output, item.k)
+
+
+def run(job: Job, group: Group) -> list[Path]:
+    """Run this rank's share of ``job``; on rank 0 also the progress, the grid and the final check.
+
+    Returns the job's files: one per image (when ``job.individual``), then the grid (rank 0, when asked).
+    """
+    batches = make_batches(job.items, job.batch_size)
+    mine = share(len(batches), group.rank, group.size)
+    rounds = math.ceil(len(batches) / group.size)
+    lead = group.rank == 0
+    for b in mine:  # temporary files of a killed earlier run (files in flight are never final ones)
+        for item in batches[b]:
+            _remove_stale_parts(path_of(job, item))
+
+    already = [it for it in job.items if _exists(job, it)]
+    if lead and already:
+        print(f"--resume: {len(already)} of {len(job.items)} images already written, skipped")
+    done_here = set()
+    pixels = {}  # k -> picture, kept only for the grid
+    progress = tqdm(total=len(job.items), initial=len(already), desc="images", unit="image", disable=not lead, leave=False)
+    start = time.perf_counter()
+    try:
+        for r in range(rounds):
+            wrote = 0
+            b = r * group.size + group.rank
+            if b < len(batches):
+                wrote = _run_batch(job, batches[b], pixels, lead)
+                done_here.update(it.k for it in batches[b])
+            # One small collective per round: the progress of the whole job, and a lost rank noticed early.
+            progress.update(int(group.all_sum(np.array([wrote], dtype=np.int64))[0]))
+        progress.close()
+        grid = _gather_grid(job, group, pixels) if job.grid_rows else None
+        counts = group.all_sum(np.array([len(done_here)], dtype=np.int64))
+    except JobStopped as e:
+        progress.close()
+        _report_stop(job, group, f"another rank stopped ({e})")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # mlx.launch's SIGTERM may come while Python shuts down: no file is open now
+        sys.exit(1)
+    except (KeyboardInterrupt, SystemExit) as e:
+        progress.close()
+        code = getattr(e, "code", 130)
+        why = "interrupted" if code != 143 else "SIGTERM; mlx.launch sends it to every rank when one fails" if group.distributed else "SIGTERM"
+        _report_stop(job, group, why)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise
+
+    written = [path_of(job, it) for it in job.items] if job.individual else []
+    if not lead:
+        return written
+    if int(counts[0]) != len(job.items):  # every rank ran its share to the end: this is a bug, not a lost rank
+        missing = [p for p in written if not p.exists()]
+        names = ", ".join(p.name for p in missing[:MAX_NAMED]) + (f" and {len(missing) - MAX_NAMED} more" if len(missing) > MAX_NAMED else "")
+        print(f"{job.prog}: error: {len(job.items) - int(counts[0])} of {len(written)} images were not made ({names}); run the same command with --resume to finish", file=sys.stderr)
+        sys.exit(1)
+    if grid is not None:
+        images.save_image(images.grid(grid, job.grid_rows), job.output, job.grid_parameters)
+        written.append(job.output)
+    if job.verbose:
+        elapsed = time.perf_counter() - start
+        made = len(job.items) - len(already)
+        print(f"{made} images in {elapsed:.2f} s on {group.size} rank(s): {made / elapsed:.3f} images/s", file=sys.stderr)
+    return written
+
+
+def _run_batch(job: Job, batch: list[Item], pixels: dict, lead: bool) -> int:
+    """Denoise, decode and save one batch; returns how many files it wrote (0 when all existed)."""
+    todo = [it for it in batch if not _exists(job, it)]
+    if not todo:
+        if job.grid_rows:
+            for it in batch:
+                pixels[it.k] = _read_pixels(path_of(job, it))
+        return 0
+    x_t = None
+    steps = job.generate(batch)  # the whole batch, also when some of it exists: the same batch for any K
+    bar = tqdm(steps, total=job.steps, desc=f"images {batch[0].k}-{batch[-1].k}", leave=False, disable=not lead)
+    for x_t in bar:
+        mx.eval(x_t)
+    pictures = job.decode(x_t)
+    n = None
+    for item, picture in zip(batch, pictures):
+        if item in todo and job.individual:
+            n = n or sum(1 for it in job.items if it.source == item.source)
+            images.save_image(picture, path_of(job, item), job.parameters(item, n))
+        if job.grid_rows:
+            pixels[item.k] = picture
+    return len(todo)
+
+
+def _exists(job: Job, item: Item) -> bool:
+    return job.resume and job.individual and path_of(job, item).exists()
+
+
+def _read_pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _gather_grid(job: Job, group: Group, pixels: dict) -> np.ndarray:
+    """All the job's pictures on every rank, in job order: an all_sum of each rank's own over zeros."""
+    w, h = job.image_size
+    stack = np.zeros((len(job.items), h, w, 3), dtype=np.uint8)
+    for k, picture in pixels.items():
+        stack[k - 1] = picture
+    return group.all_sum(stack)
+
+
+def _remove_stale_parts(path: Path):
+    """The temporary files ``images.save_image`` left for ``path`` when its process was killed."""
+    for part in path.parent.glob(glob.escape(images.temporary_prefix(path)) + "*.part"):
+        try:
+            part.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _report_stop(job: Job, group: Group, why: str):
+    if group.rank != 0 or not job.individual:
+        return
+    written = [path_of(job, it) for it in job.items]
+    missing = [p for p in written if not p.exists()]
+    if not missing:
+        return
+    where = " on this machine" if group.distributed else ""
+    print(
+        f"{job.prog}: error: the job stopped ({why}): {len(written) - len(missing)} of {len(written)} images are written{where}; "
+        "run the same command with --resume to finish",
+        file=sys.stderr,
+    )

@@ -1,0 +1,308 @@
+"""Many-image jobs: the split over ranks, per-image noise, and mlx.launch (ring backend, 2 CPU ranks on localhost).
+
+The launched runs must write exactly the files a single process writes (pixels and parameters),
+a rank killed mid-job must leave only whole files and a message saying how to finish, and
+``--resume`` must finish the job with the same pixels.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+from stable_diffusion import distributed, images
+from stable_diffusion.pipeline import StableDiffusion
+
+ROOT = Path(__file__).resolve().parents[1]
+T2I = str(ROOT / "txt2image.py")
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+PROMPTS = "a red, round: apple\n\na blue car\n"
+# 2 prompts x 4 seeds = 8 images, one a batch: 4 rounds of 2 batches on 2 ranks. euler_a draws step noise.
+JOB = ["--seeds", "3,5-7", "--batch_size", 1, "--steps", 2, "--width", 32, "--height", 32, "--sampler", "euler_a", "--no-float16"]
+N_IMAGES = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# The job's items, batches and shares
+
+
+@pytest.mark.parametrize(
+    "text, seeds",
+    [("7", [7]), ("1,2,3", [1, 2, 3]), ("10-13", [10, 11, 12, 13]), ("1, 5-7,2", [1, 5, 6, 7, 2])],
+)
+def test_parse_seeds_reads_lists_and_inclusive_ranges(text, seeds):
+    assert distributed.parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["", "a", "3-1", "1,1", "-5", "1-2-3"])
+def test_parse_seeds_refuses_malformed_lists(text):
+    with pytest.raises(ValueError, match="--seeds"):
+        distributed.parse_seeds(text)
+
+
+def test_batches_are_fixed_by_the_job_and_every_k_covers_them_once():
+    items = distributed.make_items(3, [1, 2, 3, 4, 5])
+    assert [it.k for it in items] == list(range(1, 16))
+    assert [(it.source, it.seed) for it in items[4:7]] == [(0, 5), (1, 1), (1, 2)]
+    batches = distributed.make_batches(items, 2)
+    assert [[it.k for it in b] for b in batches[:4]] == [[1, 2], [3, 4], [5], [6, 7]]  # never across prompts
+    for size in (1, 2, 4, 7):
+        shares = [distributed.share(len(batches), rank, size) for rank in range(size)]
+        assert sorted(b for s in shares for b in s) == list(range(len(batches)))
+
+
+def test_seed_and_n_images_number_the_images_as_a1111():
+    assert distributed.seeds_for(41, 3) == [41, 42, 43]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image noise: an image of a batch starts from the noise of its seed's one-image run
+
+
+def _final(latents):
+    x = None
+    for x in latents:
+        mx.eval(x)
+    return np.array(x)
+
+
+def test_each_image_of_a_batch_is_its_seeds_one_image_run(tiny_sd1):
+    sd = StableDiffusion(str(tiny_sd1), sampler="euler_a")
+    common = dict(num_steps=3, cfg_weight=3.0)
+    alone = {s: _final(sd.generate_latents("a cat", seed=s, latent_size=(8, 8), **common)) for s in (4, 9)}
+    for s in (4, 9):  # one item: the facade's own draw, bit for bit
+        mine = sd.generate_latents("a cat", latents=distributed.initial_noise([s], (8, 8, 4)), step_noise=distributed.step_noise([s], 3), **common)
+        assert np.array_equal(_final(mine), alone[s])
+    both = sd.generate_latents("a cat", n_images=2, latents=distributed.initial_noise([4, 9], (8, 8, 4)), step_noise=distributed.step_noise([4, 9], 3), **common)
+    both = _final(both)
+    for row, s in enumerate((4, 9)):  # in a batch: the same up to the batched kernels' rounding
+        np.testing.assert_allclose(both[row], alone[s][0], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripts, in one process and under mlx.launch
+
+
+def _env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _free_port_pair() -> int:
+    """A port P with P and P + 1 free: the ring backend listens on --starting-port + rank."""
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def launch_command(n: int, *args) -> list[str]:
+    if not LAUNCH.exists():
+        pytest.skip("mlx.launch is not installed beside this Python")
+    return [str(LAUNCH), "-n", str(n), "--backend", "ring", "--starting-port", str(_free_port_pair()), "--", sys.executable, *map(str, args)]
+
+
+def run(command, cwd):
+    command = [str(c) for c in command]
+    return subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=600)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "WARN" not in result.stderr, result.stderr
+    return result
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != "prompts.txt")
+
+
+@pytest.fixture(scope="module")
+def job_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("job")
+    (folder / "prompts.txt").write_text(PROMPTS)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single(tiny_sd1, job_folder) -> Path:
+    """The reference: the job in one process, without mlx.launch."""
+    out = job_folder / "one" / "img.png"
+    out.parent.mkdir()
+    result = ok(run([sys.executable, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *JOB, "--grid", "--n_rows", 2, "-o", out], job_folder))
+    assert f"saved {N_IMAGES} images" in result.stdout
+    return out
+
+
+def test_a_prompt_file_writes_one_file_per_image_in_job_order(single):
+    names = files(single.parent)
+    assert names == ["img.png"] + sorted(f"img_{k}.png" for k in range(1, N_IMAGES + 1))
+    for k in range(1, N_IMAGES + 1):
+        p = images.parse_parameters(images.read_parameters(single.with_name(f"img_{k}.png")))
+        prompt, seed = ("a red, round: apple", "a blue car")[(k - 1) // 4], (3, 5, 6, 7)[(k - 1) % 4]
+        assert (p["Prompt"], p["Seed"], p["Sampler"], p["Size"]) == (prompt, str(seed), "Euler a", "32x32")
+    grid = pixels(single)
+    assert grid.shape == (2 * 32, 4 * 32, 3)
+    assert np.array_equal(grid[32:, 64:96], pixels(single.with_name("img_7.png")))
+    assert len({pixels(single.with_name(f"img_{k}.png")).tobytes() for k in range(1, N_IMAGES + 1)}) == N_IMAGES
+
+
+def test_two_ranks_write_the_files_of_one_process(tiny_sd1, job_folder, single):
+    out = job_folder / "two" / "img.png"
+    out.parent.mkdir()
+    command = launch_command(2, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *JOB, "--grid", "--n_rows", 2, "-o", out)
+    result = ok(run(command, job_folder))
+    assert result.stdout.count("saved") == 1  # rank 0 speaks for the job
+    assert files(out.parent) == files(single.parent)
+    for name in files(single.parent):
+        assert np.array_equal(pixels(out.parent / name), pixels(single.parent / name)), name
+        assert images.read_parameters(out.parent / name) == images.read_parameters(single.parent / name)
+
+
+def _rank_pid(launcher: int, rank: int):
+    """The pid of the launcher's child that runs rank ``rank`` (mlx.launch sets MLX_RANK in its environment)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and f"MLX_RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank's process through /proc")
+def test_a_killed_rank_stops_the_job_with_a_message_and_resume_finishes_it(tiny_sd1, job_folder, single):
+    out = job_folder / "killed" / "img.png"
+    out.parent.mkdir()
+    command = launch_command(2, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *JOB, "-o", out)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=job_folder)
+    try:
+        deadline = time.time() + 300
+        while not list(out.parent.glob("img_*.png")) and time.time() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        victim = _rank_pid(process.pid, 1)
+        assert victim is not None, "rank 1 not found"
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    # What the user sees: mlx.launch's warning and rank 0's one-line account of the job (mlx.launch
+    # 0.32.4 itself exits 0 whatever its ranks do, so the message is the signal).
+    assert "rank 1 exited with code -9" in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("txt2image.py: error: the job stopped")]
+    assert len(lines) == 1, stderr
+    assert f"of {N_IMAGES} images are written" in lines[0] and "run the same command with --resume to finish" in lines[0]
+    assert "Traceback" not in stderr
+    done = {p.name: p.stat().st_mtime_ns for p in out.parent.glob("img_*.png")}
+    assert 0 < len(done) < N_IMAGES, done
+    for name in done:  # every final file is a whole image: written to a temporary file, then renamed
+        assert np.array_equal(pixels(out.parent / name), pixels(single.parent / name)), name
+
+    (out.parent / f".img_{N_IMAGES}.png.x1y2z3w4.part").write_bytes(b"\x89PNG half")  # as a rank killed mid-write leaves it
+    result = ok(run(launch_command(2, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *JOB, "-o", out, "--resume"), job_folder))
+    assert f"--resume: {len(done)} of {N_IMAGES} images already written, skipped" in result.stdout
+    assert files(out.parent) == [f for f in files(single.parent) if f != "img.png"]  # no temporary file left either
+    for name in files(out.parent):
+        assert np.array_equal(pixels(out.parent / name), pixels(single.parent / name)), name
+    assert {name: (out.parent / name).stat().st_mtime_ns for name in done} == done  # finished files are not rewritten
+
+
+def test_ctrl_c_mid_job_exits_130_and_resume_finishes_it(tiny_sd1, job_folder, single):
+    out = job_folder / "ctrl_c" / "img.png"
+    out.parent.mkdir()
+    command = [sys.executable, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *JOB, "-o", out]
+    process = subprocess.Popen(
+        [str(c) for c in command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=job_folder,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal's Ctrl-C, not an inherited ignore
+    )
+    try:
+        deadline = time.time() + 300
+        while not list(out.parent.glob("img_*.png")) and time.time() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "images are written; run the same command with --resume to finish" in stderr
+    done = sorted(p.name for p in out.parent.glob("img_*.png"))
+    assert 0 < len(done) < N_IMAGES and not list(out.parent.glob(".*.part"))
+    ok(run([*command, "--resume"], job_folder))
+    for name in files(out.parent):
+        assert np.array_equal(pixels(out.parent / name), pixels(single.parent / name)), name
+    assert len(files(out.parent)) == N_IMAGES
+
+
+def test_resume_of_a_finished_job_writes_nothing(tiny_sd1, job_folder, single):
+    before = {p.name: p.stat().st_mtime_ns for p in single.parent.iterdir()}
+    result = ok(run([sys.executable, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *JOB, "-o", single.with_name("img.png"), "--resume"], job_folder))
+    assert f"--resume: {N_IMAGES} of {N_IMAGES} images already written" in result.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in single.parent.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["p", "--seeds", "1-3", "--seed", 4], "give --seed or --seeds, not both"),
+        (["p", "--seeds", "1-3", "--n_images", 2], "leave --n_images at 1"),
+        (["p", "--seeds", "5-1"], "the range '5-1' is empty"),
+        (["p", "--resume"], "--resume skips the files"),
+        (["--n_images", 2], "give a prompt or --prompts FILE"),
+        (["p", "--prompts", "prompts.txt"], "not both"),
+        (["--prompts", "missing.txt"], "--prompts file 'missing.txt' does not exist"),
+        (["p", "--seeds", "1-3", "--grid", "--n_rows", 2], "--n_rows 2 does not divide the 3 images of the grid"),
+    ],
+)
+def test_bad_batch_flags_are_one_line_exit_2(tiny_sd1, job_folder, tmp_path, args, message):
+    result = run([sys.executable, T2I, *args, "--model", tiny_sd1, "--steps", 1, "-o", tmp_path / "o.png"], job_folder)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image2image_input_list_two_ranks_write_the_files_of_one_process(tiny_sd2, tmp_path):
+    rng = np.random.default_rng(1)
+    for name, (h, w) in (("a.png", (32, 32)), ("b.png", (40, 28))):  # two sizes: one batch per input
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "inputs.txt").write_text("a.png\nb.png\n")
+    args = ["--images", "inputs.txt", "a lit fireplace", "--model", tiny_sd2, "--seeds", "1-2", "--strength", 0.5, "--steps", 4, "--batch_size", 1, "--no-float16"]
+    i2i = str(ROOT / "image2image.py")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    ok(run([sys.executable, i2i, *args, "-o", "one/out.png"], tmp_path))
+    ok(run(launch_command(2, i2i, *args, "-o", "two/out.png"), tmp_path))
+    assert files(tmp_path / "one") == files(tmp_path / "two") == ["out_1.png", "out_2.png", "out_3.png", "out_4.png"]
+    for name in files(tmp_path / "one"):
+        assert np.array_equal(pixels(tmp_path / "one" / name), pixels(tmp_path / "two" / name)), name
+    assert pixels(tmp_path / "one" / "out_3.png").shape == (40, 28, 3)
+    p = images.parse_parameters(images.read_parameters(tmp_path / "one" / "out_4.png"))
+    assert (p["Prompt"], p["Seed"], p["Strength"], p["Size"]) == ("a lit fireplace", "2", "0.5", "28x40")
