@@ -127,7 +127,7 @@ def add_common_arguments(parser):
         default=DEFAULT_MODEL,
         help=f"a preset ({presets}), a Hugging Face repo id (owner/name), a local diffusers folder or a single-file .safetensors checkpoint",
     )
-    parser.add_argument("--n_images", type=int, default=1, help="how many images to generate (one batch)")
+    parser.add_argument("--n_images", type=int, default=1, help="how many images to generate (per prompt); image i uses seed --seed + i, as A1111 numbers them")
     parser.add_argument("--n_rows", type=int, default=1, help="rows of the output grid; must divide --n_images")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 2 for turbo models, else 50)")
     parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight; <= 1 turns guidance off (default: the model's: 0 for turbo, 5 for SDXL, else 7.5)")
