@@ -234,14 +234,7 @@ def run_job(args, group, sd, output, pictures, seeds, steps, cfg, strength):
     )
     written = distributed.run(job, group)
     if group.rank == 0:
-        cli.report_memory(args, f"strength {strength:g}")
-        if args.save_prompt:
-            cli.print_stored_parameters(written[-1] if job.grid_rows else written[0])
-        if batch:
-            grid = f" and the grid {output}" if job.grid_rows else ""
-            print(f"saved {len(items)} images {images.sibling(output, '<k>')} (k = 1 to {len(items)}){grid}")
-        else:
-            print(f"saved {output}")
+        cli.report_job(args, job, written, f"strength {strength:g}")
 
 
 if __name__ == "__main__":

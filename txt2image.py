@@ -90,14 +90,7 @@ def main(argv=None):
     )
     written = distributed.run(job, group)
     if group.rank == 0:
-        cli.report_memory(args, "generating")
-        if args.save_prompt:
-            cli.print_stored_parameters(written[-1] if job.grid_rows else written[0])
-        if batch:
-            grid = f" and the grid {output}" if job.grid_rows else ""
-            print(f"saved {len(items)} images {images.sibling(output, '<k>')} (k = 1 to {len(items)}){grid}")
-        else:
-            print(f"saved {output}")
+        cli.report_job(args, job, written, "generating")
 
 
 if __name__ == "__main__":

@@ -495,3 +495,16 @@ def report_memory(args, what: str):
     if args.verbose:
         print(f"peak memory after {what}: {mx.get_peak_memory() / 2**30:.3f} GB", file=sys.stderr)
         mx.reset_peak_memory()
+
+
+def report_job(args, job, written: list, what: str):
+    """Rank 0's closing lines of a run: peak memory (-v), the stored parameters (-sp), what was written."""
+    report_memory(args, what)
+    if args.save_prompt:
+        print_stored_parameters(written[-1] if job.grid_rows else written[0])
+    if is_batch(args):
+        grid = f" and the grid {job.output}" if job.grid_rows else ""
+        n = len(job.items)
+        print(f"saved {n} images {images.sibling(job.output, '<k>')} (k = 1 to {n}){grid}")
+    else:
+        print(f"saved {job.output}")

@@ -28,6 +28,9 @@ PROMPTS = "a red, round: apple\n\na blue car\n"
 # 2 prompts x 4 seeds = 8 images, one a batch: 4 rounds of 2 batches on 2 ranks. euler_a draws step noise.
 JOB = ["--seeds", "3,5-7", "--batch_size", 1, "--steps", 2, "--width", 32, "--height", 32, "--sampler", "euler_a", "--no-float16"]
 N_IMAGES = 8
+# The same job with more steps per image: a rank killed once the first image is written still has
+# whole seconds of work left, however busy the machine is.
+SLOW_JOB = [*JOB[: JOB.index("--steps") + 1], 12, *JOB[JOB.index("--steps") + 2 :]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +156,14 @@ def single(tiny_sd1, job_folder) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def single_slow(tiny_sd1, job_folder) -> Path:
+    out = job_folder / "one_slow" / "img.png"
+    out.parent.mkdir()
+    ok(run([sys.executable, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *SLOW_JOB, "-o", out], job_folder))
+    return out
+
+
 def test_a_prompt_file_writes_one_file_per_image_in_job_order(single):
     names = files(single.parent)
     assert names == ["img.png"] + sorted(f"img_{k}.png" for k in range(1, N_IMAGES + 1))
@@ -194,10 +205,10 @@ def _rank_pid(launcher: int, rank: int):
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank's process through /proc")
-def test_a_killed_rank_stops_the_job_with_a_message_and_resume_finishes_it(tiny_sd1, job_folder, single):
+def test_a_killed_rank_stops_the_job_with_a_message_and_resume_finishes_it(tiny_sd1, job_folder, single_slow):
     out = job_folder / "killed" / "img.png"
     out.parent.mkdir()
-    command = launch_command(2, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *JOB, "-o", out)
+    command = launch_command(2, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *SLOW_JOB, "-o", out)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=job_folder)
     try:
         deadline = time.time() + 300
@@ -219,21 +230,21 @@ def test_a_killed_rank_stops_the_job_with_a_message_and_resume_finishes_it(tiny_
     done = {p.name: p.stat().st_mtime_ns for p in out.parent.glob("img_*.png")}
     assert 0 < len(done) < N_IMAGES, done
     for name in done:  # every final file is a whole image: written to a temporary file, then renamed
-        assert np.array_equal(pixels(out.parent / name), pixels(single.parent / name)), name
+        assert np.array_equal(pixels(out.parent / name), pixels(single_slow.parent / name)), name
 
     (out.parent / f".img_{N_IMAGES}.png.x1y2z3w4.part").write_bytes(b"\x89PNG half")  # as a rank killed mid-write leaves it
-    result = ok(run(launch_command(2, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *JOB, "-o", out, "--resume"), job_folder))
+    result = ok(run(launch_command(2, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *SLOW_JOB, "-o", out, "--resume"), job_folder))
     assert f"--resume: {len(done)} of {N_IMAGES} images already written, skipped" in result.stdout
-    assert files(out.parent) == [f for f in files(single.parent) if f != "img.png"]  # no temporary file left either
+    assert files(out.parent) == [f for f in files(single_slow.parent) if f != "img.png"]  # no temporary file left either
     for name in files(out.parent):
-        assert np.array_equal(pixels(out.parent / name), pixels(single.parent / name)), name
+        assert np.array_equal(pixels(out.parent / name), pixels(single_slow.parent / name)), name
     assert {name: (out.parent / name).stat().st_mtime_ns for name in done} == done  # finished files are not rewritten
 
 
-def test_ctrl_c_mid_job_exits_130_and_resume_finishes_it(tiny_sd1, job_folder, single):
+def test_ctrl_c_mid_job_exits_130_and_resume_finishes_it(tiny_sd1, job_folder, single_slow):
     out = job_folder / "ctrl_c" / "img.png"
     out.parent.mkdir()
-    command = [sys.executable, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *JOB, "-o", out]
+    command = [sys.executable, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *SLOW_JOB, "-o", out]
     process = subprocess.Popen(
         [str(c) for c in command],
         stdout=subprocess.PIPE,
@@ -258,7 +269,7 @@ def test_ctrl_c_mid_job_exits_130_and_resume_finishes_it(tiny_sd1, job_folder, s
     assert 0 < len(done) < N_IMAGES and not list(out.parent.glob(".*.part"))
     ok(run([*command, "--resume"], job_folder))
     for name in files(out.parent):
-        assert np.array_equal(pixels(out.parent / name), pixels(single.parent / name)), name
+        assert np.array_equal(pixels(out.parent / name), pixels(single_slow.parent / name)), name
     assert len(files(out.parent)) == N_IMAGES
 
 
