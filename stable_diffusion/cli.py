@@ -134,6 +134,7 @@ def add_common_arguments(parser):
     parser.add_argument("--negative_prompt", default="", help="what the image should not show (used when --cfg > 1)")
     parser.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="sampler (default: the model's own scheduler when implemented, else euler)")
     parser.add_argument("--seed", type=int, default=None, help="random seed in [0, 2**64); -1 or none: drawn and printed; always stored in the PNG")
+    parser.add_argument("--config", dest="config_dir", default=None, metavar="DIR", help="for a single-file checkpoint: take the configs and tokenizers from this diffusers folder instead of the shipped ones (diffusers' from_single_file(config=...))")
     parser.add_argument("--prediction-type", dest="prediction_type", default=None, choices=["epsilon", "v_prediction"], help="for a single-file SD 2.x checkpoint, what its UNet predicts (its keys cannot tell; default: v_prediction, as diffusers)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="merge a LoRA file (kohya/A1111 or diffusers/PEFT .safetensors) at SCALE (default 1); repeatable")
     parser.add_argument("--no-float16", dest="float16", action="store_false", help="run the text encoder and UNet in float32 (float16 is the default; the VAE stays float32)")
@@ -171,6 +172,8 @@ def check_common_arguments(args) -> Path:
     check_batch_arguments(args)
     args.lora = [parse_lora(spec) for spec in args.lora]
     check_model_name(args.model)
+    if args.config_dir is not None and not (Path(args.config_dir).expanduser() / "model_index.json").is_file():
+        raise UsageError(f"--config {args.config_dir!r}: not a diffusers model folder (no model_index.json)")
     return check_output_path(args.output)
 
 
@@ -245,13 +248,19 @@ def device_name() -> str:
     return "gpu (CUDA)" if cuda else "gpu (Metal)" if mx.metal.is_available() else "gpu"
 
 
+def source_options(args) -> dict:
+    """What a single-file checkpoint takes beside its path (--prediction-type, --config)."""
+    options = {"prediction_type": args.prediction_type, "config_dir": args.config_dir}
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def load(args):
     """The facade for --model, with its LoRAs, quantized and preloaded as asked."""
     start = time.perf_counter()
     if args.verbose:
         print(f"MLX device: {device_name()}", file=sys.stderr)
     try:
-        options = {"prediction_type": args.prediction_type} if args.prediction_type else {}
+        options = source_options(args)
         sd = load_model(args.model, float16=args.float16, sampler=args.sampler, **options)
     except ValueError as e:  # an unsupported config value or sampler name
         raise UsageError(f"--model {args.model!r}: {e}") from None
@@ -332,7 +341,7 @@ class ModelConfigs:
 def read_model_configs(args) -> ModelConfigs:
     """Open --model's source and read its scheduler, UNet and VAE configs; a malformed one is a ModelLoadError."""
     name = PRESETS.get(args.model, args.model)
-    options = {"prediction_type": args.prediction_type} if getattr(args, "prediction_type", None) else {}
+    options = source_options(args)
     source = model_io.open_model(name, args.float16, **options)
     unet = model_io.read_component_config(source, "unet", UNetConfig)
     vae = model_io.read_component_config(source, "vae", AutoencoderConfig)

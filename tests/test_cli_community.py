@@ -1,4 +1,5 @@
-"""--lora in the scripts: the LoRA the library merges (held to diffusers in test_lora.py), and A1111's infotext."""
+"""Community models in the scripts: --lora and single-file --model, as the library loads them (held to diffusers in
+test_lora.py and test_checkpoint.py), and A1111's infotext for both."""
 
 import hashlib
 import struct
@@ -8,6 +9,7 @@ import numpy as np
 
 import lora_files
 from stable_diffusion import images, load_model
+from test_checkpoint import write_ldm
 from test_cli import ok, params, pixels, run
 from test_lora import reference_pipe, torch_models
 
@@ -45,3 +47,26 @@ def test_a_missing_lora_file_is_one_line_before_any_model_loads(tiny_sd1, tmp_pa
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--lora" in result.stderr and "none.safetensors" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_txt2image_on_a_single_file_checkpoint_makes_what_load_model_makes_and_records_its_a1111_hash(tiny_sd1, tmp_path):
+    path = write_ldm(tiny_sd1, "sd1", tmp_path / "my_finetune.safetensors")
+    out = tmp_path / "out.png"
+    common = ["--steps", 2, "--seed", 4, "--width", 32, "--height", 32, "--no-float16", "--sampler", "euler", "--cfg", 3]
+    ok(run("txt2image.py", "a boat", "--model", path, "--config", tiny_sd1, *common, "-o", out, env={"XDG_CACHE_HOME": str(tmp_path / "cache")}))
+
+    sd = load_model(str(path), sampler="euler", config_dir=str(tiny_sd1))
+    *_, x = sd.generate_latents("a boat", num_steps=2, cfg_weight=3, latent_size=(8, 8), seed=4)
+    assert np.array_equal(pixels(out), images.to_uint8(sd.decode(x))[0])
+    p = params(out)
+    assert p["Model"] == "my_finetune"
+    assert p["Model hash"] == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    assert not (tmp_path / "my_finetune.safetensors.sha256").exists() and sorted(q.name for q in tmp_path.iterdir()) == ["cache", "my_finetune.safetensors", "out.png"]
+
+
+def test_a_pickled_checkpoint_is_refused_without_being_opened(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not even read")
+    result = run("txt2image.py", "a boat", "--model", ckpt, "-o", tmp_path / "o.png")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "never opened" in result.stderr or "never loads" in result.stderr
