@@ -240,16 +240,18 @@ def run(job: Job, group: Group) -> list[Path]:
         grid = _gather_grid(job, group, pixels) if job.grid_rows else None
         counts = group.all_sum(np.array([len(done_here)], dtype=np.int64))
     except JobStopped as e:
+        # mlx.launch sends SIGTERM to every rank once one fails; it must not cut this report short
+        # (no file is open now, so nothing is left half-written).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         progress.close()
         _report_stop(job, group, f"another rank stopped ({e})")
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # mlx.launch's SIGTERM may come while Python shuts down: no file is open now
         sys.exit(1)
     except (KeyboardInterrupt, SystemExit) as e:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         progress.close()
         code = getattr(e, "code", 130)
         why = "interrupted" if code != 143 else "SIGTERM; mlx.launch sends it to every rank when one fails" if group.distributed else "SIGTERM"
         _report_stop(job, group, why)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise
 
     written = [path_of(job, it) for it in job.items] if job.individual else []

@@ -131,7 +131,7 @@ def estimate(model_folder, n_images, width, height, cfg=7.5, encode=False, decod
 
     args = Args()
     args.model, args.float16, args.sampler, args.steps, args.cfg = str(model_folder), True, None, None, cfg
-    args.prediction_type = None
+    args.prediction_type = args.config_dir = None
     model = cli.read_model_configs(args)
     parts = cli.memory_estimate(model, n_images, n_images, width, height, cfg > 1, True, decode_batch, encode)
     return sum(parts.values())
