@@ -64,6 +64,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run_cli(main, prog: str):
     """Run ``main()``; user errors become one stderr line and exit 2, Ctrl-C exits 130, SIGTERM 143."""
+    formatwarning = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"{prog}: warning: {message}\n"
 
     def terminate(signum, frame):
@@ -83,6 +84,7 @@ def run_cli(main, prog: str):
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        warnings.formatwarning = formatwarning
 
 
 def check_output_path(path: str) -> Path:
