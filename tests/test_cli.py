@@ -307,7 +307,8 @@ def test_unwritable_output_directory_is_refused(tmp_path):
     assert_usage_error(run(T2I, "p", "-o", locked / "out.png"), T2I, "not writable")
 
 
-def test_ctrl_c_exits_130_and_leaves_the_old_output(tiny_sd1, tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_an_interrupt_exits_with_its_status_and_leaves_the_old_output(tiny_sd1, tmp_path, signum, status):
     out = tmp_path / "out.png"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(out)
     before = out.read_bytes()
@@ -320,18 +321,19 @@ def test_ctrl_c_exits_130_and_leaves_the_old_output(tiny_sd1, tmp_path):
         # A child inherits an ignored SIGINT (e.g. under a non-interactive shell's `&`); a terminal's is not ignored.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    # Interrupt once denoising has started (the tqdm bar appears on stderr).
+    # Interrupt once denoising has started (its step bar appears on stderr).
     seen = ""
     deadline = time.time() + 120
-    while "denoising" not in seen and time.time() < deadline:
+    while "images 1-1:" not in seen and time.time() < deadline:
         seen += process.stderr.read(1)
+    assert "images 1-1:" in seen, seen
     time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     try:
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 130
+    assert process.returncode == status
     assert "Traceback" not in err
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
