@@ -18,6 +18,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
 )
+from diffusers.utils.torch_utils import randn_tensor
 
 import tiny_models
 from parity import relative_error
@@ -99,7 +100,9 @@ def run_both(ref, ours, num_steps: int, dtype=torch.float32, seed: int = 0):
         out_ref = model_output(ref.scale_model_input(x_ref, t), float(t))
         out = model_output(ours.scale_model_input(x, i), float(ours.timesteps[i].item()))
         if ours.needs_noise:
-            step_noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1000 + i)).to(dtype)
+            # Drawn as diffusers' step draws it (randn_tensor in the model output's dtype): some torch
+            # versions draw float16 normals differently from float32 ones rounded to float16.
+            step_noise = randn_tensor(SHAPE, generator=torch.Generator().manual_seed(1000 + i), dtype=out_ref.dtype)
             x_ref = ref.step(out_ref, t, x_ref, generator=torch.Generator().manual_seed(1000 + i)).prev_sample
             x = ours.step(out, i, x, mx.array(step_noise.float().numpy()).astype(out.dtype))
         else:
