@@ -100,6 +100,7 @@ def parse_args():
     p.add_argument("--profile", action="store_true", help="per-op-type time breakdown for both frameworks at the largest batch")
     p.add_argument("--trace", default="", help="batch sizes at which to list GPU kernels (CUPTI, via torch.profiler) of one MLX and one torch step")
     p.add_argument("--json", default=None, help="write all numbers to this file")
+    p.add_argument("--fuse", choices=["on", "off"], default="on", help="UNetModel.fuse_projections() before timing (as the pipeline does)")
     p.add_argument("--group-norm", choices=["package", "templated", "portable"], default="package",
                    help="GroupNorm on CUDA: the package's precompiled kernels, the same kernels NVRTC-compiled per shape "
                         "(before issue 13), or nn.GroupNorm")
@@ -375,6 +376,8 @@ def main():
 
     t0 = time.perf_counter()
     ref, ours, tdt, mdt = build_models(cfg, args.dtype, dev)
+    if args.fuse == "on":
+        ours.fuse_projections()
     print(f"built both models with the same random weights in {time.perf_counter() - t0:.1f} s")
 
     torch_in, mlx_in = make_inputs(cfg_name, cfg, latent, 2, dev, tdt, mdt)

@@ -17,7 +17,8 @@ cast, as diffusers does), and the attention softmax runs in float32 inside
 
 import math
 
-from typing import Optional
+from functools import partial
+from typing import Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -51,6 +52,68 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(nn.silu(self.linear_1(x)))
 
 
+@partial(mx.compile, shapeless=True)
+def _add3(a: mx.array, b: mx.array, c: mx.array) -> mx.array:
+    """(a + b) + c in one kernel, rounded after each add as the unfused ops round."""
+    return a + b + c
+
+
+@partial(mx.compile, shapeless=True)
+def _geglu(hidden: mx.array, gate: mx.array) -> mx.array:
+    return hidden * nn.gelu(gate)
+
+
+def conv_add(conv: nn.Conv2d, x: mx.array, residual: mx.array) -> mx.array:
+    """``conv(x) + residual`` with the conv's bias and the residual added in one kernel."""
+    y = mx.conv2d(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _add3(y, conv.bias, residual)
+
+
+class LinearGroup:
+    """Linear layers that read the same input, run as one matmul once ``fuse()`` has been called.
+
+    ``fuse()`` concatenates the layers' weights (and biases) into one array and makes each layer's
+    weight a view into it, so the memory is not doubled and the layers keep their diffusers names
+    (LoRA, saving, quantization still see them). Whenever a layer's weight has been replaced since
+    (a LoRA merge, ``load_weights``, quantization), ``__call__`` runs the layers one by one again,
+    so the group can never compute with stale weights.
+    """
+
+    def __init__(self, places: list[tuple[nn.Module, str]]):
+        self._places = places  # (module, attribute) of each layer: looked up on every call
+        self._fused = None  # (weight, bias or None, the weight views given to the layers, split points)
+
+    def _layers(self) -> list:
+        return [getattr(owner, name) for owner, name in self._places]
+
+    def fuse(self) -> None:
+        layers = self._layers()
+        self._fused = None
+        if not all(type(layer) is nn.Linear for layer in layers):
+            return  # quantized layers keep their own kernels
+        has_bias = ["bias" in layer for layer in layers]
+        if any(has_bias) != all(has_bias):
+            return
+        weight = mx.concatenate([layer.weight for layer in layers])
+        bias = mx.concatenate([layer.bias for layer in layers]) if all(has_bias) else None
+        mx.eval(weight if bias is None else (weight, bias))
+        ends = np.cumsum([layer.weight.shape[0] for layer in layers]).tolist()
+        for layer, start, end in zip(layers, [0] + ends[:-1], ends):
+            layer.weight = weight[start:end]
+            if bias is not None:
+                layer.bias = bias[start:end]
+        mx.eval([layer.parameters() for layer in layers])
+        self._fused = (weight, bias, [layer.weight for layer in layers], ends[:-1])
+
+    def __call__(self, x: mx.array) -> list:
+        layers = self._layers()
+        if self._fused is None or any(layer.get("weight") is not view for layer, view in zip(layers, self._fused[2])):
+            return [layer(x) for layer in layers]
+        weight, bias, _, splits = self._fused
+        y = x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
+        return mx.split(y, splits, axis=-1)
+
+
 def _attention_scores_stay_float32(head_dim: int) -> bool:
     # On a CUDA GPU, fp16/bf16 attention with head_dim a multiple of 8 up to 128 runs in cuDNN's
     # fused kernel, which keeps the scores in float32 (checked on an H100 with MLX 0.32.4: scores
@@ -60,27 +123,39 @@ def _attention_scores_stay_float32(head_dim: int) -> bool:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with bias-free q/k/v and a biased output projection (diffusers ``Attention``)."""
+    """Multi-head attention with bias-free q/k/v and a biased output projection (diffusers ``Attention``).
+
+    Once ``fuse_projections()`` has run, self-attention computes q, k and v in one matmul, and
+    cross-attention k and v in one (``LinearGroup``).
+    """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None, upcast: bool = False):
         super().__init__()
         inner = heads * head_dim
-        context_dim = context_dim or query_dim
         self.heads = heads
         self.scale = head_dim**-0.5
         self.upcast = upcast
+        self.is_cross_attention = context_dim is not None
         self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = [nn.Linear(inner, query_dim)]
+        names = ["to_k", "to_v"] if self.is_cross_attention else ["to_q", "to_k", "to_v"]
+        self._projections = LinearGroup([(self, name) for name in names])
+
+    def fuse_projections(self) -> None:
+        self._projections.fuse()
 
     def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
-        context = x if context is None else context
         B, L, _ = x.shape
-        S = context.shape[1]
-        q = self.to_q(x).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)  # (B, h, L, d)
-        k = self.to_k(context).reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)  # (B, h, S, d)
-        v = self.to_v(context).reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)
+        if self.is_cross_attention:
+            q, (k, v) = self.to_q(x), self._projections(context)
+        else:
+            q, k, v = self._projections(x)
+        S = k.shape[1]
+        q = q.reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)  # (B, h, L, d)
+        k = k.reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)  # (B, h, S, d)
+        v = v.reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)
         dtype = q.dtype
         if self.upcast and dtype != mx.float32 and not _attention_scores_stay_float32(q.shape[-1]):
             # upcast_attention: scores in float32 (SD 2.x overflows fp16 otherwise).
@@ -99,7 +174,7 @@ class GEGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         hidden, gate = mx.split(self.proj(x), 2, axis=-1)
-        return hidden * nn.gelu(gate)
+        return _geglu(hidden, gate)
 
 
 class FeedForward(nn.Module):
@@ -157,6 +232,8 @@ class Transformer2DModel(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context)
         h = h.reshape(B, H, W, -1)
+        if isinstance(self.proj_out, nn.Conv2d):
+            return conv_add(self.proj_out, h, x)
         return self.proj_out(h) + x
 
 
@@ -177,14 +254,12 @@ class ResnetBlock2D(nn.Module):
         if in_channels != out_channels:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
-    def __call__(self, x: mx.array, temb_act: Optional[mx.array] = None) -> mx.array:
-        """``temb_act`` is SiLU(time embedding), computed once for all resnets."""
-        h = self.conv1(self.norm1(x, silu=True))
-        if temb_act is not None:
-            h = h + self.time_emb_proj(temb_act)[:, None, None, :]
-        h = self.conv2(self.norm2(h, silu=True))
+    def __call__(self, x: mx.array, temb: Optional[mx.array] = None) -> mx.array:
+        """``temb`` is this block's projected time embedding (B, out_channels): see ``UNetModel.time_projections``."""
+        h = self.norm1(x, silu=True)
+        h = self.conv1(h) if temb is None else conv_add(self.conv1, h, temb[:, None, None, :])
         shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
-        return shortcut + h
+        return conv_add(self.conv2, self.norm2(h, silu=True), shortcut)
 
 
 class Downsample2D(nn.Module):
@@ -252,10 +327,10 @@ class DownBlock(nn.Module):
         if i < len(config.block_out_channels) - 1:
             self.downsamplers = [Downsample2D(out_channels, config.downsample_padding)]
 
-    def __call__(self, x: mx.array, temb_act: mx.array, context: mx.array) -> tuple[mx.array, list[mx.array]]:
+    def __call__(self, x: mx.array, tembs: Iterator[mx.array], context: mx.array) -> tuple[mx.array, list[mx.array]]:
         skips = []
         for j, resnet in enumerate(self.resnets):
-            x = resnet(x, temb_act)
+            x = resnet(x, next(tembs))
             if "attentions" in self:
                 x = self.attentions[j](x, context)
             skips.append(x)
@@ -286,10 +361,10 @@ class UNetMidBlock2DCrossAttn(nn.Module):
             for _ in range(config.mid_block_layers)
         ]
 
-    def __call__(self, x: mx.array, temb_act: mx.array, context: mx.array) -> mx.array:
-        x = self.resnets[0](x, temb_act)
+    def __call__(self, x: mx.array, tembs: Iterator[mx.array], context: mx.array) -> mx.array:
+        x = self.resnets[0](x, next(tembs))
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
-            x = resnet(attn(x, context), temb_act)
+            x = resnet(attn(x, context), next(tembs))
         return x
 
 
@@ -329,10 +404,10 @@ class UpBlock(nn.Module):
             self.upsamplers = [Upsample2D(out_channels)]
 
     def __call__(
-        self, x: mx.array, skips: list[mx.array], temb_act: mx.array, context: mx.array, size: tuple[int, int] | None
+        self, x: mx.array, skips: list[mx.array], tembs: Iterator[mx.array], context: mx.array, size: tuple[int, int] | None
     ) -> mx.array:
         for j, resnet in enumerate(self.resnets):
-            x = resnet(mx.concatenate([x, skips.pop()], axis=-1), temb_act)
+            x = resnet(mx.concatenate([x, skips.pop()], axis=-1), next(tembs))
             if "attentions" in self:
                 x = self.attentions[j](x, context)
         if "upsamplers" in self:
@@ -369,6 +444,16 @@ class UNetModel(nn.Module):
         self.conv_out = nn.Conv2d(
             channels[0], config.out_channels, config.conv_out_kernel, padding=(config.conv_out_kernel - 1) // 2
         )
+        blocks = [*self.down_blocks, *([self.mid_block] if "mid_block" in self else []), *self.up_blocks]
+        self._time_projections = LinearGroup([(resnet, "time_emb_proj") for block in blocks for resnet in block.resnets])
+
+    def fuse_projections(self) -> None:
+        """Fewer, larger matmuls, same results: one for every resnet's ``time_emb_proj`` and one for the
+        q/k/v (or k/v) projections of each attention (``LinearGroup``). Call it again after changing weights."""
+        self._time_projections.fuse()
+        for _, module in self.named_modules():
+            if isinstance(module, Attention):
+                module.fuse_projections()
 
     def __call__(
         self,
@@ -398,23 +483,23 @@ class UNetModel(nn.Module):
             ).reshape(B, -1)  # (B, 6 * addition_time_embed_dim)
             add_embeds = mx.concatenate([text_embeds.astype(mx.float32), time_embeds], axis=-1).astype(dtype)
             emb = emb + self.add_embedding(add_embeds)
-        temb_act = nn.silu(emb)
+        tembs = iter(self._time_projections(nn.silu(emb)))  # each resnet's time_emb_proj, in call order
 
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h, block_skips = block(h, temb_act, encoder_x)
+            h, block_skips = block(h, tembs, encoder_x)
             skips += block_skips
 
         if "mid_block" in self:
-            h = self.mid_block(h, temb_act, encoder_x)
+            h = self.mid_block(h, tembs, encoder_x)
 
         for block in self.up_blocks:
             block_skips = skips[-len(block.resnets) :]
             skips = skips[: -len(block.resnets)]
             # Upsample to the next skip's size: 2x, or diffusers' forwarded size for odd inputs.
             size = tuple(skips[-1].shape[1:3]) if skips else None
-            h = block(h, block_skips, temb_act, encoder_x, size)
+            h = block(h, block_skips, tembs, encoder_x, size)
 
         h = self.conv_norm_out(h, silu=True)
         return self.conv_out(h)

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -78,18 +79,27 @@ def _ours(model, x, t, context, text_time=None):
 TIMESTEPS = [517.3, np.array([517.3, 20.7], np.float32)]
 
 
+def _load(root, fused: bool, dtype=mx.float32) -> UNetModel:
+    model = load_component(root, "unet", UNetModel, UNetConfig, dtype=dtype)
+    if fused:
+        model.fuse_projections()
+    return model
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
 @pytest.mark.parametrize("flavour", ["tiny_sd1", "tiny_sd2"])
-def test_unet_matches_diffusers_for_float_and_per_sample_timesteps(flavour, request):
+def test_unet_matches_diffusers_for_float_and_per_sample_timesteps(flavour, fused, request):
     root = request.getfixturevalue(flavour)
-    model = load_component(root, "unet", UNetModel, UNetConfig)
+    model = _load(root, fused)
     x, context = _inputs()
     for t in TIMESTEPS:
         ref = _reference(root, x, t, context)
         assert relative_error(_ours(model, x, t, context), ref) <= 1e-5
 
 
-def test_sdxl_shaped_unet_matches_diffusers_with_text_time(tiny_sdxl_unet):
-    model = load_component(tiny_sdxl_unet, "unet", UNetModel, UNetConfig)
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_sdxl_shaped_unet_matches_diffusers_with_text_time(tiny_sdxl_unet, fused):
+    model = _load(tiny_sdxl_unet, fused)
     x, context = _inputs(context_dim=64)
     text_time = _sdxl_conditioning()
     for t in TIMESTEPS:
@@ -104,6 +114,45 @@ def test_sdxl_shaped_unet_requires_text_time(tiny_sdxl_unet):
         model(mx.array(x), mx.array(10.0), mx.array(context))
 
 
+def test_fusing_runs_the_grouped_projections_as_one_matmul_each(tiny_sd2, monkeypatch):
+    calls = []
+    linear_call = nn.Linear.__call__
+    monkeypatch.setattr(nn.Linear, "__call__", lambda self, x: calls.append(self) or linear_call(self, x))
+    model = _load(tiny_sd2, fused=False)
+    x, context = _inputs()
+    mx.eval(model(mx.array(x), mx.array(517.3), mx.array(context)))
+    separate = len(calls)
+    calls.clear()
+    model.fuse_projections()
+    mx.eval(model(mx.array(x), mx.array(517.3), mx.array(context)))
+    attentions = [m for _, m in model.named_modules() if isinstance(m, Attention)]
+    resnets = [m for _, m in model.named_modules() if "time_emb_proj" in m]
+    # self-attention: q, k, v -> one; cross-attention: k, v -> one; every time_emb_proj -> one
+    saved = sum(1 if a.is_cross_attention else 2 for a in attentions) + len(resnets)
+    assert separate - len(calls) == saved + len(attentions)  # the grouped matmuls are not nn.Linear calls
+
+
+def test_fused_unet_follows_weights_changed_after_fusing(tiny_sd2, tmp_path):
+    """A LoRA merge or load_weights after fuse_projections() replaces weights the fused matmuls
+    were built from; the model must compute with the new weights, as diffusers does with them."""
+    model = _load(tiny_sd2, fused=True)
+    reference = UNet2DConditionModel.from_pretrained(tiny_sd2 / "unet")
+    state = reference.state_dict()
+    changed = [k for k in state if k.endswith(("attn1.to_k.weight", "attn2.to_v.weight", "time_emb_proj.weight", "time_emb_proj.bias"))]
+    assert len(changed) >= 4
+    torch.manual_seed(5)
+    for key in changed:
+        state[key] = state[key] + 0.5 * torch.randn_like(state[key])
+    reference.load_state_dict(state)
+    reference.save_pretrained(tmp_path / "unet")
+    model.load_weights(list(model.sanitize({k: mx.array(state[k].numpy()) for k in changed}).items()), strict=False)
+    x, context = _inputs()
+    expected = _reference(tmp_path, x, 517.3, context)
+    assert relative_error(_ours(model, x, 517.3, context), expected) <= 1e-5
+    model.fuse_projections()  # fusing again uses the new weights too
+    assert relative_error(_ours(model, x, 517.3, context), expected) <= 1e-5
+
+
 def test_unet_upsamples_to_the_skip_size_for_latents_not_a_multiple_of_four(tiny_sd1):
     # 10x14 latents: 10 -> 5 -> 3 and 14 -> 7 -> 4 going down; diffusers forwards the skip sizes up.
     model = load_component(tiny_sd1, "unet", UNetModel, UNetConfig)
@@ -114,10 +163,11 @@ def test_unet_upsamples_to_the_skip_size_for_latents_not_a_multiple_of_four(tiny
     assert relative_error(out, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
 @pytest.mark.parametrize("flavour", ["tiny_sd2", "tiny_sdxl_unet"])
-def test_float16_unet_is_finite_and_close_to_the_float32_reference(flavour, request):
+def test_float16_unet_is_finite_and_close_to_the_float32_reference(flavour, fused, request):
     root = request.getfixturevalue(flavour)
-    model = load_component(root, "unet", UNetModel, UNetConfig, dtype=mx.float16)
+    model = _load(root, fused, dtype=mx.float16)
     sdxl = flavour == "tiny_sdxl_unet"
     x, context = _inputs(context_dim=64 if sdxl else 32)
     text_time = _sdxl_conditioning() if sdxl else None
