@@ -71,6 +71,11 @@ class _Pipeline:
 
     is_xl = False
     pipeline_cfg = 7.5  # diffusers' default guidance_scale for this pipeline
+    # Whether a float16 run keeps the VAE in float32 when its config sets force_upcast. diffusers'
+    # SD 1/2 pipelines never read the flag: they decode (pipeline_stable_diffusion.py, __call__:
+    # vae.decode) and img2img-encode (pipeline_stable_diffusion_img2img.py, prepare_latents:
+    # vae.encode) in the VAE's own dtype, float16 under torch_dtype=float16.
+    honours_force_upcast = False
 
     def __init__(self, model: str, float16: bool, sampler: Optional[str], **source_options):
         self.model = PRESETS.get(model, model)
@@ -94,8 +99,8 @@ class _Pipeline:
 
         self.unet = self._load("unet", UNetModel, UNetConfig, self.dtype)
         vae_config = model_io.read_component_config(self.source, "vae", AutoencoderConfig)
-        # The VAE overflows in float16 unless its config says it is safe (force_upcast=False).
-        self.vae_dtype = mx.float16 if float16 and not vae_config.force_upcast else mx.float32
+        upcast = self.honours_force_upcast and vae_config.force_upcast
+        self.vae_dtype = mx.float16 if float16 and not upcast else mx.float32
         self.autoencoder = self._load("vae", Autoencoder, AutoencoderConfig, self.vae_dtype)
         self._load_text_encoders()
         self._quantized = False
@@ -350,10 +355,11 @@ class _Pipeline:
 
     def _decode_chunk(self, z):
         x = self.autoencoder.decode(z.astype(self.vae_dtype))
-        if self.vae_dtype == mx.float16 and mx.isnan(x).any().item():
-            warnings.warn("the float16 VAE decoded NaN; decoding again in float32")
+        if self.vae_dtype == mx.float16 and not mx.isfinite(x).all().item():
+            warnings.warn("the float16 VAE decoded NaN or inf; decoding again in float32 (and from now on)")
             self.vae_dtype = mx.float32
-            # From the full-precision weights: float16 weights cast up would keep their rounding.
+            # From the full-precision weights: float16 weights cast up would keep their rounding. They
+            # are read lazily, at the decode below, after this assignment has freed the float16 VAE.
             self.autoencoder = model_io.load_component(self.source, "vae", Autoencoder, AutoencoderConfig, mx.float32)
             x = self.autoencoder.decode(z.astype(mx.float32))
         return mx.clip(x.astype(mx.float32) / 2 + 0.5, 0, 1)
@@ -403,6 +409,11 @@ class StableDiffusionXL(_Pipeline):
 
     is_xl = True
     pipeline_cfg = 5.0  # StableDiffusionXLPipeline's default guidance_scale
+    # SDXL's VAE overflows in float16: diffusers' SDXL pipelines decode in float32 when
+    # `vae.dtype == float16 and vae.config.force_upcast` (pipeline_stable_diffusion_xl.py, __call__:
+    # needs_upcasting), and img2img encodes in float32 when force_upcast is set
+    # (pipeline_stable_diffusion_xl_img2img.py, prepare_latents).
+    honours_force_upcast = True
 
     def __init__(self, model: str = "stabilityai/sdxl-turbo", float16: bool = False, sampler: Optional[str] = None, **source_options):
         super().__init__(model, float16, sampler, **source_options)
