@@ -95,6 +95,7 @@ def parse_args():
     p.add_argument("--mx-compile", choices=["on", "off", "both"], default="both", help="mx.compile the UNet call")
     p.add_argument("--torch", choices=["on", "off"], default="on", help="also time diffusers (eager)")
     p.add_argument("--torch-compile", action="store_true", help="also time diffusers under torch.compile (default mode)")
+    p.add_argument("--torch-compile-batches", default="", help="only at these batch sizes (default: all); each costs ~45 s of compilation")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per measurement")
     p.add_argument("--repeats", type=int, default=10, help="timed steps per measurement (median reported)")
     p.add_argument("--profile", action="store_true", help="per-op-type time breakdown for both frameworks at the largest batch")
@@ -416,7 +417,7 @@ def main():
                 step = lambda: ref(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added)  # noqa: E731
                 sec, _ = median_time(step, args.warmup, args.repeats, lambda: sync(dev))
                 row["torch"] = b / sec
-                if args.torch_compile:
+                if args.torch_compile and (not args.torch_compile_batches or str(b) in args.torch_compile_batches.split(",")):
                     if tcomp is None:
                         tcomp = torch.compile(ref, dynamic=False)
                     sync(dev)
