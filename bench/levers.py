@@ -35,6 +35,11 @@ def child(args):
     from stable_diffusion.config import UNetConfig
     from stable_diffusion.unet import Attention, UNetModel
 
+    if args.mlx_graph_default:
+        # The package sets MLX_MAX_OPS_PER_BUFFER on import; MLX reads it at its first GPU work, which
+        # has not happened yet, so dropping it here gives MLX's own default.
+        os.environ.pop("MLX_MAX_OPS_PER_BUFFER", None)
+
     sys.path.insert(0, str(ROOT / "bench"))
     from unet_throughput import CONFIGS, CONTEXT_DIM
 
@@ -80,8 +85,9 @@ def main():
     p.add_argument("--config", default="sd21", help="UNet config of bench/unet_throughput.py")
     p.add_argument("--batch-sizes", default="1,2,4,8,16")
     p.add_argument("--latent", type=int, default=None, help="latent side (default: the config's sample_size)")
-    p.add_argument("--max-ops", default="", help="extra MLX_MAX_OPS_PER_BUFFER values to run with every lever on, e.g. 40,80,160")
+    p.add_argument("--max-ops", default="", help="extra MLX_MAX_OPS_PER_BUFFER values (or OPS:MB, adding MLX_MAX_MB_PER_BUFFER) to run with every lever on, e.g. 40,80,40:100")
     p.add_argument("--with-compile", action="store_true", help="add a variant with every lever on and mx.compile(unet)")
+    p.add_argument("--graph-variants-only", action="store_true", help="skip the single-fusion variants")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
@@ -90,6 +96,7 @@ def main():
     p.add_argument("--package", default=str(ROOT), help=argparse.SUPPRESS)
     p.add_argument("--fuse", default="none", choices=sorted(FUSE), help=argparse.SUPPRESS)
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mlx-graph-default", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)
@@ -99,13 +106,17 @@ def main():
     variants = []
     if args.before:
         variants.append(("before (1ad9138)", args.before, "none", None, False))
-    variants += [
-        ("+ fused elementwise (conv bias + residual/temb, GEGLU)", str(ROOT), "none", None, False),
-        ("+ one matmul for all time_emb_proj", str(ROOT), "time", None, False),
-        ("+ fused attention projections (no time fusion)", str(ROOT), "attention", None, False),
-        ("+ both fusions (fuse_projections)", str(ROOT), "all", None, False),
-    ]
-    variants += [(f"+ both, MLX_MAX_OPS_PER_BUFFER={n}", str(ROOT), "all", n, False) for n in args.max_ops.split(",") if n]
+    if not args.graph_variants_only:
+        variants += [
+            ("+ fused elementwise (conv bias + residual/temb, GEGLU)", str(ROOT), "none", None, False),
+            ("+ one matmul for all time_emb_proj", str(ROOT), "time", None, False),
+            ("+ fused attention projections (no time fusion)", str(ROOT), "attention", None, False),
+        ]
+    variants.append(("+ both fusions (fuse_projections)", str(ROOT), "all", None, False))
+    for value in filter(None, args.max_ops.split(",")):  # "40" or "40:100" (ops, and MLX_MAX_MB_PER_BUFFER)
+        ops, _, mb = value.partition(":")
+        label = f"+ both, MLX_MAX_OPS_PER_BUFFER={ops}" + (f", MLX_MAX_MB_PER_BUFFER={mb}" if mb else "")
+        variants.append((label, str(ROOT), "all", value, False))
     if args.with_compile:
         variants.append(("+ both, mx.compile(unet)", str(ROOT), "all", None, True))
     print("command: python " + " ".join(sys.argv), flush=True)
@@ -114,10 +125,15 @@ def main():
         for label, package, fuse, max_ops, compiled in variants:
             env = dict(os.environ)
             env.pop("MLX_MAX_OPS_PER_BUFFER", None)
+            env.pop("MLX_MAX_MB_PER_BUFFER", None)
             if max_ops:
-                env["MLX_MAX_OPS_PER_BUFFER"] = max_ops
+                ops, _, mb = max_ops.partition(":")
+                env["MLX_MAX_OPS_PER_BUFFER"] = ops
+                if mb:
+                    env["MLX_MAX_MB_PER_BUFFER"] = mb
             cmd = [sys.executable, __file__, "--child", "--package", package, "--fuse", fuse, "--config", args.config,
-                   "--batch-sizes", args.batch_sizes, *(["--latent", str(args.latent)] if args.latent else []), "--warmup", str(args.warmup), "--repeats", str(args.repeats), *(["--compile"] if compiled else [])]
+                   "--batch-sizes", args.batch_sizes, *(["--latent", str(args.latent)] if args.latent else []), "--warmup", str(args.warmup), "--repeats", str(args.repeats), *(["--compile"] if compiled else []),
+                   *([] if max_ops else ["--mlx-graph-default"])]
             t0 = time.time()
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

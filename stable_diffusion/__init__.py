@@ -5,11 +5,13 @@ import os
 import mlx.core as mx
 
 if mx.cuda.is_available():
-    # MLX's CUDA backend puts at most this many kernels into one CUDA graph (its default is 20). A UNet
-    # step is ~800 kernels, and at 40 the host launches half as many graphs: +11 % to +19 % images/s at
-    # batch 1-2 on an H100, no change at 16 (bench/RESULTS.md, "Throughput levers"). Read when MLX first runs on the GPU,
-    # so it applies when this package is imported first; a value the user set is kept.
+    # How MLX's CUDA backend batches kernels into CUDA graphs: at most this many kernels and about this
+    # many MB of arrays per graph. A UNet step is ~800 kernels; these values measured best on an H100:
+    # +9 % to +67 % images/s at batch 1-16 over MLX's defaults, and a lower peak memory for SDXL's
+    # float32 decode (bench/RESULTS.md, "Throughput levers"). MLX reads them at its first GPU work, so
+    # they apply when this package is imported first; values the user set are kept.
     os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "40")
+    os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "100")
 
 from .model_io import ModelLoadError  # noqa: E402
 from .pipeline import PRESETS, Defaults, StableDiffusion, StableDiffusionXL, img2img_steps, load_model  # noqa: E402

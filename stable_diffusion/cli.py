@@ -139,7 +139,7 @@ def add_common_arguments(parser):
     parser.add_argument("--config", dest="config_dir", default=None, metavar="DIR", help="for a single-file checkpoint: take the configs and tokenizers from this diffusers folder instead of the shipped ones (diffusers' from_single_file(config=...))")
     parser.add_argument("--prediction-type", dest="prediction_type", default=None, choices=["epsilon", "v_prediction"], help="for a single-file SD 2.x checkpoint, what its UNet predicts (its keys cannot tell; default: v_prediction, as diffusers)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="merge a LoRA file (kohya/A1111 or diffusers/PEFT .safetensors) at SCALE (default 1); repeatable")
-    parser.add_argument("--no-float16", dest="float16", action="store_false", help="run the text encoder and UNet in float32 (float16 is the default; the VAE stays float32)")
+    parser.add_argument("--no-float16", dest="float16", action="store_false", help="run everything in float32 (by default the text encoders, UNet and VAE run in float16; SDXL's VAE stays float32 when its config sets force_upcast, as diffusers does)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize the text encoders to 4 bits and the UNet's linear layers to 8 bits")
     parser.add_argument("--preload-models", action="store_true", help="read all weights before generating instead of at first use")
     parser.add_argument("--decoding_batch_size", type=int, default=1, help="how many latents the VAE decodes at once")
@@ -406,7 +406,8 @@ def memory_estimate(model: ModelConfigs, n_images: int, batch: int, width: int, 
       block_out_channels[0] values, layers_per_block + 2 of them alive at once (the skip
       connections kept for the up path and the working tensor), in the UNet's dtype;
     - vae: decoding (or img2img's encoding) one chunk at the full pixel size: chunk x H x W x
-      the VAE's block_out_channels[0] float32 values, a conv's input and output alive at once;
+      the VAE's block_out_channels[0] values, a conv's input and output alive at once, in the
+      VAE's dtype (float16 with --float16, except SDXL's VAE when its config sets force_upcast);
     - pictures: every decoded image in float32 and in uint8, and the uint8 grid.
     """
     f = model.latent_factor
@@ -414,7 +415,8 @@ def memory_estimate(model: ModelConfigs, n_images: int, batch: int, width: int, 
     unet_bytes = 2 if float16 else 4
     unet = batch * (2 if guided else 1) * h * w * model.unet.block_out_channels[0] * (max(model.unet.layers_per_block) + 2) * unet_bytes
     chunk = max(min(decode_batch, n_images), 1 if encode else 0)
-    vae = chunk * height * width * model.vae.block_out_channels[0] * 4 * 2
+    vae_bytes = 4 if not float16 or (model.is_xl and model.vae.force_upcast) else 2
+    vae = chunk * height * width * model.vae.block_out_channels[0] * vae_bytes * 2
     pictures = n_images * height * width * 3 * (4 + 1 + 1)
     return {"UNet activations": unet, "VAE": vae, "decoded pictures": pictures}
 

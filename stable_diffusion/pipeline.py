@@ -98,6 +98,7 @@ class _Pipeline:
         self._load_tokenizers()
 
         self.unet = self._load("unet", UNetModel, UNetConfig, self.dtype)
+        self.unet.fuse_projections()  # fewer, larger matmuls; same weights, no extra memory
         vae_config = model_io.read_component_config(self.source, "vae", AutoencoderConfig)
         upcast = self.honours_force_upcast and vae_config.force_upcast
         self.vae_dtype = mx.float16 if float16 and not upcast else mx.float32
@@ -184,11 +185,13 @@ class _Pipeline:
             raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
         self._applied_loras.append(lora_io.apply(self._lora_targets(), lora_io.load(path), float(scale)))
         self.loras.append((str(path), float(scale)))
+        self.unet.fuse_projections()  # the merged weights replaced some the fused matmuls were built from
 
     def unload_loras(self):
         """Remove every LoRA merged in, restoring the original weights bit for bit."""
         lora_io.unapply(self._lora_targets(), self._applied_loras)
         self._applied_loras, self.loras = [], []
+        self.unet.fuse_projections()
 
     def _lora_targets(self) -> dict:
         encoders = dict(zip(("text_encoder", "text_encoder_2"), self._text_encoders()))
@@ -206,6 +209,7 @@ class _Pipeline:
         for encoder in self._text_encoders():
             nn.quantize(encoder, group_size=group_size, bits=text_bits, class_predicate=fits)
         nn.quantize(self.unet, group_size=group_size, bits=unet_bits, class_predicate=fits)
+        self.unet.fuse_projections()  # regroups what stayed unquantized; quantized layers run on their own
         self._quantized = True
 
     def _new_sampler(self, num_steps: int, name: Optional[str]):
