@@ -98,7 +98,7 @@ class _Pipeline:
         self._load_tokenizers()
 
         self.unet = self._load("unet", UNetModel, UNetConfig, self.dtype)
-        self.unet.fuse_projections()  # fewer, larger matmuls; same weights, no extra memory
+        self._unet_fused = False  # see _fuse_unet
         vae_config = model_io.read_component_config(self.source, "vae", AutoencoderConfig)
         upcast = self.honours_force_upcast and vae_config.force_upcast
         self.vae_dtype = mx.float16 if float16 and not upcast else mx.float32
@@ -173,6 +173,15 @@ class _Pipeline:
     def ensure_models_are_loaded(self):
         """Read every weight now instead of at first use."""
         mx.eval([m.parameters() for m in self._models()])
+        self._fuse_unet()
+
+    def _fuse_unet(self):
+        """``UNetModel.fuse_projections`` (fewer, larger matmuls; same weights, no extra memory), once
+        after loading and again after every LoRA or quantization change. It reads the weights it fuses,
+        so it runs at their first use, like the rest of the lazy loading."""
+        if not self._unet_fused:
+            self.unet.fuse_projections()
+            self._unet_fused = True
 
     def load_lora(self, path, scale: float = 1.0):
         """Merge a LoRA file (kohya/A1111 or diffusers/PEFT) into the UNet and text encoders, times ``scale``.
@@ -185,13 +194,13 @@ class _Pipeline:
             raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
         self._applied_loras.append(lora_io.apply(self._lora_targets(), lora_io.load(path), float(scale)))
         self.loras.append((str(path), float(scale)))
-        self.unet.fuse_projections()  # the merged weights replaced some the fused matmuls were built from
+        self._unet_fused = False  # the merged weights replaced some the fused matmuls were built from
 
     def unload_loras(self):
         """Remove every LoRA merged in, restoring the original weights bit for bit."""
         lora_io.unapply(self._lora_targets(), self._applied_loras)
         self._applied_loras, self.loras = [], []
-        self.unet.fuse_projections()
+        self._unet_fused = False
 
     def _lora_targets(self) -> dict:
         encoders = dict(zip(("text_encoder", "text_encoder_2"), self._text_encoders()))
@@ -209,7 +218,7 @@ class _Pipeline:
         for encoder in self._text_encoders():
             nn.quantize(encoder, group_size=group_size, bits=text_bits, class_predicate=fits)
         nn.quantize(self.unet, group_size=group_size, bits=unet_bits, class_predicate=fits)
-        self.unet.fuse_projections()  # regroups what stayed unquantized; quantized layers run on their own
+        self._unet_fused = False  # quantized layers run on their own; what stayed unquantized is regrouped
         self._quantized = True
 
     def _new_sampler(self, num_steps: int, name: Optional[str]):
@@ -230,6 +239,7 @@ class _Pipeline:
     def _denoise(self, sampler, x, conditioning, cfg_weight: float, start: int, step_noise: StepNoise) -> Iterator[mx.array]:
         context, text_time = conditioning
         guided = cfg_weight > 1
+        self._fuse_unet()
         for i in range(start, len(sampler.timesteps)):
             x_in = sampler.scale_model_input(x, i)
             if guided:

@@ -257,3 +257,22 @@ def test_a_sampler_named_at_the_call_leaves_the_models_own_for_later_calls(tiny_
     run_latents(sd.generate_latents(PROMPT, num_steps=5, latents=init, sampler="ddim"))
     again = run_latents(sd.generate_latents(PROMPT, num_steps=3, latents=init))[-1]
     np.testing.assert_array_equal(np.array(first), np.array(again))
+
+
+def test_unet_projections_are_fused_at_first_use_and_after_each_weight_change(tiny_sd2, monkeypatch):
+    # Fusing reads the weights it joins, so it waits for the first step (weights load lazily), and a
+    # LoRA or quantization change fuses again before the next step. The fused results themselves are
+    # held to diffusers in test_unet.py; here only when the pipeline fuses.
+    from stable_diffusion.unet import UNetModel
+
+    calls = []
+    fuse = UNetModel.fuse_projections
+    monkeypatch.setattr(UNetModel, "fuse_projections", lambda self: calls.append(self) or fuse(self))
+    sd = StableDiffusion(str(tiny_sd2))
+    assert calls == []
+    run_latents(sd.generate_latents(PROMPT, num_steps=2, latent_size=(SIZE // 8, SIZE // 8), seed=0))
+    run_latents(sd.generate_latents(PROMPT, num_steps=2, latent_size=(SIZE // 8, SIZE // 8), seed=1))
+    assert calls == [sd.unet]
+    sd.quantize(text_bits=8, unet_bits=8, group_size=32)
+    run_latents(sd.generate_latents(PROMPT, num_steps=2, latent_size=(SIZE // 8, SIZE // 8), seed=0))
+    assert calls == [sd.unet, sd.unet]
