@@ -22,7 +22,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .model_io import ModelLoadError
+from .errors import ModelLoadError
 from .tokenizer import Tokenizer
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")

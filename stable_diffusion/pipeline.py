@@ -22,7 +22,7 @@ from . import lora as lora_io
 from . import model_io
 from .clip import CLIPTextModel
 from .config import AutoencoderConfig, CLIPTextModelConfig, SchedulerConfig, UNetConfig
-from .model_io import ModelLoadError
+from .errors import ModelLoadError
 from .sampler import make_sampler
 from .tokenizer import Tokenizer
 from .unet import UNetModel

@@ -24,7 +24,7 @@ from typing import Optional
 
 import regex
 
-from .model_io import ModelLoadError
+from .errors import ModelLoadError
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

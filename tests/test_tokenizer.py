@@ -7,7 +7,7 @@ import shutil
 import pytest
 import tiny_models
 
-from stable_diffusion.model_io import ModelLoadError
+from stable_diffusion.errors import ModelLoadError
 from stable_diffusion.tokenizer import Tokenizer
 
 LONG_PROMPT = ", ".join(["a highly detailed matte painting of a castle on a hill at sunset"] * 8)

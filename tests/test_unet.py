@@ -13,7 +13,8 @@ from diffusers import UNet2DConditionModel
 import tiny_models
 from parity import relative_error
 from stable_diffusion.config import UNetConfig
-from stable_diffusion.model_io import ModelLoadError, load_component
+from stable_diffusion.errors import ModelLoadError
+from stable_diffusion.model_io import load_component
 from stable_diffusion.unet import Attention, UNetModel
 
 POOLED_DIM = 32
