@@ -43,6 +43,9 @@ PRESETS = {
 # so, hence this list of repo ids (a local copy in the HF cache is recognised by its cache path).
 DISTILLED_REPOS = {"stabilityai/sdxl-turbo", "stabilityai/sd-turbo"}
 DISTILLED_STEPS = 2
+# Guidance far beyond any useful weight (A1111's slider stops at 30, ComfyUI's at 100); past it a
+# float16 prediction difference of a few units overflows, and the image is silently NaN/black.
+MAX_CFG_WEIGHT = 1000.0
 
 # A stochastic sampler's noise for step i: (i, shape) -> unit normal noise of that shape.
 StepNoise = Callable[[int, tuple], mx.array]

@@ -122,6 +122,13 @@ def _attention_scores_stay_float32(head_dim: int) -> bool:
     return on_cuda() and head_dim % 8 == 0 and head_dim <= 128
 
 
+def attention_scores_bytes(batch: int, heads: int, queries: int, keys: int, itemsize: int) -> int:
+    """Peak bytes of the attention scores one ``Attention`` call holds where they are materialised
+    (CPU, Metal's composed path): today the whole (batch, heads, queries, keys) matrix. Memory
+    estimates call this, so they follow whatever slicing the attention does."""
+    return batch * heads * queries * keys * itemsize
+
+
 class Attention(nn.Module):
     """Multi-head attention with bias-free q/k/v and a biased output projection (diffusers ``Attention``).
 
