@@ -68,7 +68,7 @@ def parse_seeds(text: str) -> list[int]:
             raise ValueError(f"--seeds {text!r}: {part!r} is not a seed or a range A-B of seeds") from None
         if hi < lo:
             raise ValueError(f"--seeds {text!r}: the range {part!r} is empty (A-B needs A <= B)")
-        if not 0 <= lo and hi < 2**64:
+        if not (0 <= lo and hi < 2**64):
             raise ValueError(f"--seeds {text!r}: seeds must be in [0, 2**64)")
         seeds.extend(range(lo, hi + 1))
     if len(set(seeds)) != len(seeds):

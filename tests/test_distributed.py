@@ -45,7 +45,7 @@ def test_parse_seeds_reads_lists_and_inclusive_ranges(text, seeds):
     assert distributed.parse_seeds(text) == seeds
 
 
-@pytest.mark.parametrize("text", ["", "a", "3-1", "1,1", "-5", "1-2-3"])
+@pytest.mark.parametrize("text", ["", "a", "3-1", "1,1", "-5", "1-2-3", "18446744073709551616", "18446744073709551615-18446744073709551616"])
 def test_parse_seeds_refuses_malformed_lists(text):
     with pytest.raises(ValueError, match="--seeds"):
         distributed.parse_seeds(text)
@@ -292,6 +292,7 @@ def test_resume_of_a_finished_job_writes_nothing(tiny_sd1, job_folder, single):
         (["p", "--seeds", "1-3", "--seed", 4], "give --seed or --seeds, not both"),
         (["p", "--seeds", "1-3", "--n_images", 2], "leave --n_images at 1"),
         (["p", "--seeds", "5-1"], "the range '5-1' is empty"),
+        (["p", "--seeds", "18446744073709551616"], "seeds must be in [0, 2**64)"),
         (["p", "--resume"], "--resume skips the files"),
         (["--n_images", 2], "give a prompt or --prompts FILE"),
         (["p", "--prompts", "prompts.txt"], "not both"),
