@@ -2,7 +2,14 @@
 
 import os
 
-import mlx.core as mx
+try:
+    import mlx.core as mx
+except ImportError as e:
+    # On Linux the plain mlx wheel has no backend (no libmlx.so): the cpu or cuda extra brings one.
+    raise ImportError(
+        f"MLX cannot be loaded ({e}); on Linux install it with a backend: "
+        'pip install -e ".[cpu]" (CPU) or pip install -e ".[cuda]" (NVIDIA GPU), or pip install "mlx[cpu]"'
+    ) from None
 
 if mx.cuda.is_available():
     # How MLX's CUDA backend batches kernels into CUDA graphs: at most this many kernels and about this
