@@ -153,26 +153,27 @@ def resolve(model: str, float16: bool = False) -> "FolderSource":
     from huggingface_hub import model_info, snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    def cached() -> FolderSource:
+    def cached(why: str) -> FolderSource:
+        """The cached snapshot; ``why`` says truly why the Hub is not asked (for the error)."""
         try:
             return FolderSource(Path(snapshot_download(model, local_files_only=True)))
         except LocalEntryNotFoundError:
+            # Library wording: no CLI flag here (a script may add its own).
             raise ModelLoadError(
-                f"model {model!r} is not in the Hugging Face cache and cannot be downloaded "
-                "(offline: HF_HUB_OFFLINE is set or the Hub is unreachable); download it first "
-                "or pass --model PATH to a local diffusers folder"
+                f"model {model!r} is not in the Hugging Face cache and cannot be downloaded ({why}); "
+                "download it while online, or pass a local diffusers folder or a .safetensors file"
             ) from None
 
     if _offline():
-        return cached()
+        return cached("HF_HUB_OFFLINE is set")
     try:
         files = [s.rfilename for s in model_info(model).siblings or []]
     except GatedRepoError:
         raise ModelLoadError(f"model {model!r} is gated: accept its licence on the Hub and log in (hf auth login)") from None
     except RepositoryNotFoundError:
         raise ModelLoadError(f"model {model!r}: no such repository on the Hugging Face Hub") from None
-    except Exception:  # the Hub is unreachable (connection, DNS, proxy, server errors): use the cache
-        return cached()
+    except Exception as e:  # the Hub is unreachable (connection, DNS, proxy, server errors): use the cache
+        return cached(f"the Hugging Face Hub cannot be reached: {type(e).__name__}: {one_line(e)}")
     small, weights = _repo_patterns(files, float16)
     try:
         root = Path(snapshot_download(model, allow_patterns=small))
