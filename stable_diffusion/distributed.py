@@ -176,7 +176,9 @@ class Group:
     def broadcast_seed(self, draw: Callable[[], int]) -> int:
         """Rank 0 draws (and prints) a seed; every rank gets it."""
         seed = draw() if self.rank == 0 else 0
-        return int(self.all_sum(np.array([seed], dtype=np.int64))[0])
+        # As two 32-bit halves: a seed in [2**63, 2**64) does not fit the int64 the collectives sum.
+        high, low = self.all_sum(np.array([seed >> 32, seed & 0xFFFFFFFF], dtype=np.int64))
+        return int(high) << 32 | int(low)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -90,6 +90,20 @@ def test_each_image_of_a_batch_is_its_seeds_one_image_run(tiny_sd1):
         np.testing.assert_allclose(both[row], alone[s][0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", [2**63 - 1, 2**63, 2**64 - 1])
+def test_a_seed_past_int64_draws_the_facades_noise(tiny_sd1, seed):
+    sd = StableDiffusion(str(tiny_sd1), sampler="euler_a")
+    common = dict(num_steps=2, cfg_weight=3.0)
+    alone = _final(sd.generate_latents("a cat", seed=seed, latent_size=(8, 8), **common))
+    mine = sd.generate_latents("a cat", latents=distributed.initial_noise([seed], (8, 8, 4)), step_noise=distributed.step_noise([seed], 2), **common)
+    assert np.array_equal(_final(mine), alone)
+
+
+@pytest.mark.parametrize("seed", [0, 2**63 - 1, 2**63, 2**64 - 1])
+def test_broadcast_seed_keeps_every_seed_of_64_bits(seed):
+    assert distributed.Group().broadcast_seed(lambda: seed) == seed
+
+
 # ---------------------------------------------------------------------------------------------
 # The scripts, in one process and under mlx.launch
 
@@ -187,6 +201,14 @@ def test_two_ranks_write_the_files_of_one_process(tiny_sd1, job_folder, single):
     for name in files(single.parent):
         assert np.array_equal(pixels(out.parent / name), pixels(single.parent / name)), name
         assert images.read_parameters(out.parent / name) == images.read_parameters(single.parent / name)
+
+
+def test_every_rank_gets_rank_0s_seed_past_int64(tmp_path):
+    script = tmp_path / "seed.py"
+    script.write_text(f"from stable_diffusion import distributed\nprint('seed', distributed.Group().broadcast_seed(lambda: {2**64 - 1}))\n")
+    result = subprocess.run(launch_command(2, script), capture_output=True, text=True, env={**_env(), "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.split() == ["seed", str(2**64 - 1)] * 2, result.stdout
 
 
 def _rank_pid(launcher: int, rank: int):
