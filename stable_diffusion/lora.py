@@ -29,6 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import safetensors_io
 from .errors import ModelLoadError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -92,10 +93,7 @@ def load(path) -> LoraFile:
         )
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such LoRA file")
-    try:
-        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
-    except Exception as e:
-        raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from None
+    arrays, metadata = safetensors_io.load(path)
     if not arrays:
         raise ModelLoadError(f"{path}: the LoRA file holds no tensors")
 

@@ -16,6 +16,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from . import safetensors_io
 from .errors import ModelLoadError, one_line
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -291,15 +292,11 @@ def _weight_paths(folder: Path, float16: bool) -> list[Path]:
 
 
 def load_safetensors(paths: list[Path]) -> tuple[dict, dict]:
-    """Read the arrays of several safetensors files; also return which file held each key."""
+    """Read the arrays of several safetensors files (each validated by the safetensors library
+    first); also return which file held each key."""
     weights, source = {}, {}
     for path in paths:
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: missing file")
-        try:
-            arrays = mx.load(str(path), format="safetensors")
-        except Exception as e:
-            raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from None
+        arrays, _ = safetensors_io.load(path)
         weights.update(arrays)
         source.update(dict.fromkeys(arrays, path))
     return weights, source
