@@ -200,7 +200,13 @@ class _Pipeline:
         self._unet_fused = False  # the merged weights replaced some the fused matmuls were built from
 
     def unload_loras(self):
-        """Remove every LoRA merged in, restoring the original weights bit for bit."""
+        """Remove every LoRA merged in, restoring the original weights bit for bit.
+
+        Raises ValueError after ``quantize()``: the LoRAs merged before it are part of the quantized weights.
+        """
+        if self._quantized and self.loras:
+            names = ", ".join(path for path, _ in self.loras)
+            raise ValueError(f"the LoRAs {names} were merged before quantize() and cannot be removed from quantized weights; load the model again without them")
         lora_io.unapply(self._lora_targets(), self._applied_loras)
         self._applied_loras, self.loras = [], []
         self._unet_fused = False
