@@ -145,6 +145,12 @@ def resolve(model: str, float16: bool = False) -> "FolderSource":
         return FolderSource(path)
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelLoadError(f"model {model!r}: no such folder, and not a Hugging Face repo id (owner/name)")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError as e:
+        raise ModelLoadError(f"model {model!r}: no such folder, and not a valid Hugging Face repo id ({one_line(e)})") from None
     if model in REMOVED_REPOS:
         raise ModelLoadError(
             f"model {model!r} was removed from the Hugging Face Hub in November 2025; "

@@ -10,6 +10,7 @@ Every generation builds its own sampler, so two generators of one model never sh
 """
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -22,7 +23,7 @@ from . import lora as lora_io
 from . import model_io
 from .clip import CLIPTextModel
 from .config import AutoencoderConfig, CLIPTextModelConfig, SchedulerConfig, UNetConfig
-from .errors import ModelLoadError
+from .errors import ModelLoadError, one_line
 from .sampler import make_sampler
 from .tokenizer import Tokenizer
 from .unet import UNetModel
@@ -81,7 +82,7 @@ class _Pipeline:
     honours_force_upcast = False
 
     def __init__(self, model: str, float16: bool, sampler: Optional[str], **source_options):
-        self.model = PRESETS.get(model, model)
+        self.model = _model_name(model)
         self.source = model_io.open_model(self.model, float16, **source_options)
         self.float16 = float16
         self.dtype = mx.float16 if float16 else mx.float32
@@ -240,8 +241,10 @@ class _Pipeline:
         cfg_weight = self.defaults.cfg_weight if cfg_weight is None else cfg_weight
         _check_count("num_steps", num_steps)
         _check_count("n_images", n_images)
-        if not isinstance(cfg_weight, (int, float, np.number)) or not math.isfinite(cfg_weight):
+        if isinstance(cfg_weight, bool) or not isinstance(cfg_weight, (int, float, np.number)) or not math.isfinite(cfg_weight):
             raise ValueError(f"cfg_weight must be a finite number, got {cfg_weight!r}")
+        if cfg_weight > MAX_CFG_WEIGHT:
+            raise ValueError(f"cfg_weight {cfg_weight:g} is above {MAX_CFG_WEIGHT:g}: guidance that strong overflows to a black image")
         return num_steps, float(cfg_weight)
 
     # The denoising loop shared by txt2img and img2img.
@@ -284,14 +287,15 @@ class _Pipeline:
         """
         num_steps, cfg_weight = self._resolve(num_steps, cfg_weight, n_images)
         text, negative_text = _check_text(text, negative_text)
+        step_noise = _checked_step_noise(step_noise)
         sampler = self._new_sampler(num_steps, sampler)
         key_latents, key_steps = mx.random.split(_key(seed))
         if latents is not None:
-            latents = mx.array(latents)
-            if latents.ndim != 4 or latents.shape[0] != n_images or latents.shape[-1] != self.unet.config.in_channels:
-                raise ValueError(
-                    f"latents has shape {tuple(latents.shape)}; expected ({n_images}, h, w, {self.unet.config.in_channels})"
-                )
+            latents = _as_array("latents", latents)
+            channels = self.unet.config.in_channels
+            if latents.ndim != 4 or latents.shape[0] != n_images or latents.shape[-1] != channels or 0 in latents.shape:
+                raise ValueError(f"latents has shape {tuple(latents.shape)}; expected ({n_images}, h, w, {channels}), h and w >= 1")
+            _check_floats("latents", latents, "floats (unit normal noise)")
             h, w = latents.shape[1:3]  # given latents set the size (SDXL's size conditioning must follow them)
         else:
             h, w = _check_size(latent_size or self.defaults.latent_size)
@@ -321,6 +325,7 @@ class _Pipeline:
         """
         num_steps, cfg_weight = self._resolve(num_steps, cfg_weight, n_images)
         text, negative_text = _check_text(text, negative_text)
+        step_noise = _checked_step_noise(step_noise)
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength!r}")
         run = img2img_steps(num_steps, strength)
@@ -338,20 +343,16 @@ class _Pipeline:
         x0 = mx.broadcast_to(x0, (n_images, *x0.shape[1:]))
         if noise is None:
             noise = mx.random.normal(x0.shape, key=key_noise)
-        elif tuple(noise.shape) != tuple(x0.shape):
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x0.shape)}")
-        x = sampler.add_noise(x0, mx.array(noise).astype(mx.float32), start)
+        else:
+            noise = _checked_noise("noise", noise, x0.shape)
+        x = sampler.add_noise(x0, noise.astype(mx.float32), start)
         return self._denoise(sampler, x, conditioning, cfg_weight, start, step_noise or _seeded_noise(key_steps, num_steps))
 
     def _check_image(self, image) -> mx.array:
-        image = mx.array(image)
+        image = _as_array("image", image)
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"image has shape {tuple(image.shape)}; expected (H, W, 3), channels last, values in [-1, 1]")
-        if not mx.issubdtype(image.dtype, mx.floating):
-            dtype = str(image.dtype).removeprefix("mlx.core.")
-            raise ValueError(f"image has dtype {dtype}; expected floats in [-1, 1] (a uint8 picture: x / 127.5 - 1)")
-        if not mx.isfinite(image).all().item():
-            raise ValueError("image holds NaN or infinite values")
+        _check_floats("image", image, "floats in [-1, 1] (a uint8 picture: x / 127.5 - 1)")
         H, W, _ = image.shape
         f = self.latent_factor
         if H % f or W % f or H < f or W < f:
@@ -482,12 +483,21 @@ def load_model(model: str = DEFAULT_MODEL, float16: bool = False, sampler: Optio
 
     ``source_options``: ``prediction_type=`` and ``config_dir=`` for a single-file checkpoint.
     """
-    name = PRESETS.get(model, model)
+    name = _model_name(model)
     source = model_io.open_model(name, float16, **source_options)
     index = source.model_index()
     is_xl = "XL" in index.get("_class_name", "") or source.has("text_encoder_2")
     cls = StableDiffusionXL if is_xl else StableDiffusion
     return cls(name, float16=float16, sampler=sampler, **source_options)
+
+
+def _model_name(model) -> str:
+    """A preset's repo id, or the repo id / folder / file given; anything but a non-empty str or path is refused."""
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"model must be a preset name, a Hub repo id (owner/name), a diffusers folder or a .safetensors file, got {model!r}")
+    return PRESETS.get(model, model)
 
 
 def _key(seed: Optional[int]) -> mx.array:
@@ -502,6 +512,38 @@ def _seeded_noise(key: mx.array, num_steps: int) -> StepNoise:
     """Step i's noise from the i-th of num_steps keys split from the run's key (the same for any start)."""
     keys = mx.random.split(key, num_steps)
     return lambda i, shape: mx.random.normal(shape, key=keys[i])
+
+
+def _as_array(name: str, value) -> mx.array:
+    try:
+        return mx.array(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be an array (mx.array or numpy), got {type(value).__name__} ({one_line(e)[:100]})") from None
+
+
+def _check_floats(name: str, array: mx.array, expected: str):
+    """Refuse integer, bool or complex dtypes and NaN/inf values: they would run to a silently wrong picture."""
+    if not mx.issubdtype(array.dtype, mx.floating):
+        raise ValueError(f"{name} has dtype {str(array.dtype).removeprefix('mlx.core.')}; expected {expected}")
+    if not mx.isfinite(array).all().item():
+        raise ValueError(f"{name} holds NaN or infinite values")
+
+
+def _checked_noise(name: str, noise, shape: tuple) -> mx.array:
+    noise = _as_array(name, noise)
+    if tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+    _check_floats(name, noise, "floats (unit normal noise)")
+    return noise
+
+
+def _checked_step_noise(step_noise: Optional[StepNoise]) -> Optional[StepNoise]:
+    """A caller's ``step_noise``, each result checked when it is drawn (its shape is known only then)."""
+    if step_noise is None:
+        return None
+    if not callable(step_noise):
+        raise ValueError(f"step_noise must be a function (i, shape) -> noise, got {type(step_noise).__name__}")
+    return lambda i, shape: _checked_noise(f"step_noise({i}, {tuple(shape)})", step_noise(i, shape), shape)
 
 
 def _check_count(name: str, value):

@@ -12,7 +12,7 @@ import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
-from stable_diffusion import StableDiffusion, load_model
+from stable_diffusion import ModelLoadError, StableDiffusion, load_model
 from stable_diffusion.pipeline import MAX_CFG_WEIGHT
 
 # One kohya LoRA pair on a 32-wide projection of the tiny SD 1 UNet (32 divides the quantization group).
@@ -69,3 +69,82 @@ def test_load_lora_after_quantize_is_refused(tiny_sd1, lora_file):
     one_line_value_error(lambda: sd.load_lora(lora_file), r"load LoRAs before quantize\(\)")
     sd.unload_loras()  # nothing was merged: nothing to refuse
     assert sd.loras == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad arguments: one ValueError line when the call is made, before any step
+
+
+@pytest.mark.parametrize("model", [None, 5, "", "  ", b"a/b"], ids=["None", "int", "empty", "blank", "bytes"])
+def test_a_model_that_is_not_a_name_or_path_is_refused(model):
+    for load in (load_model, StableDiffusion):
+        one_line_value_error(lambda: load(model), r"model must be a preset name, a Hub repo id \(owner/name\), a diffusers folder or a \.safetensors file, got")
+
+
+@pytest.mark.parametrize("name", ["a/b c", "a/-b", "a/b..c", "a/" + "b" * 100])
+def test_a_malformed_repo_id_is_one_model_load_error(name, monkeypatch):
+    # Offline or not, the name is refused before the Hub or the cache is asked.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"no such folder, and not a valid Hugging Face repo id \(") as info:
+        load_model(name)
+    assert "\n" not in str(info.value)
+
+
+LATENT_SHAPE = (1, 4, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "latents, message",
+    [
+        (np.zeros(LATENT_SHAPE, np.int32), r"latents has dtype int32; expected floats"),
+        (np.zeros(LATENT_SHAPE, np.bool_), r"latents has dtype bool; expected floats"),
+        (np.zeros(LATENT_SHAPE, np.complex64), r"latents has dtype complex64; expected floats"),
+        (np.full(LATENT_SHAPE, np.nan, np.float32), r"latents holds NaN or infinite values"),
+        (np.full(LATENT_SHAPE, -np.inf, np.float32), r"latents holds NaN or infinite values"),
+        (np.full(LATENT_SHAPE, 1e300), r"latents holds NaN or infinite values"),  # float64 that float32 cannot hold
+        (np.zeros((1, 0, 0, 4), np.float32), r"latents has shape \(1, 0, 0, 4\); expected \(1, h, w, 4\), h and w >= 1"),
+        (np.zeros((0, 4, 3, 4), np.float32), r"latents has shape \(0, 4, 3, 4\); expected \(1, h, w, 4\)"),
+        (np.zeros((0,), np.float32), r"latents has shape \(0,\); expected"),
+        ("noise", r"latents must be an array \(mx.array or numpy\), got str"),
+        ([[1.0], [1.0, 2.0]], r"latents must be an array \(mx.array or numpy\), got list"),
+    ],
+    ids=["int", "bool", "complex", "nan", "inf", "float64_overflow", "empty_hw", "empty_batch", "empty_1d", "str", "ragged"],
+)
+def test_bad_latents_are_refused_at_the_call(sd1, latents, message):
+    one_line_value_error(lambda: sd1.generate_latents("p", num_steps=1, latents=latents), message)
+
+
+def test_bad_img2img_noise_is_refused_at_the_call(sd1):
+    image = np.zeros((16, 12, 3), np.float32)
+    call = lambda noise: sd1.generate_latents_from_image(image, "p", num_steps=2, strength=1.0, noise=noise)  # noqa: E731
+    one_line_value_error(lambda: call(np.zeros((1, 4, 3, 4), np.int64)), r"noise has dtype int64; expected floats")
+    one_line_value_error(lambda: call(np.full((1, 4, 3, 4), np.nan, np.float32)), r"noise holds NaN")
+    one_line_value_error(lambda: call(np.zeros((1, 3, 4, 4), np.float32)), r"noise has shape \(1, 3, 4, 4\), expected \(1, 4, 3, 4\)")
+    one_line_value_error(lambda: call([1.0, "a"]), r"noise must be an array")
+
+
+def test_step_noise_that_is_not_a_function_is_refused_at_the_call(sd1):
+    one_line_value_error(lambda: sd1.generate_latents("p", num_steps=1, sampler="euler_a", step_noise=np.zeros(3)), r"step_noise must be a function \(i, shape\) -> noise, got ndarray")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda shape: np.zeros(shape[1:], np.float32), r"step_noise\(0, \(1, 4, 3, 4\)\) has shape \(4, 3, 4\), expected \(1, 4, 3, 4\)"),
+        (lambda shape: np.zeros((1, 1, 1, 1), np.float32), r"has shape \(1, 1, 1, 1\), expected \(1, 4, 3, 4\)"),  # would broadcast silently
+        (lambda shape: np.zeros(shape, np.int32), r"step_noise\(0, \(1, 4, 3, 4\)\) has dtype int32; expected floats"),
+        (lambda shape: np.full(shape, np.inf, np.float32), r"step_noise\(0, \(1, 4, 3, 4\)\) holds NaN or infinite values"),
+        (lambda shape: None, r"step_noise\(0, \(1, 4, 3, 4\)\) must be an array \(mx.array or numpy\), got NoneType"),
+    ],
+    ids=["batch_dropped", "broadcastable", "int", "inf", "None"],
+)
+def test_step_noise_of_the_wrong_shape_or_dtype_is_refused_when_drawn(sd1, make, message):
+    steps = sd1.generate_latents("p", num_steps=2, cfg_weight=0, latent_size=(4, 3), sampler="euler_a", step_noise=lambda i, shape: make(shape))
+    one_line_value_error(lambda: next(steps), message)
+
+
+def test_guidance_above_the_maximum_is_refused_and_the_maximum_is_accepted(sd1):
+    one_line_value_error(lambda: sd1.generate_latents("p", cfg_weight=1e308), r"cfg_weight 1e\+308 is above 1000")
+    one_line_value_error(lambda: sd1.generate_latents("p", cfg_weight=MAX_CFG_WEIGHT * (1 + 1e-12)), r"is above 1000")
+    steps = sd1.generate_latents("p", num_steps=1, cfg_weight=MAX_CFG_WEIGHT, latent_size=(4, 3), seed=0)
+    assert mx.isfinite(next(steps)).all().item()
