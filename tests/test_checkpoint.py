@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 import ldm_layout
 from parity import nhwc, relative_error
-from stable_diffusion import ModelLoadError, StableDiffusion, StableDiffusionXL, checkpoint, model_io
+from stable_diffusion import ModelLoadError, StableDiffusion, StableDiffusionXL, checkpoint, file_hash, ldm_keys, model_io
 from stable_diffusion.checkpoint import SingleFileSource
 from stable_diffusion.clip import CLIPTextModel
 from stable_diffusion.config import AutoencoderConfig, CLIPTextModelConfig, UNetConfig
@@ -107,7 +107,7 @@ def export_folder(src: SingleFileSource, out: Path) -> Path:
         (out / component / "config.json").write_text(json.dumps(src.config(component)))
     for component in ("tokenizer", "tokenizer_2"):
         if src.has(component):
-            shutil.copytree(src.config_dir / component, out / component)
+            shutil.copytree(src.configs.root / component, out / component)
     (out / "scheduler").mkdir()
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(src.config("scheduler")))
     (out / "model_index.json").write_text(json.dumps(src.model_index()))
@@ -123,7 +123,7 @@ def test_converted_tensors_equal_diffusers_from_single_file(ldm_files, family):
     folder, path = ldm_files(family)
     pipe = reference_pipeline(folder, path, family)
     original = reference_components(folder, family)
-    src = SingleFileSource(path, config_dir=folder)
+    src = SingleFileSource(path, configs=model_io.FolderSource(folder))
     assert src.family == family
 
     for component in ("unet", "vae") + text_encoders(family):
@@ -141,7 +141,7 @@ def test_converted_tensors_equal_diffusers_from_single_file(ldm_files, family):
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_components_load_strictly_into_our_models(ldm_files, family):
     folder, path = ldm_files(family)
-    src = SingleFileSource(path, config_dir=folder)
+    src = SingleFileSource(path, configs=model_io.FolderSource(folder))
     for component in ("unet", "vae") + text_encoders(family):
         model_cls, config_cls = MODELS.get(component, (CLIPTextModel, CLIPTextModelConfig))
         model = model_cls(config_cls.from_dict(src.config(component)))
@@ -155,7 +155,7 @@ def test_single_file_pipeline_matches_diffusers_from_single_file(ldm_files, tmp_
     steps, n = 3, 1
     init = torch.randn((n, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(5))
 
-    exported = export_folder(SingleFileSource(path, config_dir=folder), tmp_path / "exported")
+    exported = export_folder(SingleFileSource(path, configs=model_io.FolderSource(folder)), tmp_path / "exported")
     cls = StableDiffusionXL if family == "sdxl" else StableDiffusion
     sd = cls(str(exported), sampler="euler")
     latents = list(sd.generate_latents(PROMPT, n_images=n, num_steps=steps, cfg_weight=cfg, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init)))
@@ -197,8 +197,8 @@ def test_load_model_on_a_single_file_matches_diffusers_from_single_file(ldm_file
 
 
 def test_vae_attention_stored_as_linears_converts_the_same(tiny_sd1, tmp_path):
-    conv = SingleFileSource(write_ldm(tiny_sd1, "sd1", tmp_path / "conv.safetensors"), config_dir=tiny_sd1)
-    linear = SingleFileSource(write_ldm(tiny_sd1, "sd1", tmp_path / "linear.safetensors", attention_as_conv=False), config_dir=tiny_sd1)
+    conv = SingleFileSource(write_ldm(tiny_sd1, "sd1", tmp_path / "conv.safetensors"), configs=model_io.FolderSource(tiny_sd1))
+    linear = SingleFileSource(write_ldm(tiny_sd1, "sd1", tmp_path / "linear.safetensors", attention_as_conv=False), configs=model_io.FolderSource(tiny_sd1))
     a, b = conv.weights("vae")[0], linear.weights("vae")[0]
     assert sorted(a) == sorted(b)
     assert a["encoder.mid_block.attentions.0.to_q.weight"].ndim == 2
@@ -207,7 +207,7 @@ def test_vae_attention_stored_as_linears_converts_the_same(tiny_sd1, tmp_path):
 
 
 def test_float16_checkpoint_stays_float16(tiny_sd2, tmp_path):
-    src = SingleFileSource(write_ldm(tiny_sd2, "sd2", tmp_path / "fp16.safetensors", dtype=torch.float16), config_dir=tiny_sd2)
+    src = SingleFileSource(write_ldm(tiny_sd2, "sd2", tmp_path / "fp16.safetensors", dtype=torch.float16), configs=model_io.FolderSource(tiny_sd2))
     for component in ("unet", "vae", "text_encoder"):
         weights, _ = src.weights(component)
         assert {v.dtype for v in weights.values()} == {mx.float16}, component
@@ -215,7 +215,7 @@ def test_float16_checkpoint_stays_float16(tiny_sd2, tmp_path):
 
 def test_a_component_asked_for_twice_is_read_again(ldm_files):
     folder, path = ldm_files("sd1")
-    src = SingleFileSource(path, config_dir=folder)
+    src = SingleFileSource(path, configs=model_io.FolderSource(folder))
     first, _ = src.weights("vae")
     mx.eval(first)
     again, _ = src.weights("vae")
@@ -312,7 +312,7 @@ def test_full_size_key_list_converts_strictly_into_our_models(family):
 
     # Ours: the same names and shapes, and strict loading into our models (nothing is evaluated).
     arrays = {k: mx.zeros(s, dtype=mx.float16) for k, s in shapes.items()}
-    converted = checkpoint.convert(arrays, family, configs)
+    converted = ldm_keys.convert(arrays, family, configs)
     assert sorted(converted) == sorted(theirs)
     for component, weights in converted.items():
         assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in state_of(models[component]).items()}
@@ -429,7 +429,7 @@ def test_unknown_key_in_a_real_layout_is_named(ldm_files, tmp_path):
     bad = tmp_path / "bad.safetensors"
     save_file(state, str(bad))
     with pytest.raises(ModelLoadError, match="first_stage_model.decoder.mid.attn_2.q.weight"):
-        SingleFileSource(bad, config_dir=folder)
+        SingleFileSource(bad, configs=model_io.FolderSource(folder))
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
@@ -507,7 +507,7 @@ def test_model_hash_is_a1111s_cached_outside_the_models_folder(tmp_path, monkeyp
     models.mkdir()
     path = small_file(models / "m.safetensors", {"model.diffusion_model.time_embed.0.weight": (64, 64)})
     expected = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
-    assert checkpoint.model_hash(path) == expected
+    assert file_hash.model_hash(path) == expected
     assert sorted(p.name for p in models.iterdir()) == ["m.safetensors"]
 
     cache_file = tmp_path / "cache" / "stable_diffusion_mlx" / "sha256.json"
@@ -515,7 +515,7 @@ def test_model_hash_is_a1111s_cached_outside_the_models_folder(tmp_path, monkeyp
     (key,) = cache
     cache[key] = "f" * 64  # a cached value is used without reading the file
     cache_file.write_text(json.dumps(cache))
-    assert checkpoint.model_hash(path) == "f" * 10
+    assert file_hash.model_hash(path) == "f" * 10
 
     os.utime(path, ns=(1, 1))  # a changed file (mtime) is hashed again
-    assert checkpoint.model_hash(path) == expected
+    assert file_hash.model_hash(path) == expected
