@@ -17,6 +17,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import safetensors_io
+from .checkpoint import SingleFileSource
 from .errors import ModelLoadError, one_line
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -126,9 +127,12 @@ def open_model(model: str, float16: bool = False, prediction_type: Optional[str]
     """
     path = Path(model).expanduser()
     if path.is_file():
-        from . import checkpoint
-
-        return checkpoint.SingleFileSource(str(path), prediction_type=prediction_type, config_dir=config_dir)
+        configs = None
+        if config_dir is not None:
+            configs = FolderSource(Path(config_dir).expanduser())
+            if not (configs.root / "model_index.json").is_file():
+                raise ModelLoadError(f"config_dir {str(config_dir)!r}: not a diffusers model folder (no model_index.json)")
+        return SingleFileSource(str(path), prediction_type=prediction_type, configs=configs)
     if prediction_type is not None or config_dir is not None:
         raise ModelLoadError(f"model {model!r}: prediction_type and config_dir apply to single-file checkpoints only")
     return resolve(model, float16)
