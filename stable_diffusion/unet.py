@@ -12,7 +12,8 @@ Numerics: the model runs in the dtype of its weights. GroupNorm/LayerNorm statis
 float32 (``mx.fast.layer_norm`` accumulates in float32 whatever the input dtype; ``nn.GroupNorm``
 with ``pytorch_compatible=True`` uses it), the timestep sinusoids are computed in float32 (then
 cast, as diffusers does), and the attention softmax runs in float32 inside
-``mx.fast.scaled_dot_product_attention``.
+``mx.fast.scaled_dot_product_attention``. Attention over many pixels runs in query slices whose
+scores stay under ``ATTENTION_SCORES_LIMIT`` (``scaled_dot_product_attention``), with the same results.
 """
 
 import math
@@ -122,11 +123,52 @@ def _attention_scores_stay_float32(head_dim: int) -> bool:
     return on_cuda() and head_dim % 8 == 0 and head_dim <= 128
 
 
+# The most attention-score bytes one call materialises where the scores are materialised (see
+# _scores_materialised). 1 GiB: a native-size step never slices (SD 1.5 at 512² with guidance,
+# 2 x 8 heads x 4096² float32 scores, is exactly 1 GiB; SDXL at 1024² in float16 is 640 MiB), the
+# bound stays below the UNet's own weights (1.7 GB for SD 1.5 in float16) so the scores never
+# dominate a step's peak, and each slice still multiplies matrices with millions of rows x keys.
+ATTENTION_SCORES_LIMIT = 2**30
+
+
+def attention_query_slice(batch: int, heads: int, queries: int, keys: int, itemsize: int) -> int:
+    """How many queries one slice of a materialised attention takes: all of them when their scores
+    fit in ``ATTENTION_SCORES_LIMIT``, else as many as fit (at least one)."""
+    row = batch * heads * keys * itemsize
+    return max(1, min(queries, ATTENTION_SCORES_LIMIT // row))
+
+
 def attention_scores_bytes(batch: int, heads: int, queries: int, keys: int, itemsize: int) -> int:
-    """Peak bytes of the attention scores one ``Attention`` call holds where they are materialised
-    (CPU, Metal's composed path): today the whole (batch, heads, queries, keys) matrix. Memory
-    estimates call this, so they follow whatever slicing the attention does."""
-    return batch * heads * queries * keys * itemsize
+    """Peak bytes of the attention scores one attention call holds where they are materialised
+    (CPU, Metal, CUDA's composed path): one query slice's (batch, heads, slice, keys) matrix (the
+    softmax runs in place, measured 1.03x the matrix unsliced). Memory estimates call this, so they
+    follow the slicing ``scaled_dot_product_attention`` does."""
+    return batch * heads * attention_query_slice(batch, heads, queries, keys, itemsize) * keys * itemsize
+
+
+def _scores_materialised(q: mx.array, k: mx.array) -> bool:
+    # cuDNN's fused kernel never holds the scores; it takes fp16/bf16 self-attention with the head
+    # sizes of _attention_scores_stay_float32 (some MLX versions send q_len != k_len elsewhere, so
+    # cross-attention counts as materialised: its 77 keys keep its scores small anyway).
+    fused = q.dtype in (mx.float16, mx.bfloat16) and q.shape[2] == k.shape[2]
+    return not (fused and _attention_scores_stay_float32(q.shape[-1]))
+
+
+def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """``mx.fast.scaled_dot_product_attention`` on (B, heads, L, d) arrays, in query slices when the
+    scores it would materialise exceed ``ATTENTION_SCORES_LIMIT``. The softmax is per query row, so
+    each slice computes exactly the rows the whole call would (diffusers' attention slicing)."""
+    B, heads, L, _ = q.shape
+    step = attention_query_slice(B, heads, L, k.shape[2], q.dtype.size) if _scores_materialised(q, k) else L
+    if step >= L:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    slices = []
+    for start in range(0, L, step):
+        slices.append(mx.fast.scaled_dot_product_attention(q[:, :, start : start + step], k, v, scale=scale))
+        # Evaluated one by one: built lazily, MLX schedules every slice's scores at once (measured
+        # on CPU: 8 slices peaked at 8.4x one slice's scores; 1.3x evaluated one at a time).
+        mx.eval(slices[-1])
+    return mx.concatenate(slices, axis=2)
 
 
 class Attention(nn.Module):
@@ -167,7 +209,7 @@ class Attention(nn.Module):
         if self.upcast and dtype != mx.float32 and not _attention_scores_stay_float32(q.shape[-1]):
             # upcast_attention: scores in float32 (SD 2.x overflows fp16 otherwise).
             q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale).astype(dtype)
+        out = scaled_dot_product_attention(q, k, v, self.scale).astype(dtype)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, h*d)
         return self.to_out[0](out)
 

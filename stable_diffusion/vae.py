@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from .config import AutoencoderConfig
 from .norm import GroupNorm
-from .unet import Downsample2D, ResnetBlock2D, Upsample2D
+from .unet import Downsample2D, ResnetBlock2D, Upsample2D, scaled_dot_product_attention
 
 EPS = 1e-6
 
@@ -38,8 +38,9 @@ class Attention(nn.Module):
         B, H, W, C = x.shape
         h = self.group_norm(x).reshape(B, 1, H * W, C)  # (B, heads=1, HW, C)
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        # The fused kernels, and their fallback (a precise softmax), take the softmax in float32.
-        h = mx.fast.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(C))
+        # The fused kernels, and their fallback (a precise softmax), take the softmax in float32; the
+        # scores stay bounded as the UNet's do (one head of C > 128 channels always materialises them).
+        h = scaled_dot_product_attention(q, k, v, 1 / math.sqrt(C))
         h = self.to_out[0](h).reshape(B, H, W, C)
         return x + h
 
