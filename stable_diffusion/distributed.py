@@ -18,15 +18,18 @@ only warns); ``--resume`` skips the images whose final file exists (files are wr
 so an existing file is a finished image). The facade stays single-process: nothing here changes it.
 """
 
+import collections
 import glob
+import itertools
 import math
+import operator
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -35,15 +38,17 @@ from tqdm import tqdm
 from . import images
 
 MAX_NAMED = 8  # missing files named in an error; the rest are counted
+# Images in one job: its plan (an Item and a file name each) stays within a few hundred MB, and
+# a list file or a seed range past it is refused before anything is listed.
+MAX_IMAGES = 10**6
 
 
 class JobStopped(Exception):
     """A collective failed: another rank is gone (its process died or was stopped)."""
 
 
-@dataclass(frozen=True)
-class Item:
-    """One image of a job."""
+class Item(NamedTuple):
+    """One image of a job (a tuple: a million of them plan in a second)."""
 
     k: int  # 1-based position in the job; the file is <base>_<k>.<ext>
     source: int  # index of the prompt (txt2image) or input image (image2image)
@@ -57,7 +62,7 @@ class Item:
 
 def parse_seeds(text: str) -> list[int]:
     """``"1,2,3"``, ``"10-19"`` (inclusive) or a mix (``"1,5-7"``) -> the seeds in that order; ValueError if malformed."""
-    seeds = []
+    ranges = []
     for part in text.split(","):
         part = part.strip()
         first, dash, last = part.partition("-")
@@ -70,10 +75,15 @@ def parse_seeds(text: str) -> list[int]:
             raise ValueError(f"--seeds {text!r}: the range {part!r} is empty (A-B needs A <= B)")
         if not (0 <= lo and hi < 2**64):
             raise ValueError(f"--seeds {text!r}: seeds must be in [0, 2**64)")
-        seeds.extend(range(lo, hi + 1))
-    if len(set(seeds)) != len(seeds):
+        ranges.append((lo, hi))
+    # Counted and compared as ranges, before a single seed is listed: "0-100000000" must not fill the memory.
+    count = sum(hi - lo + 1 for lo, hi in ranges)
+    if count > MAX_IMAGES:
+        raise ValueError(f"--seeds {text!r} lists {count} seeds; a job makes at most {MAX_IMAGES} images (split it into several jobs)")
+    ordered = sorted(ranges)
+    if any(nxt[0] <= prev[1] for prev, nxt in zip(ordered, ordered[1:])):
         raise ValueError(f"--seeds {text!r}: a seed is listed twice")
-    return seeds
+    return [seed for lo, hi in ranges for seed in range(lo, hi + 1)]
 
 
 def read_list(path: str, what: str) -> list[str]:
@@ -91,8 +101,15 @@ def read_list(path: str, what: str) -> list[str]:
     return lines
 
 
+def check_job_size(n_sources: int, n_seeds: int):
+    """ValueError when ``n_sources`` x ``n_seeds`` images exceed MAX_IMAGES (cheap: call it before loading a model)."""
+    if n_sources * n_seeds > MAX_IMAGES:
+        raise ValueError(f"{n_sources} prompts or images x {n_seeds} seeds make {n_sources * n_seeds} images; a job makes at most {MAX_IMAGES} (split it into several jobs)")
+
+
 def make_items(n_sources: int, seeds: list[int]) -> list[Item]:
     """Every (source, seed) pair, source-major: the job's stable order."""
+    check_job_size(n_sources, len(seeds))
     items = []
     for source in range(n_sources):
         for pos, seed in enumerate(seeds):
@@ -108,8 +125,10 @@ def seeds_for(seed: int, n_images: int) -> list[int]:
 def make_batches(items: list[Item], batch_size: int) -> list[list[Item]]:
     """Each source's items in chunks of ``batch_size``: fixed by the job, the same for any number of ranks."""
     batches = []
-    for source in sorted({it.source for it in items}):
-        mine = [it for it in items if it.source == source]
+    # One pass over the items grouped by source (a stable sort): linear in the job, not sources x items.
+    by_source = operator.attrgetter("source")
+    for _, group in itertools.groupby(sorted(items, key=by_source), key=by_source):
+        mine = list(group)
         batches += [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     return batches
 
@@ -218,6 +237,7 @@ def run(job: Job, group: Group) -> list[Path]:
     mine = share(len(batches), group.rank, group.size)
     rounds = math.ceil(len(batches) / group.size)
     lead = group.rank == 0
+    per_source = collections.Counter(it.source for it in job.items)  # a PNG names its source's image count
     for b in mine:  # temporary files of a killed earlier run (files in flight are never final ones)
         for item in batches[b]:
             _remove_stale_parts(path_of(job, item))
@@ -234,7 +254,7 @@ def run(job: Job, group: Group) -> list[Path]:
             wrote = 0
             b = r * group.size + group.rank
             if b < len(batches):
-                wrote = _run_batch(job, batches[b], pixels, lead)
+                wrote = _run_batch(job, batches[b], per_source, pixels, lead)
                 done_here.update(it.k for it in batches[b])
             # One small collective per round: the progress of the whole job, and a lost rank noticed early.
             progress.update(int(group.all_sum(np.array([wrote], dtype=np.int64))[0]))
@@ -274,7 +294,7 @@ def run(job: Job, group: Group) -> list[Path]:
     return written
 
 
-def _run_batch(job: Job, batch: list[Item], pixels: dict, lead: bool) -> int:
+def _run_batch(job: Job, batch: list[Item], per_source: collections.Counter, pixels: dict, lead: bool) -> int:
     """Denoise, decode and save one batch; returns how many files it wrote (0 when all existed)."""
     todo = [it for it in batch if not _exists(job, it)]
     if not todo:
@@ -288,11 +308,9 @@ def _run_batch(job: Job, batch: list[Item], pixels: dict, lead: bool) -> int:
     for x_t in bar:
         mx.eval(x_t)
     pictures = job.decode(x_t)
-    n = None
     for item, picture in zip(batch, pictures):
         if item in todo and job.individual:
-            n = n or sum(1 for it in job.items if it.source == item.source)
-            images.save_image(picture, path_of(job, item), job.parameters(item, n))
+            images.save_image(picture, path_of(job, item), job.parameters(item, per_source[item.source]))
         if job.grid_rows:
             pixels[item.k] = picture
     return len(todo)
