@@ -107,6 +107,8 @@ def load(path) -> LoraFile:
             continue
         target, role = parsed
         if role == "alpha":
+            if value.size != 1:
+                raise ModelLoadError(f"{path}: {key} holds {value.size} numbers (shape {tuple(value.shape)}); an alpha is one number")
             alphas[target] = float(value.astype(mx.float32).item())
         else:
             parts.setdefault(target, {})[role] = value.astype(mx.float32)
@@ -124,10 +126,10 @@ def load(path) -> LoraFile:
     bad_shapes = []
     for target, p in parts.items():
         down, up = p["down"], p["up"]
-        rank = down.shape[0]
-        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != rank or (up.ndim == 4 and up.shape[2:] != (1, 1)):
+        if down.ndim not in (2, 4) or up.ndim != down.ndim or not 0 < down.shape[0] == up.shape[1] or (up.ndim == 4 and up.shape[2:] != (1, 1)):
             bad_shapes.append(f"{target[0]}:{target[1]} (down {tuple(down.shape)}, up {tuple(up.shape)})")
             continue
+        rank = down.shape[0]
         alpha = alphas.get(target) if kohya else peft_alpha(*target, rank)
         pairs[target] = LoraPair(down, up, float(rank) if alpha is None else alpha)
     if bad_shapes:
@@ -164,32 +166,79 @@ def _peft_alphas(metadata: dict, path: Path):
     """alpha for (component, module, rank) from diffusers' ``lora_adapter_metadata`` (PEFT LoraConfig
     kwargs, prefixed by component); alpha = rank without it. use_rslora scales by alpha / sqrt(r),
     folded into the alpha returned here."""
-    raw = (metadata or {}).get("lora_adapter_metadata")
+    raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return lambda component, module, rank: None
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}: its lora_adapter_metadata is not JSON ({e})") from None
-    for component in COMPONENTS:
-        if config.get(f"{component}.use_dora"):
-            raise ModelLoadError(f"{path}: a DoRA adapter ({component}.use_dora); only plain LoRA is supported")
+    config = _adapter_config(raw, path)
+    settings = {c: _component_settings(config, c, path) for c in COMPONENTS if f"{c}.lora_alpha" in config}
 
     def alpha(component, module, rank):
-        if f"{component}.lora_alpha" not in config:
+        if component not in settings:
             return None
-        value = config[f"{component}.lora_alpha"]
-        patterns = config.get(f"{component}.alpha_pattern") or {}
-        for pattern, pattern_alpha in patterns.items():
-            # PEFT's get_pattern_key: the pattern matches the end of the module name at a "." boundary.
-            if re.match(rf"(.*\.)?({pattern})$", module):
-                value = pattern_alpha
-                break
-        if config.get(f"{component}.use_rslora"):
-            return value * rank / rank**0.5
-        return float(value)
+        value, patterns, rslora = settings[component]
+        value = patterns.value(module, value)
+        return value * rank / rank**0.5 if rslora else value
 
     return alpha
+
+
+def _adapter_config(raw: str, path: Path) -> dict:
+    """The ``lora_adapter_metadata`` JSON object (a hostile file may nest it 50,000 deep)."""
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ModelLoadError(f"{path}: its lora_adapter_metadata is not JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: its lora_adapter_metadata is {raw[:40]!r}, not a JSON object of LoraConfig values")
+    return config
+
+
+def _component_settings(config: dict, component: str, path: Path):
+    """(lora_alpha, alpha_pattern, use_rslora) of one component, each checked."""
+    for flag in ("use_dora", "use_rslora"):
+        if config.get(f"{component}.{flag}") not in (None, True, False):
+            raise ModelLoadError(f"{path}: {component}.{flag} in its lora_adapter_metadata is {config[f'{component}.{flag}']!r}, not true or false")
+    if config.get(f"{component}.use_dora"):
+        raise ModelLoadError(f"{path}: a DoRA adapter ({component}.use_dora); only plain LoRA is supported")
+    alpha = _alpha_number(config[f"{component}.lora_alpha"], f"{component}.lora_alpha", path)
+    patterns = config.get(f"{component}.alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise ModelLoadError(f"{path}: {component}.alpha_pattern in its lora_adapter_metadata is a {type(patterns).__name__}, not an object of module: alpha")
+    for key, value in patterns.items():
+        if not _MODULE_PATH.fullmatch(key):
+            raise ModelLoadError(
+                f"{path}: {component}.alpha_pattern key {key[:80]!r} is not a module path (letters, digits, _ and dots); "
+                "regular expressions from a file are not evaluated"
+            )
+    values = {key: _alpha_number(value, f"{component}.alpha_pattern[{key!r}]", path) for key, value in patterns.items()}
+    return alpha, _AlphaPattern(values), bool(config.get(f"{component}.use_rslora"))
+
+
+def _alpha_number(value, what: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelLoadError(f"{path}: {what} in its lora_adapter_metadata is {str(value)[:80]!r}, not a number")
+    return float(value)
+
+
+# A module path as diffusers writes alpha_pattern keys. peft reads the keys as regular expressions;
+# one from a file is never evaluated as one ("(a|a)+" backtracks for hours on "a" * 34 + "!").
+_MODULE_PATH = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+
+
+class _AlphaPattern:
+    """peft's ``get_pattern_key`` for module-path keys: the first key, in the file's order, that is the
+    module path or its end after a "." (peft: ``re.match(rf"(.*\\.)?({key})$", module)``; its "." may
+    also stand for another character, which no module path of these models tells apart). A module
+    costs one dict lookup per distinct key length: nothing backtracks, whatever the names."""
+
+    def __init__(self, values: dict[str, float]):
+        self.ranked = {key: (i, value) for i, (key, value) in enumerate(values.items())}
+        self.lengths = {len(key) for key in values}
+
+    def value(self, module: str, default: float) -> float:
+        ends = (module[len(module) - n :] for n in self.lengths if n == len(module) or (n < len(module) and module[-n - 1] == "."))
+        found = [self.ranked[end] for end in ends if end in self.ranked]
+        return min(found)[1] if found else default
 
 
 def apply(models: dict, lora: LoraFile, scale: float = 1.0) -> Applied:

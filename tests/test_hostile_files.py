@@ -7,6 +7,7 @@ the same tensors it reads.
 """
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from stable_diffusion import ModelLoadError, model_io, safetensors_io
 from stable_diffusion import lora as sdlora
 
+ROOT = Path(__file__).resolve().parents[1]
 # The library sorts by dtype then name: "a" holds bytes [0, 24), "b" [24, 32).
 TENSORS = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.arange(4, dtype=torch.float16)}
 
@@ -166,3 +168,108 @@ def test_a_fifo_or_folder_is_refused_without_blocking(tmp_path):
     for name in ("pipe.safetensors", "folder.safetensors", "absent.safetensors"):
         with pytest.raises(ModelLoadError, match="missing file"):
             safetensors_io.load(tmp_path / name)
+
+
+def peft_file(path, config, tensors=None, module="a.to_q"):
+    """A diffusers/PEFT LoRA: one rank-4 pair on ``unet.<module>`` and ``config`` as its adapter metadata
+    (a string is written as is)."""
+    tensors = tensors or {f"unet.{module}.lora_A.weight": torch.ones(4, 3), f"unet.{module}.lora_B.weight": torch.ones(5, 4)}
+    raw = config if isinstance(config, str) else json.dumps(config)
+    save_file(tensors, str(path), metadata={"format": "pt", "lora_adapter_metadata": raw})
+    return path
+
+
+def kohya_pair(**extra):
+    return {"lora_unet_a.lora_down.weight": torch.ones(4, 3), "lora_unet_a.lora_up.weight": torch.ones(5, 4), **extra}
+
+
+PEFT = {"unet.r": 4, "unet.lora_alpha": 8}
+MALFORMED_LORAS = {
+    "a scalar LoRA weight": ({"unet.a.lora_A.weight": torch.tensor(1.0), "unet.a.lora_B.weight": torch.ones(5, 4)}, PEFT, "do not form a rank-r LoRA pair"),
+    "a rank-0 pair": ({"unet.a.lora_A.weight": torch.ones(0, 3), "unet.a.lora_B.weight": torch.ones(5, 0)}, {**PEFT, "unet.use_rslora": True}, "do not form a rank-r LoRA pair"),
+    "a kohya alpha of two numbers": (kohya_pair(**{"lora_unet_a.alpha": torch.ones(2)}), None, r"lora_unet_a\.alpha holds 2 numbers"),
+    "metadata []": (None, "[]", r"lora_adapter_metadata is '\[\]', not a JSON object"),
+    "metadata null": (None, "null", "lora_adapter_metadata is 'null', not a JSON object"),
+    "alpha null with rsLoRA": (None, {**PEFT, "unet.lora_alpha": None, "unet.use_rslora": True}, "unet.lora_alpha in its lora_adapter_metadata is 'None', not a number"),
+    "alpha a dict with rsLoRA": (None, {**PEFT, "unet.lora_alpha": {"x": 1}, "unet.use_rslora": True}, "unet.lora_alpha .* not a number"),
+    "alpha a string with rsLoRA": (None, {**PEFT, "unet.lora_alpha": "8", "unet.use_rslora": True}, "unet.lora_alpha in its lora_adapter_metadata is '8', not a number"),
+    "alpha true": (None, {**PEFT, "unet.lora_alpha": True}, "unet.lora_alpha .* not a number"),
+    "alpha_pattern an invalid regex": (None, {**PEFT, "unet.alpha_pattern": {"(": 2}}, r"alpha_pattern key '\(' is not a module path"),
+    "alpha_pattern a list": (None, {**PEFT, "unet.alpha_pattern": ["a"]}, "unet.alpha_pattern in its lora_adapter_metadata is a list"),
+    "alpha_pattern value a string": (None, {**PEFT, "unet.alpha_pattern": {"to_q": "2"}}, r"alpha_pattern\['to_q'\] .* not a number"),
+    "use_rslora a string": (None, {**PEFT, "unet.use_rslora": "false"}, "unet.use_rslora .* is 'false', not true or false"),
+    "a 50,000-deep JSON entry": (None, '{"unet.lora_alpha": 8, "unet.x": ' + "[" * 50_000 + "]" * 50_000 + "}", "lora_adapter_metadata is not JSON .*RecursionError"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_LORAS)
+def test_malformed_lora_metadata_and_tensors_are_one_clear_line(tmp_path, case):
+    tensors, config, message = MALFORMED_LORAS[case]
+    path = tmp_path / "lora.safetensors"
+    if config is None:
+        save_file(tensors, str(path))
+    else:
+        peft_file(path, config, tensors)
+    with pytest.raises(ModelLoadError, match=message) as error:
+        sdlora.load(path)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+
+
+HOSTILE_PATTERN = """
+import sys, time
+from stable_diffusion import ModelLoadError, lora
+start = time.perf_counter()
+try:
+    lora.load(sys.argv[1])
+except ModelLoadError as e:
+    print(e)
+print(f"{time.perf_counter() - start:.3f}")
+"""
+
+
+def test_a_backtracking_alpha_pattern_is_refused_at_once(tmp_path):
+    """Issue 23.3: "(a|a)+" against a module named "a" * 34 + "!" backtracks for hours in peft's regex."""
+    import subprocess
+    import sys
+
+    path = peft_file(tmp_path / "hostile.safetensors", {**PEFT, "unet.alpha_pattern": {"(a|a)+": 2}, "unet.rank_pattern": {"(a|a)+": 2}}, module="a" * 34 + "!")
+    # 60 s: an interpreter start and MLX import take seconds; the backtracking takes hours.
+    run = subprocess.run([sys.executable, "-c", HOSTILE_PATTERN, str(path)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    message, seconds = run.stdout.splitlines()
+    assert message == f"{path}: unet.alpha_pattern key '(a|a)+' is not a module path (letters, digits, _ and dots); regular expressions from a file are not evaluated"
+    assert float(seconds) < 5
+
+
+def test_long_hostile_module_names_resolve_their_alpha_in_linear_time(tmp_path):
+    names = ["a" * 34 + "!", "a." * 200_000 + "to_q", "x" * 400_000]
+    tensors = {f"unet.{n}.lora_{ab}.weight": torch.ones(4, 3) if ab == "A" else torch.ones(5, 4) for n in names for ab in "AB"}
+    patterns = {"a." * k + "to_q": k for k in range(1, 200)} | {"to_q": 1000, "a" * 34: 7}
+    path = peft_file(tmp_path / "long.safetensors", {**PEFT, "unet.alpha_pattern": patterns}, tensors)
+    pairs = sdlora.load(path).pairs  # listing every ending of the second name would copy 4e10 characters
+    assert [pairs[("unet", n)].alpha for n in names] == [8, 1, 8]  # the first pattern in the file's order wins, as in peft
+
+
+@pytest.mark.parametrize("order", ["random", "shortest first", "longest first"])
+def test_alpha_patterns_resolve_as_peft_get_pattern_key(tmp_path, order):
+    """Every ending of every module path of a diffusers UNet as a pattern, in three orders: the alpha
+    of each module is the one peft's ``get_pattern_key`` picks (the first matching key; "proj" is an
+    ending of ``ff.net.0.proj`` and not of ``time_emb_proj``)."""
+    import random
+
+    from diffusers import UNet2DConditionModel
+    from peft.utils.other import get_pattern_key
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2, sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )  # fmt: skip
+    names = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    ends = sorted({".".join(n.split(".")[i:]) for n in names for i in range(n.count(".") + 1)})
+    ends = {"random": random.Random(0).sample(ends, len(ends)), "shortest first": sorted(ends, key=len), "longest first": sorted(ends, key=len, reverse=True)}[order]
+    patterns = {end: i + 10 for i, end in enumerate(ends)}
+    tensors = {f"unet.{n}.lora_{ab}.weight": torch.ones(4, 3) if ab == "A" else torch.ones(5, 4) for n in names for ab in "AB"}
+    pairs = sdlora.load(peft_file(tmp_path / "p.safetensors", {**PEFT, "unet.alpha_pattern": patterns}, tensors)).pairs
+
+    expected = {n: patterns.get(get_pattern_key(patterns.keys(), n), PEFT["unet.lora_alpha"]) for n in names}
+    assert {n: pairs[("unet", n)].alpha for n in names} == expected
+    assert "proj" in patterns and any(n.endswith("_proj") for n in names)
