@@ -6,20 +6,19 @@ component converted to a diffusers folder's (ldm_keys.py), so the models' own ``
 strict loader do the rest; the configs and tokenizers of the family's reference repo, shipped
 verbatim (hub_configs.py) unless a diffusers folder is given for them (diffusers' ``config=``).
 
-The file is read lazily (``mx.load`` reads a tensor only when it is first evaluated) and a
-component's arrays are handed out once, so a 7 GB checkpoint is held in memory once.
-Safetensors only: this module never unpickles.
+The file is validated by the safetensors library, then read lazily (safetensors_io.py: ``mx.load``
+reads a tensor only when it is first evaluated) and a component's arrays are handed out once, so
+a 7 GB checkpoint is held in memory once. Safetensors only: this module never unpickles.
 """
 
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
-
+from . import safetensors_io
 from .errors import ModelLoadError
 from .file_hash import model_hash
-from .hub_configs import FAMILY_FOLDERS, SDXL_TURBO_FOLDER, HubModel
-from .ldm_keys import FAMILY_NAMES, UNET_PREFIX, convert
+from .hub_configs import FAMILY_FOLDERS, SDXL_TURBO_FOLDER, HubModel, config_name
+from .ldm_keys import FAMILY_NAMES, UNET_PREFIX, ConfigError, convert
 from .tokenizer import Tokenizer
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -134,15 +133,16 @@ class SingleFileSource:
         self._components = set(self._pending)
 
     def _read(self) -> dict:
-        try:
-            return mx.load(str(self.path), format="safetensors")
-        except Exception as e:
-            raise ModelLoadError(f"{self.name}: not a readable safetensors file ({e})") from None
+        arrays, _ = safetensors_io.load(self.path)
+        return arrays
 
     def _convert(self, arrays: dict) -> dict:
         configs = {c: self.config(c) for c in ("unet", "vae", "text_encoder", "text_encoder_2") if self._expects(c)}
         try:
             return convert(arrays, self.family, configs)
+        except ConfigError as e:
+            where = Path(self.configs.name) / e.component / config_name(e.component)
+            raise ModelLoadError(f"{where}: {e}") from None
         except ModelLoadError as e:
             raise ModelLoadError(f"{self.name}: {e}") from None
 

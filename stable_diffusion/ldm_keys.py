@@ -166,13 +166,29 @@ _OPEN_CLIP_LAYER = {
 }
 
 
+class ConfigError(ModelLoadError):
+    """A config value the key names depend on is unusable; ``component`` says whose config it is."""
+
+    def __init__(self, component: str, message: str):
+        super().__init__(message)
+        self.component = component
+
+
+def _whole_number(config: dict, key: str, component: str, default=None) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(component, f"{key} must be a whole number >= 1, got {value!r}")
+    return value
+
+
 def convert_unet(arrays: dict, config: dict) -> tuple[dict, list]:
     """``model.diffusion_model.*`` (prefix removed) -> diffusers UNet2DConditionModel names; also the unknown keys."""
     lpb = config.get("layers_per_block", 2)
-    if isinstance(lpb, (list, tuple)):
-        if len(set(lpb)) != 1:
-            raise ModelLoadError("unet: per-block layers_per_block cannot be read from an LDM checkpoint")
+    if isinstance(lpb, (list, tuple)) and lpb:
+        if any(n != lpb[0] for n in lpb):
+            raise ConfigError("unet", "per-block layers_per_block cannot be read from an LDM checkpoint")
         lpb = lpb[0]
+    lpb = _whole_number({"layers_per_block": lpb}, "layers_per_block", "unet")
     out, unknown = {}, []
     for key, value in arrays.items():
         name = _unet_name(key, lpb)
@@ -189,7 +205,10 @@ def convert_vae(arrays: dict, config: dict, prefix: str = "first_stage_model.") 
     The mid-block attention projections are stored as 1x1 convs (or conv1d, or linears); a
     diffusers folder stores them as linears.
     """
-    num_blocks = len(config["block_out_channels"])
+    channels = config.get("block_out_channels")
+    if not isinstance(channels, (list, tuple)) or not channels:
+        raise ConfigError("vae", f"block_out_channels must be a non-empty list, got {channels!r}")
+    num_blocks = len(channels)
     out, unknown = {}, []
     for key, value in arrays.items():
         name = _vae_name(key, num_blocks)
@@ -212,15 +231,16 @@ def convert_clip(arrays: dict, prefix: str) -> tuple[dict, list]:
     return out, []
 
 
-def convert_open_clip(arrays: dict, config: dict, prefix: str) -> tuple[dict, list]:
+def convert_open_clip(arrays: dict, config: dict, prefix: str, component: str = "text_encoder") -> tuple[dict, list]:
     """OpenCLIP text tower (prefix removed) -> transformers CLIPTextModel(WithProjection) names.
 
     The fused attention ``in_proj`` is split into q/k/v; ``text_projection`` (x @ P) is transposed
     into a Linear weight, or dropped for SD 2's CLIPTextModel; resblocks past the config's
     ``num_hidden_layers`` (SD 2 uses 23 of OpenCLIP-H's 24) and ``logit_scale`` are not used.
     """
-    with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or [])
-    num_layers = config["num_hidden_layers"]
+    architectures = config.get("architectures")
+    with_projection = isinstance(architectures, list) and "CLIPTextModelWithProjection" in architectures
+    num_layers = _whole_number(config, "num_hidden_layers", component)
     out, unknown = {}, []
     for key, value in arrays.items():
         if key in _OPEN_CLIP_TOP:
@@ -283,7 +303,7 @@ def convert(arrays: dict, family: str, configs: dict) -> dict[str, dict]:
             if layout == "clip":
                 converted[component], bad = convert_clip(group, prefix)
             else:
-                converted[component], bad = convert_open_clip(group, configs[component], prefix)
+                converted[component], bad = convert_open_clip(group, configs[component], prefix, component)
         unknown += bad
     if unknown:
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""

@@ -130,7 +130,7 @@ def open_model(model: str, float16: bool = False, prediction_type: Optional[str]
         configs = None
         if config_dir is not None:
             configs = FolderSource(Path(config_dir).expanduser())
-            if not (configs.root / "model_index.json").is_file():
+            if not (configs.root / "model_index.json").exists():
                 raise ModelLoadError(f"config_dir {str(config_dir)!r}: not a diffusers model folder (no model_index.json)")
         return SingleFileSource(str(path), prediction_type=prediction_type, configs=configs)
     if prediction_type is not None or config_dir is not None:
@@ -249,21 +249,30 @@ def component_dir(root: Path, component: str) -> Path:
 
 
 def read_config(root: Path, component: str, name: str = "config.json") -> dict:
-    path = component_dir(root, component) / name
+    return _read_json_object(component_dir(root, component) / name)
+
+
+def _read_json_object(path: Path) -> dict:
+    """The JSON object in a file; one ModelLoadError naming the file for anything else."""
+    if not path.is_file():  # also keeps a FIFO from blocking the read
+        raise ModelLoadError(f"{path}: " + ("not a regular file" if path.exists() else "missing file"))
     try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: missing file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path}: cannot be read as JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, got a {type(config).__name__}")
-    return config
+        value = json.loads(path.read_bytes())
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot be read ({one_line(e)})") from None
+    except RecursionError:  # nested deeper than Python's recursion limit
+        raise ModelLoadError(f"{path}: cannot be read as JSON (nested too deeply)") from None
+    except ValueError as e:  # not UTF-8 text, or not JSON
+        raise ModelLoadError(f"{path}: cannot be read as JSON ({one_line(e)})") from None
+    if not isinstance(value, dict):
+        kind = "null" if value is None else {list: "a list", str: "a string", bool: "a boolean"}.get(type(value), "a number")
+        raise ModelLoadError(f"{path}: expected a JSON object, got {kind}")
+    return value
 
 
 def config_file(source, component: str) -> str:
-    """Where a component's config comes from, for error messages."""
-    root = getattr(source, "root", None)
+    """Where a component's config comes from, for error messages (a single file's: its configs' folder)."""
+    root = getattr(getattr(source, "configs", source), "root", None)
     if root is None:
         return f"{source.name} ({component} config)"
     return str(Path(root) / component / ("scheduler_config.json" if component == "scheduler" else "config.json"))
@@ -335,15 +344,7 @@ def load_weights_strict(model, weights: dict, where: str):
 
 def read_model_index(root: Path) -> dict:
     path = root / "model_index.json"
-    if not path.is_file():
-        return {}
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path}: cannot be read as JSON ({e})") from None
-    if not isinstance(index, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, got a {type(index).__name__}")
-    return index
+    return _read_json_object(path) if path.exists() else {}
 
 
 def load_component(source, component: str, model_cls, config_cls, dtype=mx.float32, float16_files: bool = False):

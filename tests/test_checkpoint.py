@@ -8,7 +8,9 @@ built on the meta device from the shipped configs.
 import hashlib
 import json
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -519,3 +521,119 @@ def test_model_hash_is_a1111s_cached_outside_the_models_folder(tmp_path, monkeyp
 
     os.utime(path, ns=(1, 1))  # a changed file (mtime) is hashed again
     assert file_hash.model_hash(path) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile inputs: the hash cache, a config_dir, a file's suffix and header
+
+# What a cache file or a config.json can hold instead of a JSON object.
+JUNK = {
+    "list": b'["a", "b"]',
+    "null": b"null",
+    "binary": bytes(range(256)) * 4,
+    "truncated": b'{"a": "',
+    "nested": b"[" * 100_000 + b"]" * 100_000,
+}
+
+
+@pytest.mark.parametrize("junk", list(JUNK) + ["not_digests", "fifo"])
+def test_a_malformed_hash_cache_counts_as_empty_and_is_replaced(tmp_path, monkeypatch, junk):
+    import threading
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = small_file(tmp_path / "m.safetensors", {"model.diffusion_model.time_embed.0.weight": (8, 8)})
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    cache_file = tmp_path / "cache" / "stable_diffusion_mlx" / "sha256.json"
+    cache_file.parent.mkdir(parents=True)
+    if junk == "fifo":
+        os.mkfifo(cache_file)  # reading it would block forever
+    elif junk == "not_digests":
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"  # this very file's entry, holding junk
+        cache_file.write_text(json.dumps({key: "0123", "other": 5}))
+    else:
+        cache_file.write_bytes(JUNK[junk])
+
+    result = []
+    worker = threading.Thread(target=lambda: result.append(file_hash.model_hash(path)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert result == [expected[:10]]
+    if junk != "fifo":  # the cache is written anew, whole: only well-formed entries
+        assert list(json.loads(cache_file.read_text()).values()) == [expected]
+        assert sorted(p.name for p in cache_file.parent.iterdir()) == ["sha256.json"]
+
+
+@pytest.fixture()
+def config_dir(tiny_sd1, tmp_path):
+    return shutil.copytree(tiny_sd1, tmp_path / "configs", ignore=shutil.ignore_patterns("*.safetensors"))
+
+
+SD1_KEYS = {"model.diffusion_model.time_embed.0.weight": (4, 4)}
+
+
+@pytest.mark.parametrize("junk", list(JUNK) + ["directory"])
+@pytest.mark.parametrize("name", ["model_index.json", "unet/config.json", "vae/config.json"])
+def test_a_config_dir_with_junk_json_is_one_error_naming_the_file(config_dir, tmp_path, name, junk):
+    target = config_dir / name
+    if junk == "directory":
+        target.unlink()
+        target.mkdir()
+    else:
+        target.write_bytes(JUNK[junk])
+    path = small_file(tmp_path / "m.safetensors", SD1_KEYS)
+    with pytest.raises(ModelLoadError) as e:
+        model_io.open_model(str(path), config_dir=config_dir)
+    assert str(e.value).startswith(f"{target}: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "name, change, message",
+    [
+        ("unet/config.json", {"layers_per_block": "2"}, "layers_per_block must be a whole number >= 1, got '2'"),
+        ("unet/config.json", {"layers_per_block": [[1], [2]]}, "per-block layers_per_block"),
+        ("vae/config.json", {"block_out_channels": None}, "block_out_channels must be a non-empty list, got None"),
+        ("text_encoder/config.json", {"num_hidden_layers": 0}, "num_hidden_layers must be a whole number >= 1, got 0"),
+    ],
+)
+def test_config_values_the_key_names_need_are_checked_naming_the_file(tiny_sd2, tmp_path, name, change, message):
+    folder = shutil.copytree(tiny_sd2, tmp_path / "configs", ignore=shutil.ignore_patterns("*.safetensors"))
+    (folder / name).write_text(json.dumps({**json.loads((folder / name).read_text()), **change}))
+    # A UNet, a VAE and SD 2's OpenCLIP text encoder: each conversion reads its config.
+    keys = {**SD1_KEYS, "first_stage_model.decoder.conv_in.bias": (4,), "cond_stage_model.model.transformer.resblocks.0.ln_1.weight": (4,)}
+    with pytest.raises(ModelLoadError, match=re.escape(f"{folder / name}: {message}")):
+        model_io.open_model(str(small_file(tmp_path / "m.safetensors", keys)), config_dir=folder)
+
+
+def test_a_config_dir_without_model_index_is_refused(tmp_path):
+    path = small_file(tmp_path / "m.safetensors", SD1_KEYS)
+    with pytest.raises(ModelLoadError, match="not a diffusers model folder"):
+        model_io.open_model(str(path), config_dir=tmp_path / "nowhere")
+
+
+def test_an_upper_case_suffix_is_a_safetensors_file_and_a_pickle_is_refused_in_any_case(tmp_path):
+    path = small_file(tmp_path / "M.SAFETENSORS", SD1_KEYS)
+    assert checkpoint.is_single_file(str(path))
+    src = model_io.open_model(str(path))
+    assert isinstance(src, SingleFileSource) and src.family == "sd1"
+    pickle = tmp_path / "M.CKPT"
+    pickle.write_bytes(b"\x80\x04not read")
+    with pytest.raises(ModelLoadError, match="pickles, which this library never loads"):
+        model_io.open_model(str(pickle))
+
+
+def test_a_single_file_the_safetensors_library_refuses_is_refused(tmp_path):
+    """A header-length field one byte short: the header still parses (its padding space is cut) and
+    mx.load alone would read every tensor one byte off; the safetensors library refuses the file."""
+    import safetensors
+
+    path = small_file(tmp_path / "m.safetensors", {**SD1_KEYS, "model.diffusion_model.out.0.weight": (3,)})
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    assert data[8 + n - 1 : 8 + n] == b" "
+    path.write_bytes(struct.pack("<Q", n - 1) + data[8:])
+    with pytest.raises(safetensors.SafetensorError):
+        safetensors.safe_open(str(path), "numpy")
+    with pytest.raises(ModelLoadError, match="not a valid safetensors file") as e:
+        SingleFileSource(path)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
