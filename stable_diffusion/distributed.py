@@ -41,6 +41,7 @@ MAX_NAMED = 8  # missing files named in an error; the rest are counted
 # Images in one job: its plan (an Item and a file name each) stays within a few hundred MB, and
 # a list file or a seed range past it is refused before anything is listed.
 MAX_IMAGES = 10**6
+MAX_LIST_BYTES = 64 * 2**20  # a --prompts or --images file (a million prompts of 64 bytes)
 
 
 class JobStopped(Exception):
@@ -87,17 +88,26 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def read_list(path: str, what: str) -> list[str]:
-    """The non-blank lines of a text file (stripped), or ValueError naming the file."""
-    p = Path(path).expanduser()
-    try:
-        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
-    except FileNotFoundError:
-        raise ValueError(f"{what} file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} file {str(path)!r} cannot be read ({e})") from None
+    """The non-blank lines of a text file (stripped), or ValueError naming the file.
+
+    Only a regular file of at most MAX_LIST_BYTES is read, and at most MAX_IMAGES lines are kept:
+    a FIFO or a device would block or never end, a huge file would fill the memory before any check.
+    """
+    with images.open_regular(path, f"{what} file") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            data = f.read(MAX_LIST_BYTES + 1) if size <= MAX_LIST_BYTES else b""  # +1: the file may grow meanwhile
+            text = data.decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{what} file {str(path)!r} cannot be read ({e})") from None
+    if max(size, len(data)) > MAX_LIST_BYTES:
+        raise ValueError(f"{what} file {str(path)!r} is larger than {MAX_LIST_BYTES // 2**20} MB; split it into several jobs")
+    lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line]
     if not lines:
         raise ValueError(f"{what} file {str(path)!r} has no non-blank line")
+    if len(lines) > MAX_IMAGES:
+        raise ValueError(f"{what} file {str(path)!r} has {len(lines)} lines; a job makes at most {MAX_IMAGES} images (split it into several jobs)")
     return lines
 
 

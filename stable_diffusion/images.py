@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import re
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -45,28 +46,49 @@ def load_image(path: str) -> Image.Image:
     Transparency (RGBA, LA, P with a transparent colour) is composited over white; 16-bit and
     32-bit greyscale are scaled to 8 bits; CMYK and the other modes go through PIL's conversion.
     """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ValueError(f"input image {str(path)!r} does not exist")
-    if p.is_dir():
-        raise ValueError(f"input image {str(path)!r} is a directory")
+    with open_regular(path, "input image") as f:
+        try:
+            with warnings.catch_warnings():
+                # Past PIL's limit (89 Mpx) a warning, past twice that an error; the scripts check the
+                # memory a large picture needs themselves, so only the error stops here.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(f) as image:
+                    image.load()
+                    image = _oriented(image)
+                    return to_rgb(image)
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"input image {str(path)!r} is too large to open safely ({e})") from None
+        except UnidentifiedImageError:
+            raise ValueError(f"input image {str(path)!r} is not an image PIL can read") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ValueError(f"input image {str(path)!r} is corrupt or truncated ({e})") from None
+
+
+def open_regular(path, what: str):
+    """``path`` opened for binary reading, or ValueError naming ``what`` and the path when it is not a regular file.
+
+    A FIFO would block the open (or the read) forever, and a device such as /dev/zero never ends: the
+    open does not block, and the kind of file is checked on the open descriptor, so nothing can swap
+    it between a check and the open.
+    """
     try:
-        with warnings.catch_warnings():
-            # Past PIL's limit (89 Mpx) a warning, past twice that an error; the scripts check the
-            # memory a large picture needs themselves, so only the error stops here.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(p) as image:
-                image.load()
-                image = _oriented(image)
-                return to_rgb(image)
+        fd = os.open(Path(path).expanduser(), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ValueError(f"{what} {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {str(path)!r} is a directory") from None
     except PermissionError:
-        raise ValueError(f"input image {str(path)!r} cannot be read (permission denied)") from None
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"input image {str(path)!r} is too large to open safely ({e})") from None
-    except UnidentifiedImageError as e:
-        raise ValueError(f"input image {str(path)!r} is not an image PIL can read ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ValueError(f"input image {str(path)!r} is corrupt or truncated ({e})") from None
+        raise ValueError(f"{what} {str(path)!r} cannot be read (permission denied)") from None
+    except OSError as e:
+        raise ValueError(f"{what} {str(path)!r} cannot be read ({e.strerror or e})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise ValueError(f"{what} {str(path)!r} is {kind}, not a regular file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _oriented(image: Image.Image) -> Image.Image:
