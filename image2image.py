@@ -45,8 +45,8 @@ def counts_to_save(limit: int, every: int | None, last_n: int, triangle: bool) -
     counts = set()
     if every:
         counts |= set(range(every, limit + 1, every)) | {limit}
-    if last_n:
-        counts |= set(range(max(1, limit - last_n), limit))
+    if last_n:  # and the final step, as -sd saves it: TriangularArray.py composes a row from these files
+        counts |= set(range(max(1, limit - last_n), limit)) | {limit}
     if triangle:
         counts.add(limit)
     return counts
@@ -101,7 +101,7 @@ def main(argv=None):
     originals = [cli.read_image(path) for path in paths]
     # The configs only: size, steps, memory and every file name are checked before any weight is read or downloaded.
     largest = max(originals, key=lambda picture: picture.size[0] * picture.size[1])
-    model, _ = cli.check_before_loading(args, picture_size=largest.size)
+    model, _ = cli.check_before_loading(args, picture_size=largest.size, n_sources=len(paths), one_batch=interim)
     cli.check_written_paths(files_to_write(output, args, model.steps(args), strengths, len(paths)), inputs=paths)
 
     sd = cli.load(args)
@@ -130,7 +130,7 @@ def main(argv=None):
     if interim:  # the input as tile <base>_0_0, in the same grid as the outputs
         path = images.sibling(output, 0, 0)
         inputs = np.stack([np.asarray(picture)] * args.n_images)
-        cli.save_grid(inputs, path, args.n_rows, cli.parameters(args, sd, steps, cfg, seed, size, Strength=0))
+        cli.save_grid(inputs, path, args.n_rows, cli.parameters(args, sd, steps, cfg, seed, size, Denoising_strength=0))
         written.append(path)
 
     for strength in strengths:
@@ -143,7 +143,7 @@ def main(argv=None):
             cfg,
             seed,
             size,
-            Strength=f"{strength:g}",
+            Denoising_strength=f"{strength:g}",
             Denoising_step=f"{count}/{limit}" if count < limit else None,
             Show_denoising=args.show_denoising,
         )
@@ -214,12 +214,12 @@ def run_job(args, group, sd, output, pictures, seeds, steps, cfg, strength):
 
     def parameters(item, n):
         position = {} if batch else {"Batch_size": n, "Batch_pos": item.pos}
-        return cli.parameters(args, sd, steps, cfg, item.seed, pictures[item.source].size, Strength=f"{strength:g}", **position)
+        return cli.parameters(args, sd, steps, cfg, item.seed, pictures[item.source].size, Denoising_strength=f"{strength:g}", **position)
 
     job = distributed.Job(
         prog="image2image.py",
         items=items,
-        batch_size=args.batch_size or (8 if batch else args.n_images),
+        batch_size=args.batch_size,
         output=output,
         generate=generate,
         steps=img2img_steps(steps, strength),
@@ -228,7 +228,7 @@ def run_job(args, group, sd, output, pictures, seeds, steps, cfg, strength):
         individual=batch or args.save_individual,
         image_size=pictures[0].size,
         grid_rows=args.n_rows if args.grid or not batch else None,
-        grid_parameters=cli.parameters(args, sd, steps, cfg, seeds[0], pictures[0].size, Strength=f"{strength:g}"),
+        grid_parameters=cli.parameters(args, sd, steps, cfg, seeds[0], pictures[0].size, Denoising_strength=f"{strength:g}"),
         resume=args.resume,
         verbose=args.verbose,
     )

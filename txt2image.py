@@ -33,7 +33,7 @@ def main(argv=None):
         if value is not None and value < 1:
             raise UsageError(f"--{flag} must be positive (got {value})")
     # The configs only: size, steps and memory are checked before any weight is read or downloaded.
-    cli.check_before_loading(args, args.width, args.height)
+    cli.check_before_loading(args, args.width, args.height, n_sources=len(prompts))
     if args.save_individual and not cli.is_batch(args):
         cli.check_written_paths([output, *(images.sibling(output, i) for i in range(1, args.n_images + 1))])
     elif cli.is_batch(args):
@@ -75,7 +75,7 @@ def main(argv=None):
     job = distributed.Job(
         prog="txt2image.py",
         items=items,
-        batch_size=args.batch_size or (8 if batch else args.n_images),
+        batch_size=args.batch_size,
         output=output,
         generate=generate,
         steps=steps,

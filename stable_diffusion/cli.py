@@ -8,6 +8,7 @@ any model loads.
 
 import argparse
 import os
+import re
 import secrets
 import signal
 import sys
@@ -21,13 +22,17 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, images, model_io
-from .config import AutoencoderConfig, UNetConfig
+from . import checkpoint, images, memory, model_io
+from .config import AutoencoderConfig, CLIPTextModelConfig, UNetConfig
 from .errors import ModelLoadError, one_line
-from .pipeline import DISTILLED_REPOS, DISTILLED_STEPS, PRESETS, load_model
+from .memory import available_memory  # noqa: F401  (TriangularArray.py's check)
+from .pipeline import DISTILLED_REPOS, DISTILLED_STEPS, MAX_CFG_WEIGHT, PRESETS, load_model
 from .sampler import SAMPLERS, make_sampler
 
 DEFAULT_MODEL = "sdxl-turbo"
+# Images denoised at once unless --batch_size says otherwise: a big job runs as batches of this many
+# (A1111's batch size x batch count), so its memory does not grow with the number of images.
+DEFAULT_BATCH_SIZE = 8
 
 # A1111's sampler names, so that its PNG Info and Civitai recognise ours.
 SAMPLER_LABELS = {"euler": "Euler", "euler_a": "Euler a", "ddim": "DDIM", "dpm++2m": "DPM++ 2M"}
@@ -150,7 +155,7 @@ def add_common_arguments(parser):
     parser.add_argument("-v", "--verbose", action="store_true", help="print the device MLX runs on, timings and peak memory (mx.get_peak_memory)")
     batch = parser.add_argument_group("many images (also split over the ranks of mlx.launch -n K)")
     batch.add_argument("--seeds", default=None, metavar="LIST", help="one image per seed (per prompt or input image): a list 1,2,3, a range 10-19 or both (1,5-7); instead of --seed/--n_images")
-    batch.add_argument("--batch_size", type=int, default=None, help="images denoised at once on a rank (default: --n_images; 8 with --seeds, --prompts or --images); the batches are the same for any number of ranks")
+    batch.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="images denoised at once on a rank (A1111's batch size: more images run as several batches, each image as in one batch); the batches are the same for any number of ranks")
     batch.add_argument("--resume", action="store_true", help="skip the images whose file <base>_<k>.<ext> already exists (finish an interrupted job)")
     batch.add_argument("--grid", action="store_true", help="with --seeds or a list of prompts/images: also write the grid <base>.<ext>")
 
@@ -167,6 +172,8 @@ def check_common_arguments(args) -> Path:
         raise UsageError(f"--steps must be at least 1 (got {args.steps})")
     if args.cfg is not None and not 0 <= args.cfg < float("inf"):
         raise UsageError(f"--cfg must be a finite number >= 0 (got {args.cfg})")
+    if args.cfg is not None and args.cfg > MAX_CFG_WEIGHT:
+        raise UsageError(f"--cfg {args.cfg:g} is above {MAX_CFG_WEIGHT:g}: guidance that strong overflows to a black image")
     if args.decoding_batch_size < 1:
         raise UsageError(f"--decoding_batch_size must be at least 1 (got {args.decoding_batch_size})")
     if args.seed is not None and args.seed != -1 and not 0 <= args.seed < 2**64:
@@ -193,7 +200,7 @@ def check_batch_arguments(args):
             args.seed_list = parse_seeds(args.seeds)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    if args.batch_size is not None and args.batch_size < 1:
+    if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1 (got {args.batch_size})")
     if args.resume and not (is_batch(args) or args.save_individual):
         raise UsageError("--resume skips the files <base>_<k>; they are written with --seeds, a list of prompts/images or --save_individual")
@@ -212,7 +219,8 @@ def parse_lora(spec: str) -> tuple[str, float]:
         try:
             path, scale = head, float(tail)
         except ValueError:
-            pass
+            if Path(head).expanduser().is_file() and not Path(spec).expanduser().is_file():
+                raise UsageError(f"--lora {spec!r}: the scale {tail!r} is not a number (PATH:SCALE, e.g. {head}:0.8)") from None
     if not np.isfinite(scale):
         raise UsageError(f"--lora {spec!r}: the scale must be a finite number")
     if not Path(path).expanduser().is_file():
@@ -220,9 +228,13 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return str(Path(path).expanduser()), scale
 
 
+# A Hugging Face repo id, as huggingface_hub validates one: owner/name of letters, digits, '-', '_', '.'.
+REPO_ID = re.compile(r"[A-Za-z0-9_.-]{1,96}/[A-Za-z0-9_.-]{1,96}")
+
+
 def check_model_name(model: str):
     path = Path(model).expanduser()
-    if model in PRESETS or path.is_dir() or (path.is_file() and path.suffix == ".safetensors"):
+    if model in PRESETS or path.is_dir() or (path.is_file() and path.suffix.lower() == ".safetensors"):
         return
     if path.is_file():
         raise UsageError(f"--model {model!r}: only .safetensors checkpoints (or diffusers folders) are loaded; pickled .ckpt/.bin/.pt files are never opened")
@@ -233,6 +245,8 @@ def check_model_name(model: str):
             f"unknown model {model!r}: use a preset ({', '.join(PRESETS)}), a Hugging Face repo id (owner/name), "
             "a local diffusers folder or a .safetensors file"
         )
+    if not REPO_ID.fullmatch(model) or "--" in model or ".." in model:
+        raise UsageError(f"--model {model!r}: no such folder or file, and not a Hugging Face repo id (owner/name of letters, digits, '-', '_' and '.')")
 
 
 def draw_seed(seed):
@@ -286,6 +300,8 @@ def steps_and_cfg(args, sd):
     most = sd.sampler.config.num_train_timesteps
     if steps > most:
         raise UsageError(f"--steps {steps} is more than the model's {most} training timesteps")
+    if args.negative_prompt and cfg <= 1:
+        warnings.warn(f"--negative_prompt is not used at --cfg {cfg:g} (guidance, which reads it, runs only above 1)")
     return steps, cfg
 
 
@@ -301,7 +317,7 @@ def parameters(args, sd, steps, cfg, seed, size, *, prompt=None, **extra) -> str
     prompt = (args.prompt if prompt is None else prompt) + "".join(f" <lora:{lora.a1111_name(p)}:{s:g}>" for p, s in args.lora)
     return images.format_parameters(
         prompt,
-        args.negative_prompt,
+        args.negative_prompt if cfg > 1 else "",  # without guidance the negative prompt takes no part in the image
         Steps=steps,
         Sampler=sampler_label(sd),
         CFG_scale=f"{cfg:g}",
@@ -328,6 +344,7 @@ class ModelConfigs:
     latent_size: tuple  # the native (h, w) in latents: unet.sample_size
     distilled: bool  # sdxl-turbo / sd-turbo: 2 steps, no guidance by default (as the facade decides)
     is_xl: bool
+    source: object  # the opened model source (model_io.open_model), for the configs read later
 
     @property
     def latent_factor(self) -> int:
@@ -355,7 +372,7 @@ def read_model_configs(args) -> ModelConfigs:
     latent_size = tuple(sample_size) if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size)
     is_xl = "XL" in source.model_index().get("_class_name", "") or source.has("text_encoder_2")
     distilled = model_io.repo_id_of(name) in DISTILLED_REPOS
-    return ModelConfigs(unet, vae, sampler.config.num_train_timesteps, latent_size, distilled, is_xl)
+    return ModelConfigs(unet, vae, sampler.config.num_train_timesteps, latent_size, distilled, is_xl, source)
 
 
 def check_steps_against_model(args, model: ModelConfigs) -> int:
@@ -365,11 +382,13 @@ def check_steps_against_model(args, model: ModelConfigs) -> int:
     return steps
 
 
-def check_before_loading(args, width=None, height=None, picture_size=None):
+def check_before_loading(args, width=None, height=None, picture_size=None, n_sources=1, one_batch=False):
     """What the configs decide, before any weight is read or downloaded: --steps, the image size and the memory.
 
     txt2img passes --width/--height (None: the model's native size), img2img the input picture's
-    size, shrunk to the VAE factor as it will be. Returns the ModelConfigs and (width, height).
+    size, shrunk to the VAE factor as it will be. ``n_sources`` prompts or input images make
+    --n_images (or one per --seeds) images each, in batches of --batch_size; with ``one_batch``
+    (img2img's -sd/-gt) all --n_images run at once. Returns the ModelConfigs and (width, height).
     """
     model = read_model_configs(args)
     check_steps_against_model(args, model)
@@ -385,60 +404,30 @@ def check_before_loading(args, width=None, height=None, picture_size=None):
         for flag, value in (("width", width), ("height", height)):
             if value % f:
                 raise UsageError(f"--{flag} {value} is not a multiple of {f} (this model's VAE factor)")
-    check_memory(args, model, width, height, encode=picture_size is not None)
+    per_source = len(args.seed_list) if args.seed_list else args.n_images
+    batch = per_source if one_batch else min(args.batch_size, per_source)
+    kept = n_sources * per_source if args.grid or not is_batch(args) else 0
+    check_memory(args, model, width, height, batch, kept, encode=picture_size is not None)
     return model, (width, height)
 
 
-def available_memory() -> int:
-    """Bytes the default device can hold: the GPU's memory where MLX reports it, else the machine's RAM."""
-    if mx.default_device() == mx.gpu:
-        info = mx.device_info() if hasattr(mx, "device_info") else {}
-        for key in ("memory_size", "total_memory"):
-            if info.get(key):
-                return int(info[key])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def memory_model(model: ModelConfigs, float16: bool) -> memory.Model:
+    """The configs the memory estimate reads; the text encoders' are read here, after the cheaper checks."""
+    encoders = tuple(model_io.read_component_config(model.source, name, CLIPTextModelConfig) for name in ("text_encoder", "text_encoder_2") if model.source.has(name))
+    vae_float32 = not float16 or (model.is_xl and model.vae.force_upcast)
+    return memory.Model(model.unet, model.vae, encoders, itemsize=2 if float16 else 4, vae_itemsize=4 if vae_float32 else 2)
 
 
-def memory_estimate(model: ModelConfigs, n_images: int, batch: int, width: int, height: int, guided: bool, float16: bool, decode_batch: int, encode: bool = False) -> dict:
-    """A lower bound, in bytes, of what one run allocates besides the weights, by part.
+def check_memory(args, model: ModelConfigs, width: int, height: int, batch: int, kept: int, encode: bool = False):
+    """Refuse a run whose estimated memory (memory.estimate) is more than this process may use.
 
-    - unet: its first level runs at the full latent size: batch (x2 with guidance) x h x w x
-      block_out_channels[0] values, layers_per_block + 2 of them alive at once (the skip
-      connections kept for the up path and the working tensor), in the UNet's dtype;
-    - vae: decoding (or img2img's encoding) one chunk at the full pixel size: chunk x H x W x
-      the VAE's block_out_channels[0] values, a conv's input and output alive at once, in the
-      VAE's dtype (float16 with --float16, except SDXL's VAE when its config sets force_upcast);
-    - pictures: every decoded image in float32 and in uint8, and the uint8 grid.
+    ``batch`` is the number of images denoised at once, ``kept`` the pictures held for a grid.
     """
-    f = model.latent_factor
-    h, w = height // f, width // f
-    unet_bytes = 2 if float16 else 4
-    unet = batch * (2 if guided else 1) * h * w * model.unet.block_out_channels[0] * (max(model.unet.layers_per_block) + 2) * unet_bytes
-    chunk = max(min(decode_batch, n_images), 1 if encode else 0)
-    vae_bytes = 4 if not float16 or (model.is_xl and model.vae.force_upcast) else 2
-    vae = chunk * height * width * model.vae.block_out_channels[0] * vae_bytes * 2
-    pictures = n_images * height * width * 3 * (4 + 1 + 1)
-    return {"UNet activations": unet, "VAE": vae, "decoded pictures": pictures}
-
-
-def check_memory(args, model: ModelConfigs, width: int, height: int, encode: bool = False):
-    """Refuse a run whose estimated memory (see memory_estimate) is more than the device has."""
-    batch = min(getattr(args, "batch_size", None) or args.n_images, args.n_images)
-    parts = memory_estimate(model, args.n_images, batch, width, height, model.cfg(args) > 1, args.float16, args.decoding_batch_size, encode)
-    need, have = sum(parts.values()), available_memory()
-    if need > have:
-        detail = ", ".join(f"{k} {_size(v)}" for k, v in parts.items())
-        raise UsageError(
-            f"{args.n_images} image(s) of {width}x{height} need at least {_size(need)} of memory ({detail}) but this machine has {_size(have)}; "
-            "use a smaller size, fewer --n_images or a smaller --decoding_batch_size"
-        )
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
-        n /= 1000
+    parts = memory.estimate(memory_model(model, args.float16), width, height, batch, model.cfg(args) > 1, args.decoding_batch_size, encode, kept)
+    try:
+        memory.check(parts, f"{batch} image(s) at once of {width}x{height}", "use a smaller size, a smaller --batch_size or --decoding_batch_size, or fewer images in one grid")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_written_paths(paths, inputs=()):

@@ -115,6 +115,28 @@ def test_txt2image_draws_and_records_a_seed_keeps_cfg_zero_and_runs_float16(tiny
     assert pixels(out).shape == (32, 32, 3) and pixels(out).std() > 0
 
 
+def test_txt2image_makes_what_the_library_makes_with_the_negative_prompt(tiny_sd1, tmp_path):
+    from stable_diffusion import load_model
+
+    out = tmp_path / "out.png"
+    common = ["--steps", 2, "--seed", 5, "--width", 32, "--height", 32, "--no-float16", "--sampler", "euler", "--cfg", 4]
+    ok(run("txt2image.py", "a cat", "--model", tiny_sd1, *common, "--negative_prompt", "blurry dog", "-o", out))
+    sd = load_model(str(tiny_sd1), sampler="euler")
+    made = {}
+    for negative in ("blurry dog", ""):
+        *_, x = sd.generate_latents("a cat", num_steps=2, cfg_weight=4, negative_text=negative, latent_size=(8, 8), seed=5)
+        made[negative] = images.to_uint8(sd.decode(x))[0]
+    assert np.array_equal(pixels(out), made["blurry dog"])
+    assert not np.array_equal(made["blurry dog"], made[""])  # the negative prompt changes the picture
+
+
+def test_a_negative_prompt_without_guidance_is_not_recorded_and_is_warned_about(tiny_sd1, tmp_path):
+    out = tmp_path / "out.png"
+    result = ok(run("txt2image.py", "a cat", "--model", tiny_sd1, *SMALL, "--cfg", 1, "--width", 32, "--height", 32, "--negative_prompt", "blurry", "-o", out))
+    assert "Negative prompt" not in params(out)  # cfg <= 1: the image never saw it
+    assert "--negative_prompt is not used at --cfg 1" in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # image2image.py
 
@@ -142,9 +164,39 @@ def test_image2image_resizes_and_names_interim_files_limit_count(img_run):
 def test_image2image_parameters_record_strength_and_step(img_run):
     out, _ = img_run
     final = params(out)
-    assert (final["Prompt"], final["Strength"], final["Steps"], final["Seed"], final["Size"]) == ("A lit fireplace", "0.6", "10", "3", "44x68")
+    # A1111 writes img2img's strength as "Denoising strength" (modules/processing.py, create_infotext).
+    assert (final["Prompt"], final["Denoising strength"], final["Steps"], final["Seed"], final["Size"]) == ("A lit fireplace", "0.6", "10", "3", "44x68")
+    assert "Strength" not in final
     assert "Denoising step" not in final
     assert params(out.with_name("fire_6_4.png"))["Denoising step"] == "4/6"
+
+
+def test_image2image_images_list_makes_what_the_library_makes_at_that_strength(tiny_sd1, input_image, tmp_path):
+    from stable_diffusion import load_model
+
+    listing = tmp_path / "inputs.txt"
+    listing.write_text(f"{input_image}\n")
+    out = tmp_path / "out.png"
+    args = ["--strength", 0.5, "--steps", 4, "--seeds", 9, "--cfg", 3, "--no-float16", "--sampler", "euler"]
+    ok(run("image2image.py", "--images", listing, "a dog", "--model", tiny_sd1, *args, "-o", out))
+    sd = load_model(str(tiny_sd1), sampler="euler")
+    init = images.to_model_input(images.resize_to_multiple(images.load_image(input_image), sd.latent_factor, True))
+    made = {}
+    for strength in (0.5, 1.0):
+        *_, x = sd.generate_latents_from_image(init, "a dog", strength=strength, num_steps=4, cfg_weight=3, seed=9)
+        made[strength] = images.to_uint8(sd.decode(x))[0]
+    assert np.array_equal(pixels(out.with_name("out_1.png")), made[0.5])
+    assert not np.array_equal(made[0.5], made[1.0])
+
+
+def test_save_last_n_alone_writes_a_row_triangular_array_composes(tiny_sd2, input_image, tmp_path):
+    out = tmp_path / "fire.png"
+    ok(run("image2image.py", input_image, "A lit fireplace", "--model", tiny_sd2, "--strength", 0.5, "--steps", 8, "--save_last_N", 2, "--seed", 1, "-o", out))
+    # limit = 4: the last 2 steps before the final one (2, 3) and the final one, as -sd would save it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fire.png", "fire_0_0.png", "fire_4_2.png", "fire_4_3.png", "fire_4_4.png"]
+    assert np.array_equal(pixels(out.with_name("fire_4_4.png")), pixels(out))
+    ok(run("TriangularArray.py", out))  # before, it named fire_4_4.png missing
+    assert pixels(tmp_path / "fire_triangle.png").shape[0] == 68  # one row
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +210,8 @@ def test_generate_triangle_saves_rows_of_1_to_10_images(triangle):
     names = {p.name for p in triangle.parent.iterdir()}
     expected = {"tri_0_0.png"} | {f"tri_{limit}_{count}.png" for limit in range(1, 11) for count in range(1, limit + 1)}
     assert names == expected  # 55 interim/final grids and the input; no tri.png
-    assert params(triangle.with_name("tri_3_3.png"))["Strength"] == "0.3"
-    assert params(triangle.with_name("tri_10_10.png"))["Strength"] == "1"
+    assert params(triangle.with_name("tri_3_3.png"))["Denoising strength"] == "0.3"
+    assert params(triangle.with_name("tri_10_10.png"))["Denoising strength"] == "1"
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,16 @@ def test_a_missing_lora_file_is_one_line_before_any_model_loads(tiny_sd1, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_lora_scale_that_is_not_a_number_is_named_as_such(tiny_sd1, tmp_path):
+    lora = lora_files.random_lora(torch_models(reference_pipe(tiny_sd1, xl=False)), seed=5)
+    path = lora_files.write_kohya(tmp_path / "style.safetensors", lora)
+    result = run("txt2image.py", "a cat", "--model", tiny_sd1, "--lora", f"{path}:abc", "-o", tmp_path / "o.png")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the scale 'abc' is not a number" in lines[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["style.safetensors"]
+
+
 def test_txt2image_on_a_single_file_checkpoint_makes_what_load_model_makes_and_records_its_a1111_hash(tiny_sd1, tmp_path):
     path = write_ldm(tiny_sd1, "sd1", tmp_path / "my_finetune.safetensors")
     out = tmp_path / "out.png"
