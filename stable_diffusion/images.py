@@ -265,12 +265,25 @@ def save_image(picture, path: Path, parameters: str | None = None) -> Path:
     return path
 
 
+# What a user reads for the errors a write meets; any other errno gives the system's own text.
+_REASONS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file is too large for this file system",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EISDIR: "a directory of that name is in the way",
+    errno.ENAMETOOLONG: "the name is too long for this file system",
+    errno.ENOENT: "the folder does not exist",
+}
+
+
 def _reason(e: OSError) -> str:
-    if e.errno == errno.ENOSPC:
-        return "no space left on the device"
-    if e.errno == errno.EISDIR or Path(getattr(e, "filename2", None) or "").is_dir():
-        return "a directory of that name is in the way"
-    return e.strerror or str(e)
+    # os.replace onto a non-empty directory fails with ENOTEMPTY or EEXIST: the target is a directory.
+    if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and e.filename2 is not None and Path(e.filename2).is_dir():
+        return _REASONS[errno.EISDIR]
+    return _REASONS.get(e.errno) or e.strerror or str(e)
 
 
 def _umask() -> int:

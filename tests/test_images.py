@@ -1,5 +1,6 @@
 """stable_diffusion/images.py: reading any picture as RGB, resizing, grids, A1111 metadata, safe writes."""
 
+import errno
 import io
 import os
 
@@ -167,6 +168,36 @@ def test_interrupted_write_leaves_the_old_file_and_no_partial_file(tmp_path, mon
         images.save_image(np.zeros((8, 8, 3), np.uint8), path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["out.png"]
+
+
+@pytest.mark.parametrize(
+    "code, where, reason",
+    [
+        (errno.EROFS, "mkstemp", "the file system is read-only"),
+        (errno.EFBIG, "fsync", "the file is too large for this file system"),
+        (errno.ENOSPC, "fsync", "no space left on the device"),
+        (errno.EDQUOT, "fsync", "the disk quota is exceeded"),
+        (errno.EACCES, "mkstemp", "permission denied"),
+        (errno.EIO, "fsync", "Input/output error"),  # any other errno: the system's own words
+    ],
+)
+def test_a_write_error_names_its_true_reason(tmp_path, monkeypatch, code, where, reason):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))  # as the kernel raises it: no file name attached
+
+    monkeypatch.setattr(images.tempfile if where == "mkstemp" else images.os, where, fail)
+    with pytest.raises(images.WriteError) as raised:
+        images.save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / "out.png")
+    assert str(raised.value).startswith(f"cannot write '{tmp_path / 'out.png'}': {reason}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_in_the_way_is_named_as_such(tmp_path):
+    (tmp_path / "out.png").mkdir()
+    (tmp_path / "out.png" / "keep").write_text("")  # os.replace onto a non-empty directory
+    with pytest.raises(images.WriteError, match="a directory of that name is in the way"):
+        images.save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / "out.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
 
 
 def test_output_path_checks(tmp_path):
