@@ -49,9 +49,6 @@ class HubModel:
         self.repo = sources()[folder]["repo"]
         self.name = str(self.root)
 
-    def has(self, component: str) -> bool:
-        return (self.root / component).is_dir()
-
     def model_index(self) -> dict:
         return read(self.folder, "model_index.json")
 

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from . import safetensors_io
 from .checkpoint import SingleFileSource
 from .errors import ModelLoadError, one_line
+from .hub_configs import config_name
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 _SMALL_FILES = (
@@ -275,7 +276,7 @@ def config_file(source, component: str) -> str:
     root = getattr(getattr(source, "configs", source), "root", None)
     if root is None:
         return f"{source.name} ({component} config)"
-    return str(Path(root) / component / ("scheduler_config.json" if component == "scheduler" else "config.json"))
+    return str(Path(root) / component / config_name(component))
 
 
 def read_component_config(source, component: str, config_cls):

@@ -1,6 +1,6 @@
 """Write diffusers/transformers state dicts out in the original LDM (A1111 / ComfyUI) single-file layout.
 
-The inverse of stable_diffusion.checkpoint, written from the LDM / SGM / OpenCLIP module names
+The inverse of stable_diffusion.ldm_keys, written from the LDM / SGM / OpenCLIP module names
 (``input_blocks``, ``first_stage_model.encoder.down.0.block.0``, ``resblocks.0.attn.in_proj_weight``),
 and checked against diffusers' own forward converters in the tests. Works on real or meta torch
 tensors, so the full-size key lists can be built without memory.
