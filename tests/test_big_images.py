@@ -120,3 +120,78 @@ def test_vae_with_sliced_mid_attention_matches_diffusers(tiny_sd1, monkeypatch):
     out = vae.decode(nhwc(latents))
     assert calls == [9] * 13 + [3]
     assert relative_error(out, ref.permute(0, 2, 3, 1)) <= 1e-5  # as test_vae.py's parity
+
+
+def _diffusers_tiled_vae(root):
+    vae = AutoencoderKL.from_pretrained(root / "vae").eval()
+    vae.enable_tiling()
+    return vae
+
+
+def test_tiled_decode_matches_diffusers_tiled_decode(tiny_sd1):
+    ref_vae = _diffusers_tiled_vae(tiny_sd1)
+    tile = ref_vae.config.sample_size  # 32 pixels, 8 latents: 20 x 14 latents make 4 x 3 tiles
+    rng = np.random.default_rng(2)
+    latents = rng.standard_normal((2, 4, 20, 14)).astype(np.float32)
+    with torch.no_grad():
+        ref = ref_vae.decode(torch.from_numpy(latents)).sample
+        untiled = AutoencoderKL.from_pretrained(tiny_sd1 / "vae").eval().decode(torch.from_numpy(latents)).sample
+
+    vae = load_component(tiny_sd1, "vae", Autoencoder, AutoencoderConfig, mx.float32)
+    out = vae.decode(nhwc(latents), tile_size=tile)
+    assert out.shape == (2, 80, 56, 3)
+    assert relative_error(out, ref.permute(0, 2, 3, 1)) <= 1e-5  # as test_vae.py's untiled parity
+    assert relative_error(ref, untiled) > 1e-3  # tiling does change the picture: the test can tell
+
+
+def test_tiled_encode_matches_diffusers_tiled_encode(tiny_sd1):
+    ref_vae = _diffusers_tiled_vae(tiny_sd1)
+    tile = ref_vae.config.sample_size  # 72 x 52 pixels make 3 x 2 tiles
+    rng = np.random.default_rng(3)
+    image = rng.uniform(-1, 1, (2, 3, 72, 52)).astype(np.float32)
+    with torch.no_grad():
+        posterior = ref_vae.encode(torch.from_numpy(image)).latent_dist
+
+    vae = load_component(tiny_sd1, "vae", Autoencoder, AutoencoderConfig, mx.float32)
+    mean, logvar = vae.encode(nhwc(image), tile_size=tile)
+    assert mean.shape == (2, 18, 13, 4)
+    assert relative_error(mean, posterior.mean.permute(0, 2, 3, 1)) <= 1e-5
+    assert relative_error(logvar, posterior.logvar.permute(0, 2, 3, 1)) <= 1e-5
+
+
+def test_vae_is_not_tiled_up_to_the_tile_size(tiny_sd1):
+    # diffusers tiles only what exceeds the tile: 8 x 8 latents / 32 x 32 pixels run whole.
+    vae = load_component(tiny_sd1, "vae", Autoencoder, AutoencoderConfig, mx.float32)
+    rng = np.random.default_rng(4)
+    latents, image = rng.standard_normal((1, 4, 8, 8)).astype(np.float32), rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    assert mx.array_equal(vae.decode(nhwc(latents), tile_size=32), vae.decode(nhwc(latents)))
+    assert all(mx.array_equal(a, b) for a, b in zip(vae.encode(nhwc(image), tile_size=32), vae.encode(nhwc(image))))
+
+
+def _reference_images(root, latents: np.ndarray, tiling: bool) -> np.ndarray:
+    """diffusers' pipeline decode (StableDiffusionPipeline.__call__ with output_type="np")."""
+    vae = AutoencoderKL.from_pretrained(root / "vae").eval()
+    if tiling:
+        vae.enable_tiling()
+    with torch.no_grad():
+        image = vae.decode(torch.from_numpy(latents) / vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def test_pipeline_decode_tiles_when_asked_or_when_the_untiled_decode_would_not_fit(tiny_sd1, monkeypatch):
+    from stable_diffusion import StableDiffusion
+
+    sd = StableDiffusion(str(tiny_sd1))
+    rng = np.random.default_rng(5)
+    latents = rng.standard_normal((3, 4, 14, 20)).astype(np.float32)  # 56 x 80 pixels: past the 32-pixel tile
+    tiled_ref, whole_ref = _reference_images(tiny_sd1, latents, True), _reference_images(tiny_sd1, latents, False)
+    ours = {tiled: sd.decode(nhwc(latents), batch_size=2, tiled=tiled) for tiled in (True, False, None)}
+    # The images lie in [0, 1]: errors relative to 1, as the decode parity.
+    assert float(np.abs(np.array(ours[True]) - tiled_ref).max()) <= 1e-5
+    assert float(np.abs(np.array(ours[False]) - whole_ref).max()) <= 1e-5
+    assert mx.array_equal(ours[None], ours[False])  # a few MB fit
+    # Where MLX may allocate less than the untiled decode needs, the default tiles.
+    monkeypatch.setattr(mx, "get_memory_limit", lambda: mx.get_active_memory() + 2**20)
+    assert mx.array_equal(sd.decode(nhwc(latents), batch_size=2), ours[True])
+    with pytest.raises(ValueError, match="tiled must be True, False or None"):
+        sd.decode(nhwc(latents), tiled="yes")
