@@ -22,6 +22,7 @@ Merged weights are kept with the weights they replaced, so ``unapply`` restores 
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,7 @@ def load(path) -> LoraFile:
         raise ModelLoadError(f"{path}: the LoRA file holds no tensors")
 
     kohya = any(k.startswith(tuple(_KOHYA_PREFIXES)) for k in arrays)
-    parts, alphas, unknown = {}, {}, []
+    parts, alphas, unknown, not_float, finite = {}, {}, [], [], {}
     parse = _parse_kohya_key if kohya else _parse_peft_key
     for key, value in arrays.items():
         parsed = parse(key)
@@ -107,14 +108,20 @@ def load(path) -> LoraFile:
             continue
         target, role = parsed
         if role == "alpha":
-            if value.size != 1:
-                raise ModelLoadError(f"{path}: {key} holds {value.size} numbers (shape {tuple(value.shape)}); an alpha is one number")
-            alphas[target] = float(value.astype(mx.float32).item())
+            alphas[target] = _kohya_alpha(key, value, path)
+        elif not mx.issubdtype(value.dtype, mx.floating):
+            not_float.append(f"{key} ({_dtype_name(value.dtype)})")
         else:
+            finite[key] = mx.isfinite(value).all()
             parts.setdefault(target, {})[role] = value.astype(mx.float32)
     if unknown:
         hint = _LYCORIS_HINT if any(re.search(r"hada_|lokr_|dora_scale|lora_mid|magnitude", k) for k in unknown) else ""
         raise ModelLoadError(f"{path}: {_names(unknown, 'keys')} are not LoRA up/down/alpha keys of the {'kohya' if kohya else 'diffusers/PEFT'} layout{hint}")
+    if not_float:
+        raise ModelLoadError(f"{path}: {_names(not_float, 'weights')} are not floats; LoRA up/down weights are fp32, fp16 or bf16")
+    mx.eval(finite)  # reads every up/down weight once: a NaN or inf in one would blacken every picture
+    if not_finite := [key for key, ok in finite.items() if not ok.item()]:
+        raise ModelLoadError(f"{path}: {_names(not_finite, 'weights')} hold inf or NaN")
 
     unpaired = sorted(f"{c}:{m}" for (c, m), p in parts.items() if set(p) != {"down", "up"})
     unpaired += sorted(f"{c}:{m}" for (c, m) in alphas if (c, m) not in parts)
@@ -135,6 +142,22 @@ def load(path) -> LoraFile:
     if bad_shapes:
         raise ModelLoadError(f"{path}: {_names(bad_shapes, 'pairs')} do not form a rank-r LoRA pair")
     return LoraFile(path, "kohya" if kohya else "peft", pairs, metadata)
+
+
+def _kohya_alpha(key: str, value: mx.array, path: Path) -> float:
+    """A kohya ``.alpha`` tensor: one finite real number."""
+    if value.size != 1:
+        raise ModelLoadError(f"{path}: {key} holds {value.size} numbers (shape {tuple(value.shape)}); an alpha is one number")
+    if not (mx.issubdtype(value.dtype, mx.floating) or mx.issubdtype(value.dtype, mx.integer)):
+        raise ModelLoadError(f"{path}: {key} is a {_dtype_name(value.dtype)}; an alpha is a real number")
+    alpha = float(value.astype(mx.float32).item())
+    if not math.isfinite(alpha):
+        raise ModelLoadError(f"{path}: {key} is {alpha}; an alpha is a finite number")
+    return alpha
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
 
 
 def _parse_kohya_key(key: str):
@@ -217,7 +240,13 @@ def _component_settings(config: dict, component: str, path: Path):
 def _alpha_number(value, what: str, path: Path) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ModelLoadError(f"{path}: {what} in its lora_adapter_metadata is {str(value)[:80]!r}, not a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond every float
+        number = math.inf
+    if not math.isfinite(number):  # Python's JSON reads Infinity and NaN
+        raise ModelLoadError(f"{path}: {what} in its lora_adapter_metadata is {str(value)[:80]}, not a finite number")
+    return number
 
 
 # A module path as diffusers writes alpha_pattern keys. peft reads the keys as regular expressions;
@@ -243,7 +272,10 @@ class _AlphaPattern:
 
 def apply(models: dict, lora: LoraFile, scale: float = 1.0) -> Applied:
     """Merge ``scale * alpha / r * up @ down`` into the weights of ``models`` ("unet", "text_encoder",
-    "text_encoder_2"). Every target is resolved and checked before any weight changes."""
+    "text_encoder_2"). Every target is resolved and checked, and every merged weight computed and found
+    finite, before any weight changes."""
+    if not math.isfinite(scale):
+        raise ValueError(f"{lora.path}: the LoRA scale {scale!r} is not a finite number")
     missing = sorted(lora.components - {k for k, m in models.items() if m is not None})
     if missing:
         raise ModelLoadError(f"{lora.path}: the LoRA has layers for {', '.join(missing)}, which this model does not have")
@@ -270,7 +302,7 @@ def apply(models: dict, lora: LoraFile, scale: float = 1.0) -> Applied:
     if errors:
         raise ModelLoadError(f"{lora.path}: {_names(errors, 'LoRA targets')} match no layer of this model (or not its shape); nothing was applied")
 
-    originals = []
+    merges, overflowed = [], []
     for component, path, module, pair in plan:
         weight = module.weight
         # Both in PyTorch layout: (out, r) @ (r, in * kh * kw), then to the weight's own layout.
@@ -279,10 +311,17 @@ def apply(models: dict, lora: LoraFile, scale: float = 1.0) -> Applied:
             out, kh, kw, cin = weight.shape
             delta = delta.reshape(out, cin, kh, kw).transpose(0, 2, 3, 1)  # (out, kh, kw, in)
         merged = (weight.astype(mx.float32) + delta.reshape(weight.shape)).astype(weight.dtype)
-        mx.eval(weight, merged)  # one layer at a time: the transient delta never exceeds one weight
+        finite = mx.isfinite(merged).all()
+        mx.eval(weight, merged, finite)  # one layer at a time: the transient delta never exceeds one weight
+        if finite.item():
+            merges.append((component, path, module, weight, merged))
+        else:
+            overflowed.append(f"{component}.{path} ({_dtype_name(weight.dtype)})")
+    if overflowed:
+        raise ModelLoadError(f"{lora.path}: at scale {scale:g} the update overflows {_names(overflowed, 'weights')} to inf or NaN; nothing was applied")
+    for _, _, module, _, merged in merges:
         module.weight = merged
-        originals.append((component, path, module, weight))
-    return Applied(lora, scale, originals)
+    return Applied(lora, scale, [(component, path, module, weight) for component, path, module, weight, _ in merges])
 
 
 def unapply(models: dict, applied):

@@ -7,12 +7,15 @@ the same tensors it reads.
 """
 
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as mlx_nn
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as reference_load
 from safetensors.torch import save_file
@@ -273,3 +276,93 @@ def test_alpha_patterns_resolve_as_peft_get_pattern_key(tmp_path, order):
     expected = {n: patterns.get(get_pattern_key(patterns.keys(), n), PEFT["unet.lora_alpha"]) for n in names}
     assert {n: pairs[("unet", n)].alpha for n in names} == expected
     assert "proj" in patterns and any(n.endswith("_proj") for n in names)
+
+
+class TwoLayers(mlx_nn.Module):
+    """A small model for LoRAs to target: text_encoder.fc and .fc2, (5, 3) Linears (kohya: lora_te_fc, lora_te_fc2)."""
+
+    def __init__(self, dtype=mx.float32):
+        super().__init__()
+        self.fc = mlx_nn.Linear(3, 5)
+        self.fc2 = mlx_nn.Linear(3, 5)
+        self.set_dtype(dtype)
+
+
+def kohya_fc(path, down, up, alpha=None, module="fc", others=()):
+    """A kohya LoRA on text_encoder.<module>, and the same plain 0.1 pair on each of ``others``."""
+    tensors = {}
+    for name, (d, u) in {module: (down, up), **{other: (DOWN, UP) for other in others}}.items():
+        tensors |= {f"lora_te_{name}.lora_down.weight": d, f"lora_te_{name}.lora_up.weight": u}
+    if alpha is not None:
+        tensors[f"lora_te_{module}.alpha"] = alpha
+    save_file(tensors, str(path))
+    return path
+
+
+def with_value(tensor, value):
+    tensor = tensor.clone()
+    tensor.view(-1)[1] = value
+    return tensor
+
+
+DOWN, UP = torch.full((4, 3), 0.1), torch.full((5, 4), 0.1)
+BAD_NUMBERS_AT_LOAD = {
+    "int32 weights": (lambda p: kohya_fc(p, DOWN.int(), UP.int()), r"lora_te_fc\.lora_down\.weight \(int32\), lora_te_fc\.lora_up\.weight \(int32\)\) are not floats"),
+    "a NaN in an up weight": (lambda p: kohya_fc(p, DOWN, with_value(UP, float("nan"))), r"1 weights \(lora_te_fc\.lora_up\.weight\) hold inf or NaN"),
+    "an inf in an fp16 down weight": (lambda p: kohya_fc(p, with_value(DOWN.half(), float("inf")), UP.half()), r"lora_te_fc\.lora_down\.weight\) hold inf or NaN"),
+    "a NaN kohya alpha": (lambda p: kohya_fc(p, DOWN, UP, torch.tensor(float("nan"))), r"lora_te_fc\.alpha is nan; an alpha is a finite number"),
+    "an inf kohya alpha": (lambda p: kohya_fc(p, DOWN, UP, torch.tensor(float("-inf"))), r"lora_te_fc\.alpha is -inf"),
+    "a complex kohya alpha": (lambda p: kohya_fc(p, DOWN, UP, torch.tensor(1 + 2j, dtype=torch.complex64)), r"lora_te_fc\.alpha is a complex64; an alpha is a real number"),
+    "a PEFT lora_alpha of Infinity": (lambda p: peft_file(p, {**PEFT, "unet.lora_alpha": float("inf")}), "unet.lora_alpha in its lora_adapter_metadata is inf, not a finite number"),
+    "a PEFT lora_alpha beyond every float": (lambda p: peft_file(p, {**PEFT, "unet.lora_alpha": 10**400}), r"unet.lora_alpha in its lora_adapter_metadata is 1000+, not a finite number"),
+    "a PEFT alpha_pattern of NaN": (lambda p: peft_file(p, {**PEFT, "unet.alpha_pattern": {"to_q": float("nan")}}), r"alpha_pattern\['to_q'\] in its lora_adapter_metadata is nan"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_NUMBERS_AT_LOAD)
+def test_non_float_or_non_finite_lora_numbers_are_refused_naming_the_key(tmp_path, case):
+    write, message = BAD_NUMBERS_AT_LOAD[case]
+    path = write(tmp_path / "lora.safetensors")
+    with pytest.raises(ModelLoadError, match=message) as error:
+        sdlora.load(path)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+
+
+# (down, up, alpha, scale, model dtype): every update element is scale * alpha / 4 * (4 * down * up),
+# beyond float32's 3.4e38 or float16's 65504; each number alone is finite.
+OVERFLOWS = {
+    "huge weights": (DOWN * 1e30, UP * 1e30, None, 1.0, mx.float32),  # 4e58
+    "a huge kohya alpha": (DOWN * 100, UP * 100, torch.tensor(3e38), 1.0, mx.float32),  # 3e38 / 4 * 400 = 3e40
+    "a huge scale": (DOWN * 100, UP * 100, None, 1e38, mx.float32),  # 1e38 * 400 = 4e40
+    "an update beyond float16": (DOWN * 2000, UP * 2000, None, 1.0, mx.float16),  # 4 * 200 * 200 = 160000
+}
+
+
+@pytest.mark.parametrize("case", OVERFLOWS)
+def test_a_merge_that_overflows_the_weights_dtype_is_refused_and_nothing_changes(tmp_path, case):
+    down, up, alpha, scale, dtype = OVERFLOWS[case]
+    path = kohya_fc(tmp_path / "lora.safetensors", down, up, alpha, module="fc2", others=["fc"])  # fc merges first, and fine
+    model = TwoLayers(dtype)
+    before = dict(tree_flatten(model.parameters()))
+    expected = f"{path}: at scale {scale:g} the update overflows 1 weights (text_encoder.fc2 ({str(dtype)[9:]})) to inf or NaN; nothing was applied"
+    with pytest.raises(ModelLoadError, match=re.escape(expected)):
+        sdlora.apply({"text_encoder": model}, sdlora.load(path), scale)
+    assert all(value is before[key] for key, value in tree_flatten(model.parameters()))
+
+
+def test_the_float16_overflow_is_the_targets_alone(tmp_path):
+    """The same LoRA merges into float32 weights, as in torch: W + scale * alpha / r * up @ down."""
+    down, up, *_ = OVERFLOWS["an update beyond float16"]
+    model = TwoLayers(mx.float32)
+    expected = torch.tensor(np.array(model.fc.weight)) + (up @ down)
+    sdlora.apply({"text_encoder": model}, sdlora.load(kohya_fc(tmp_path / "lora.safetensors", down, up)), 1.0)
+    # float32 on both sides: 4 products, their sum and the add round within 3 ulps (3 * 2^-23 < 1e-6)
+    assert np.allclose(np.array(model.fc.weight), expected.numpy(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_scale_is_a_value_error(tmp_path, scale):
+    path = kohya_fc(tmp_path / "lora.safetensors", DOWN, UP)
+    model = TwoLayers()
+    with pytest.raises(ValueError, match=re.escape(f"{path}: the LoRA scale {scale!r} is not a finite number")):
+        sdlora.apply({"text_encoder": model}, sdlora.load(path), scale)
