@@ -7,11 +7,13 @@ The estimate counts what dominates each stage of a run, in the dtype it is held 
 
 - weights: every parameter of the UNet, the VAE and the text encoders at its load dtype. The models
   are built without weights to count them: MLX allocates nothing until an array is evaluated;
-- denoising: the UNet's first-level activations (see ``_unet_activations``) and the largest
-  self-attention score matrix, quadratic in the latent area (``unet.attention_scores_bytes``, which
-  follows however the attention slices its queries);
-- decoding (or img2img's encoding): the VAE's full-resolution activations and its mid-block
-  self-attention, one head over every latent pixel (the same sliced attention);
+- denoising: the UNet's first-level activations (see ``_unet_activations``) and the larger of its
+  temporaries: the largest self-attention score matrix, quadratic in the latent area
+  (``unet.attention_scores_bytes``, which follows however the attention slices its queries), or on
+  the CPU a 3x3 conv's unfolded input (MLX's CPU convolution unfolds it in float32);
+- decoding (or img2img's encoding): the VAE's full-resolution activations and the larger of its
+  widest conv's unfolded input (CPU) and its mid-block self-attention, one head over every latent
+  pixel (the same sliced attention);
 - pictures: what is kept in host memory at once (a batch's decoded pixels, and for a grid every
   picture of the job, its stacked copy, the grid and the copy PIL saves from).
 
@@ -83,12 +85,15 @@ def _attention_levels(config: UNetConfig) -> list[int]:
 
 def _unet_activations(config: UNetConfig, rows: int, h: int, w: int, itemsize: int) -> int:
     """The first level runs at the full latent size: rows x h x w x block_out_channels[0] values,
-    layers_per_block + 2 of them alive at once (the skips kept for the up path and the working tensor),
-    and on the CPU the unfolded input of its widest 3x3 conv (see _unfolded)."""
+    layers_per_block + 2 of them alive at once (the skips kept for the up path and the working tensor)."""
+    return rows * h * w * config.block_out_channels[0] * (max(config.layers_per_block) + 2) * itemsize
+
+
+def _unet_widest_conv(config: UNetConfig, rows: int, h: int, w: int) -> int:
+    """On the CPU, the unfolded input of the first level's widest 3x3 conv: the last up block's first
+    resnet reads the level below's features concatenated with a skip."""
     channels = config.block_out_channels
-    alive = rows * h * w * channels[0] * (max(config.layers_per_block) + 2) * itemsize
-    # The last up block's first resnet reads the level below's features concatenated with a skip.
-    return alive + _unfolded(rows * h * w, channels[min(1, len(channels) - 1)] + channels[0])
+    return _unfolded(rows * h * w, channels[min(1, len(channels) - 1)] + channels[0])
 
 
 def _unfolded(pixels: int, channels: int) -> int:
@@ -114,12 +119,11 @@ def _vae(config: AutoencoderConfig, images: int, height: int, width: int, itemsi
     """One VAE pass over ``images`` pictures: a conv's input and output at the full pixel size, on
     the CPU the unfolded input of the widest full-size 3x3 conv (``widest`` channels), and the mid
     block's attention scores (one head, every latent pixel against every other)."""
-    c = config.block_out_channels[0]
-    convs = images * height * width * c * itemsize * 2 + _unfolded(images * height * width, widest)
+    alive = images * height * width * config.block_out_channels[0] * itemsize * 2
     f = config.downsample_factor
     latent = (height // f) * (width // f)
     attention = unet_module.attention_scores_bytes(images, 1, latent, latent, itemsize) if config.mid_block_add_attention else 0
-    return convs + attention
+    return alive + max(_unfolded(images * height * width, widest), attention)  # a conv and the attention run in turn
 
 
 def estimate(model: Model, width: int, height: int, batch: int, guided: bool, decode_batch: int = 1, encode: bool = False, kept: int = 0) -> dict:
@@ -129,7 +133,9 @@ def estimate(model: Model, width: int, height: int, batch: int, guided: bool, de
     f = model.vae.downsample_factor
     h, w = height // f, width // f
     rows = batch * (2 if guided else 1)
-    denoising = _unet_activations(model.unet, rows, h, w, model.itemsize) + _unet_attention(model.unet, rows, h, w, model.itemsize)
+    # A conv and an attention run in turn: the larger of their temporaries is added to what stays alive.
+    temporaries = max(_unet_widest_conv(model.unet, rows, h, w), _unet_attention(model.unet, rows, h, w, model.itemsize))
+    denoising = _unet_activations(model.unet, rows, h, w, model.itemsize) + temporaries
     chunk = min(decode_batch, batch)
     channels = model.vae.block_out_channels
     # The decoder's last upsample conv reads block_out_channels[1] at the full size; the encoder's convs there block_out_channels[0].
