@@ -201,7 +201,7 @@ def main(argv=None, prog: str = PROG):
     check_canvas(output, n_columns * w, len(rows) * h)
     canvas = Image.new("RGB", (n_columns * w, len(rows) * h), "white")
     for r, (limit, row) in enumerate(rows.items()):
-        strength = _parameters(row[-1]).get("Strength")
+        strength = _parameters(row[-1]).get("Denoising strength")  # A1111's key, as image2image writes it
         finale = f"{limit} steps" + (f", strength {strength}" if strength else "")
         sources = [tile(seed_tile, "input")]
         for j, path in enumerate(row):
