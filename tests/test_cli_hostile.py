@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
@@ -31,7 +32,7 @@ def test_an_input_image_that_is_not_a_regular_file_is_refused_without_blocking(t
 
 def test_an_upper_case_safetensors_checkpoint_is_taken_for_one(tmp_path):
     path = tmp_path / "MODEL.SAFETENSORS"
-    save_file({"junk": __import__("numpy").zeros(1, "float32")}, str(path))
+    save_file({"junk": np.zeros(1, "float32")}, str(path))
     result = run(T2I, "p", "--model", path, "-o", tmp_path / "out.png")
     # Not refused by its name (as a pickle before): the loader reads it and names what it lacks.
     assert "pickle" not in result.stderr and "never opened" not in result.stderr, result.stderr
