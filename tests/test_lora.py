@@ -253,3 +253,37 @@ def test_facade_load_lora_stacks_and_unload_loras_restores_bit_for_bit(tiny_sdxl
     sd.quantize(group_size=32)
     with pytest.raises(ValueError, match="before quantize"):
         sd.load_lora(sdxl_loras[0][1])
+
+
+def test_peft_use_rslora_scales_by_alpha_over_sqrt_r_as_peft_does(tmp_path):
+    """diffusers' loader with the file's own adapter metadata (use_rslora, per-module alpha and rank
+    patterns) builds peft LoRA layers; each layer's ``scaling`` (alpha / sqrt(r) under rsLoRA) is the
+    factor we merge ``up @ down`` with, alpha / r of the parsed pair."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft.tuners.lora import LoraLayer
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2, sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )  # fmt: skip
+    lora = lora_files.random_lora({"unet": unet}, seed=5, rank=4, alpha=6.0, conv_rank=2, conv_alpha=3.0)
+    plain = lora_files.write_peft(tmp_path / "plain.safetensors", lora)
+    with safe_open(str(plain), "numpy") as f:
+        metadata = f.metadata()
+    config = {**json.loads(metadata["lora_adapter_metadata"]), "unet.use_rslora": True}
+    path = tmp_path / "rslora.safetensors"
+    save_file(load_file(str(plain)), str(path), metadata={**metadata, "lora_adapter_metadata": json.dumps(config)})
+
+    state_dict, _, adapter_metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+    unet.load_lora_adapter(state_dict, prefix="unet", adapter_name="rs", metadata=adapter_metadata)
+    layers = {name: m for name, m in unet.named_modules() if isinstance(m, LoraLayer)}
+    pairs = sdlora.load(path).pairs
+    assert set(layers) == {name for _, name in pairs} and all(m.use_rslora["rs"] for m in layers.values())
+    for name, layer in layers.items():
+        pair = pairs[("unet", name)]
+        assert pair.rank == layer.r["rs"]
+        # Both in float64: alpha * r / sqrt(r) / r and alpha / sqrt(r) differ by a few rounding steps.
+        assert pair.alpha / pair.rank == pytest.approx(layer.scaling["rs"], rel=1e-12)
+        assert layer.scaling["rs"] != pytest.approx(layer.lora_alpha["rs"] / layer.r["rs"])  # rsLoRA differs from alpha / r here
