@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from stable_diffusion import load_model, memory
+from stable_diffusion import unet as unet_module
 from stable_diffusion.config import AutoencoderConfig, CLIPTextModelConfig, UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def test_the_estimate_is_a_lower_bound_of_what_mlx_allocates_and_counts_the_atte
     unet = json.loads((folder / "unet" / "config.json").read_text())
     heads = unet["attention_head_dim"] if isinstance(unet["attention_head_dim"], int) else unet["attention_head_dim"][0]
     scores = 4 * heads * 4096 * 4096 * (4 if unet.get("upcast_attention") else 2)
-    assert scores < 2**30  # below the attention's slicing threshold: materialised whole
+    assert scores <= unet_module.ATTENTION_SCORES_LIMIT  # not sliced: materialised whole
     assert scores <= parts["denoising"]
 
 
