@@ -38,6 +38,40 @@ def reference_pipeline(folder, scheduler: str = None, img2img: bool = False, xl:
     return pipe
 
 
+def decode_reference(pipe, latents: torch.Tensor) -> np.ndarray:
+    """What ``pipe(..., output_type="np")`` returns, from the latents its ``output_type="latent"`` call returned.
+
+    The end of diffusers' pipelines' ``__call__``: the SDXL ones decode in float32 when the VAE is
+    float16 and its config sets force_upcast, and unscale by latents_mean/std when the config has
+    them; all divide by the scaling factor, decode and postprocess (no safety checker in these
+    tests, so every image is denormalized).
+    """
+    import diffusers
+
+    vae = pipe.vae
+    with torch.no_grad():
+        if not isinstance(pipe, (diffusers.StableDiffusionXLPipeline, diffusers.StableDiffusionXLImg2ImgPipeline)):
+            image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+            return pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * image.shape[0])
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            vae.to(torch.float32)
+            latents = latents.to(torch.float32)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        if upcast:
+            vae.to(torch.float16)
+        if pipe.watermark is not None:
+            image = pipe.watermark.apply_watermark(image)
+        return pipe.image_processor.postprocess(image, output_type="np")
+
+
 def torch_step_noise(seed: int, skip: int = 0):
     """A ``step_noise`` argument giving what diffusers draws from torch.Generator(seed), after `skip` earlier draws."""
     generator = torch.Generator().manual_seed(seed)

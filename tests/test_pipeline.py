@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity import nhwc, reference_pipeline, relative_error, run_latents, torch_step_noise
+from parity import decode_reference, nhwc, reference_pipeline, relative_error, run_latents, torch_step_noise
 from stable_diffusion import StableDiffusion
 
 SIZE = 32  # pixels; the tiny VAE downsamples 4x, so latents are 8x8
@@ -55,7 +55,7 @@ def test_txt2img_matches_diffusers(request, flavour, cfg, negative):
         latents=init.clone(),
     )
     ref_latents = pipe(**common, output_type="latent").images
-    ref_images = pipe(**common, output_type="np").images
+    ref_images = decode_reference(pipe, ref_latents)
 
     assert len(latents) == steps
     assert relative_error(latents[-1], nhwc(ref_latents)) <= 1e-4
@@ -122,7 +122,7 @@ def test_img2img_matches_diffusers(request, posterior_mean_img2img, flavour, sam
     images = sd.decode(latents[-1])
 
     pipe = reference_sd(folder, sampler, img2img=True)
-    ref = pipe(
+    ref_latents = pipe(
         PROMPT,
         image=image[None],
         strength=strength,
@@ -130,11 +130,12 @@ def test_img2img_matches_diffusers(request, posterior_mean_img2img, flavour, sam
         negative_prompt="ugly",
         num_images_per_prompt=n,
         generator=torch.Generator().manual_seed(7),
-        output_type="np",
+        output_type="latent",
     ).images
 
     assert len(latents) == min(int(steps * strength), steps)
-    assert relative_error(images, ref) <= 1e-4
+    assert relative_error(latents[-1], nhwc(ref_latents)) <= 1e-4
+    assert relative_error(images, decode_reference(pipe, ref_latents)) <= 1e-4
 
 
 def test_float16_pipeline_is_finite_and_close_to_diffusers_float32(tiny_sd2):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity import nhwc, reference_pipeline, relative_error, run_latents, torch_step_noise
+from parity import decode_reference, nhwc, reference_pipeline, relative_error, run_latents, torch_step_noise
 from stable_diffusion import StableDiffusionXL, load_model
 
 SIZE = 32  # pixels; the tiny VAE downsamples 4x
@@ -37,7 +37,8 @@ def test_sdxl_txt2img_matches_diffusers(tiny_sdxl, cfg, negative):
     )
     images = sd.decode(latents[-1])
 
-    ref = reference_xl(tiny_sdxl)(
+    pipe = reference_xl(tiny_sdxl)
+    ref_latents = pipe(
         PROMPT,
         negative_prompt=negative or None,
         num_images_per_prompt=n,
@@ -46,10 +47,11 @@ def test_sdxl_txt2img_matches_diffusers(tiny_sdxl, cfg, negative):
         height=height,
         width=width,
         latents=init.clone(),
-        output_type="np",
+        output_type="latent",
     ).images
+    assert relative_error(latents[-1], nhwc(ref_latents)) <= 1e-4
     assert images.shape == (n, height, width, 3)
-    assert relative_error(images, ref) <= 1e-4
+    assert relative_error(images, decode_reference(pipe, ref_latents)) <= 1e-4
 
 
 @pytest.mark.parametrize("sampler", ["euler_a", "ddim", "dpm++2m"])
@@ -79,7 +81,8 @@ def test_sdxl_turbo_configuration_matches_diffusers(tiny_sdxl_turbo, steps):
     assert (sd.default_steps, sd.default_cfg, sd.sampler.name) == (2, 0.0, "euler_a")
     init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(2))
     latents = run_latents(sd.generate_latents(PROMPT, num_steps=steps, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init), step_noise=torch_step_noise(seed=9)))
-    ref = reference_xl(tiny_sdxl_turbo)(
+    pipe = reference_xl(tiny_sdxl_turbo)
+    ref_latents = pipe(
         PROMPT,
         num_inference_steps=steps,
         guidance_scale=0.0,
@@ -87,10 +90,11 @@ def test_sdxl_turbo_configuration_matches_diffusers(tiny_sdxl_turbo, steps):
         width=SIZE,
         latents=init.clone(),
         generator=torch.Generator().manual_seed(9),
-        output_type="np",
+        output_type="latent",
     ).images
     assert len(latents) == steps
-    assert relative_error(sd.decode(latents[-1]), ref) <= 1e-4
+    assert relative_error(latents[-1], nhwc(ref_latents)) <= 1e-4
+    assert relative_error(sd.decode(latents[-1]), decode_reference(pipe, ref_latents)) <= 1e-4
 
 
 @pytest.fixture
@@ -114,7 +118,8 @@ def test_sdxl_img2img_matches_diffusers(tiny_sdxl, posterior_mean_img2img, cfg, 
             mx.array(image * 2 - 1), PROMPT, n_images=n, strength=strength, num_steps=steps, cfg_weight=cfg, negative_text=negative, noise=nhwc(noise)
         )
     )
-    ref = reference_xl(tiny_sdxl, img2img=True)(
+    pipe = reference_xl(tiny_sdxl, img2img=True)
+    ref_latents = pipe(
         PROMPT,
         image=image[None],
         strength=strength,
@@ -123,10 +128,11 @@ def test_sdxl_img2img_matches_diffusers(tiny_sdxl, posterior_mean_img2img, cfg, 
         negative_prompt=negative or None,
         num_images_per_prompt=n,
         generator=torch.Generator().manual_seed(3),
-        output_type="np",
+        output_type="latent",
     ).images
     assert len(latents) == int(steps * strength)
-    assert relative_error(sd.decode(latents[-1]), ref) <= 1e-4
+    assert relative_error(latents[-1], nhwc(ref_latents)) <= 1e-4
+    assert relative_error(sd.decode(latents[-1]), decode_reference(pipe, ref_latents)) <= 1e-4
 
 
 def test_sdxl_float16_keeps_the_vae_in_float32_when_force_upcast(tiny_sdxl):
