@@ -175,7 +175,7 @@ def test_many_images_run_in_batches_of_8_each_image_as_the_library_makes_it_alon
     out = tmp_path / "grid.png"
     common = ["p", "--model", tiny_sd1, "--steps", 2, "--seed", 3, "--width", 32, "--height", 32, "--no-float16", "--sampler", "euler_a"]
     result = subprocess.run(
-        [sys.executable, str(ROOT / T2I), *map(str, common), "--n_images", 10, "--n_rows", 2, "-o", str(out)],
+        [sys.executable, str(ROOT / T2I), *map(str, [*common, "--n_images", 10, "--n_rows", 2, "-o", out])],
         capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr
