@@ -14,12 +14,13 @@
 Rank 0 prints the progress of the whole job (one small ``all_sum`` per round of batches), gathers
 the pixels for the grid when one is asked, and checks at the end that every image was written. A
 rank that dies makes the others stop with a message naming what is missing (``mlx.launch`` itself
-only warns); ``--resume`` skips the images whose final file exists (files are written atomically,
-so an existing file is a finished image). The facade stays single-process: nothing here changes it.
+only warns); ``--resume`` skips the images whose file decodes and holds this job's parameters for
+them (PNG text chunk, JPEG/WebP EXIF comment), and makes the others again. Files are written
+atomically; a temporary file is removed only once its writer is dead. The facade stays
+single-process: nothing here changes it.
 """
 
 import collections
-import glob
 import itertools
 import math
 import operator
@@ -248,23 +249,25 @@ def run(job: Job, group: Group) -> list[Path]:
     rounds = math.ceil(len(batches) / group.size)
     lead = group.rank == 0
     per_source = collections.Counter(it.source for it in job.items)  # a PNG names its source's image count
-    for b in mine:  # temporary files of a killed earlier run (files in flight are never final ones)
-        for item in batches[b]:
-            _remove_stale_parts(path_of(job, item))
+    # Temporary files of killed earlier runs, on any run (a live writer's are kept).
+    ours = [path_of(job, item) for b in mine for item in batches[b]] if job.individual else []
+    images.remove_stale_parts(ours + ([job.output] if lead and job.grid_rows else []))
 
-    already = [it for it in job.items if _exists(job, it)]
-    if lead and already:
-        print(f"--resume: {len(already)} of {len(job.items)} images already written, skipped")
+    finished = {it.k for b in mine for it in batches[b] if _finished(job, it, per_source)}
     done_here = set()
     pixels = {}  # k -> picture, kept only for the grid
-    progress = tqdm(total=len(job.items), initial=len(already), desc="images", unit="image", disable=not lead, leave=False)
+    progress = tqdm(total=len(job.items), desc="images", unit="image", disable=not lead, leave=False)
     start = time.perf_counter()
     try:
+        already = int(group.all_sum(np.array([len(finished)], dtype=np.int64))[0])
+        if lead and already:
+            print(f"--resume: {already} of {len(job.items)} images already written, skipped")
+        progress.update(already)
         for r in range(rounds):
             wrote = 0
             b = r * group.size + group.rank
             if b < len(batches):
-                wrote = _run_batch(job, batches[b], per_source, pixels, lead)
+                wrote = _run_batch(job, batches[b], finished, per_source, pixels, lead)
                 done_here.update(it.k for it in batches[b])
             # One small collective per round: the progress of the whole job, and a lost rank noticed early.
             progress.update(int(group.all_sum(np.array([wrote], dtype=np.int64))[0]))
@@ -299,14 +302,14 @@ def run(job: Job, group: Group) -> list[Path]:
         written.append(job.output)
     if job.verbose:
         elapsed = time.perf_counter() - start
-        made = len(job.items) - len(already)
+        made = len(job.items) - already
         print(f"{made} images in {elapsed:.2f} s on {group.size} rank(s): {made / elapsed:.3f} images/s", file=sys.stderr)
     return written
 
 
-def _run_batch(job: Job, batch: list[Item], per_source: collections.Counter, pixels: dict, lead: bool) -> int:
-    """Denoise, decode and save one batch; returns how many files it wrote (0 when all existed)."""
-    todo = [it for it in batch if not _exists(job, it)]
+def _run_batch(job: Job, batch: list[Item], finished: set, per_source: collections.Counter, pixels: dict, lead: bool) -> int:
+    """Denoise, decode and save one batch; returns how many files it wrote (0 when all were finished)."""
+    todo = [it for it in batch if it.k not in finished]
     if not todo:
         if job.grid_rows:
             for it in batch:
@@ -326,8 +329,20 @@ def _run_batch(job: Job, batch: list[Item], per_source: collections.Counter, pix
     return len(todo)
 
 
-def _exists(job: Job, item: Item) -> bool:
-    return job.resume and job.individual and path_of(job, item).exists()
+def _finished(job: Job, item: Item, per_source: collections.Counter) -> bool:
+    """--resume: the file decodes whole and its parameters are what this job writes for the item.
+
+    A truncated or empty file, another job's image (another prompt, seed, size, model...) or a
+    picture without parameters is made again: the new file replaces it atomically.
+    """
+    if not (job.resume and job.individual):
+        return False
+    try:
+        stored, (width, height) = images.read_back(path_of(job, item))
+    except ValueError:
+        return False
+    expected = job.parameters(item, per_source[item.source])
+    return stored == expected and images.parse_parameters(expected).get("Size") == f"{width}x{height}"
 
 
 def _read_pixels(path: Path) -> np.ndarray:
@@ -344,15 +359,6 @@ def _gather_grid(job: Job, group: Group, pixels: dict) -> np.ndarray:
     for k, picture in pixels.items():
         stack[k - 1] = picture
     return group.all_sum(stack)
-
-
-def _remove_stale_parts(path: Path):
-    """The temporary files ``images.save_image`` left for ``path`` when its process was killed."""
-    for part in path.parent.glob(glob.escape(images.temporary_prefix(path)) + "*.part"):
-        try:
-            part.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def _report_stop(job: Job, group: Group, why: str):

@@ -12,9 +12,11 @@ The PNG metadata is the ``parameters`` text chunk written by AUTOMATIC1111's web
 """
 
 import errno
+import hashlib
 import json
 import os
 import re
+import socket
 import stat
 import tempfile
 import warnings
@@ -204,24 +206,93 @@ def parse_parameters(text: str) -> dict:
     return result
 
 
+# JPEG and WebP carry the text as A1111 writes it there: the EXIF UserComment, in UTF-16 behind
+# the 8-byte character code "UNICODE\0" (piexif.helper.UserComment.dump(..., encoding="unicode")).
+EXIF_IFD, USER_COMMENT, UNICODE_CODE = 0x8769, 0x9286, b"UNICODE\0"
+
+
 def read_parameters(path) -> str | None:
-    """The ``parameters`` text chunk of a PNG file, or None."""
+    """The A1111 ``parameters`` text of a picture file (PNG text chunk, JPEG/WebP EXIF UserComment), or None."""
     with Image.open(path) as image:
-        return image.info.get("parameters")
+        return _parameters_of(image)
+
+
+def read_back(path) -> tuple[str | None, tuple[int, int]]:
+    """(parameters text or None, (width, height)) of a picture that decodes whole; ValueError otherwise."""
+    try:
+        with open_regular(path, "image") as f, Image.open(f) as image:
+            image.load()  # every pixel: a truncated file fails here
+            return _parameters_of(image), image.size
+    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image {str(path)!r} does not decode ({e})") from None
+
+
+def _parameters_of(image: Image.Image) -> str | None:
+    if "parameters" in image.info:
+        return image.info["parameters"]
+    comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if isinstance(comment, bytes) and comment.startswith(UNICODE_CODE):
+        return comment[len(UNICODE_CODE) :].decode("utf-16-be", errors="replace")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
 
 
-def temporary_prefix(path: Path) -> str:
-    """``.<name>.`` for the temporary file, the name cut so that ``.<name>.XXXXXXXX.part`` fits a 255-byte file name."""
+def temporary_prefix(path: Path, pid: int | None = None) -> str:
+    """``.<name>.<host>-<pid>.`` for a temporary file of ``path`` written by process ``pid`` (default: this one).
+
+    The name is cut so that the prefix, mkstemp's 8 random characters and ``.part`` fit a 255-byte
+    file name. The writer's host and pid tell a part left by a killed process (removable) from the
+    live part of another run writing the same folder (never touched).
+    """
+    return f"{_name_prefix(path)}{_HOST}-{os.getpid() if pid is None else pid}."
+
+
+def _name_prefix(path: Path) -> str:
     name = path.name.encode()[:TEMP_NAME_BYTES].decode(errors="ignore")
     return f".{name}."
 
 
-# Room left for mkstemp's 8 random characters, the dots and ".part" within 255 bytes, with margin.
+# Room left for the host tag, a pid, mkstemp's 8 random characters, the dots and ".part" within 255 bytes.
 TEMP_NAME_BYTES = 200
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]  # pids mean something on their own host only
+_PART = re.compile(r"(\..*\.)([0-9a-f]{8})-(\d+)\.[a-z0-9_]+\.part")  # prefix, host, pid, mkstemp's characters
+
+
+def remove_stale_parts(paths):
+    """Remove the temporary files that killed processes of this host left for ``paths``; a live writer's are kept.
+
+    One listing per folder, whatever the number of paths.
+    """
+    by_folder = {}
+    for path in map(Path, paths):
+        by_folder.setdefault(path.parent, set()).add(_name_prefix(path))
+    for folder, prefixes in by_folder.items():
+        try:
+            entries = [entry.name for entry in os.scandir(folder)]
+        except OSError:
+            continue
+        for name in entries:
+            match = _PART.fullmatch(name)
+            if match and match[1] in prefixes and match[2] == _HOST and not _alive(int(match[3])):
+                try:
+                    os.unlink(folder / name)
+                except FileNotFoundError:
+                    pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def save_image(picture, path: Path, parameters: str | None = None) -> Path:
@@ -241,7 +312,11 @@ def save_image(picture, path: Path, parameters: str | None = None) -> Path:
         info = PngInfo()
         info.add_text("parameters", parameters)  # tEXt as A1111 writes it; PIL switches to UTF-8 iTXt when needed
         options["pnginfo"] = info
-    elif fmt == "JPEG":
+    elif parameters is not None:
+        exif = Image.Exif()
+        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = UNICODE_CODE + parameters.encode("utf-16-be")
+        options["exif"] = exif
+    if fmt == "JPEG":
         options["quality"] = 95
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".part")

@@ -260,7 +260,8 @@ def test_a_killed_rank_stops_the_job_with_a_message_and_resume_finishes_it(tiny_
     for name in done:  # every final file is a whole image: written to a temporary file, then renamed
         assert np.array_equal(pixels(out.parent / name), pixels(single_slow.parent / name)), name
 
-    (out.parent / f".img_{N_IMAGES}.png.x1y2z3w4.part").write_bytes(b"\x89PNG half")  # as a rank killed mid-write leaves it
+    # As a rank killed mid-write leaves it (its pid is dead now: the process was reaped).
+    (out.parent / (images.temporary_prefix(out.with_name(f"img_{N_IMAGES}.png"), victim) + "x1y2z3w4.part")).write_bytes(b"\x89PNG half")
     result = ok(run(launch_command(2, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *SLOW_JOB, "-o", out, "--resume"), job_folder))
     assert f"--resume: {len(done)} of {N_IMAGES} images already written, skipped" in result.stdout
     assert files(out.parent) == [f for f in files(single_slow.parent) if f != "img.png"]  # no temporary file left either
@@ -346,4 +347,4 @@ def test_image2image_input_list_two_ranks_write_the_files_of_one_process(tiny_sd
         assert np.array_equal(pixels(tmp_path / "one" / name), pixels(tmp_path / "two" / name)), name
     assert pixels(tmp_path / "one" / "out_3.png").shape == (40, 28, 3)
     p = images.parse_parameters(images.read_parameters(tmp_path / "one" / "out_4.png"))
-    assert (p["Prompt"], p["Seed"], p["Strength"], p["Size"]) == ("a lit fireplace", "2", "0.5", "28x40")
+    assert (p["Prompt"], p["Seed"], p["Denoising strength"], p["Size"]) == ("a lit fireplace", "2", "0.5", "28x40")

@@ -154,6 +154,16 @@ def test_png_carries_the_parameters_chunk(tmp_path):
     assert images.save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / "a.jpg", A1111_TEXT).exists()
 
 
+@pytest.mark.parametrize("name", ["a.jpg", "a.webp"])
+def test_jpeg_and_webp_carry_the_parameters_as_a1111_writes_them(tmp_path, name):
+    text = A1111_TEXT + " ünïcode ✓"
+    path = images.save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / name, text)
+    with Image.open(path) as image:  # EXIF UserComment (tag 0x9286 of the Exif IFD): 8-byte code, then UTF-16
+        comment = image.getexif().get_ifd(0x8769)[0x9286]
+    assert comment == b"UNICODE\0" + text.encode("utf-16-be")
+    assert images.read_parameters(path) == text
+
+
 def test_interrupted_write_leaves_the_old_file_and_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "out.png"
     images.save_image(np.full((8, 8, 3), 7, np.uint8), path)

@@ -123,3 +123,75 @@ def test_the_scripts_refuse_a_fifo_as_list_entry_or_input_image_in_one_line(tiny
         result = run([sys.executable, *command, "--model", tiny_sd1, "--steps", 4, "-o", out / "o.png"], tmp_path, timeout=120)
         one_line_exit_2(result, message)
     assert list(out.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume: only whole files of this job count as finished; temporary files of live writers stay
+
+
+JOB = ["p", "--seeds", "1-4", "--steps", 2, "--width", 32, "--height", 32, "--no-float16"]
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+def test_resume_makes_again_truncated_empty_and_foreign_files(tiny_sd1, tmp_path, ext):
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "res").mkdir()
+    reference = run([sys.executable, T2I, *JOB, "--model", tiny_sd1, "-o", f"ref/out.{ext}"], tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    ref, res = tmp_path / "ref", tmp_path / "res"
+    whole = ref / f"out_1.{ext}"
+    (res / f"out_1.{ext}").write_bytes(whole.read_bytes())  # finished: kept as it is
+    (res / f"out_2.{ext}").write_bytes((ref / f"out_2.{ext}").read_bytes()[:-40])  # truncated
+    (res / f"out_3.{ext}").write_bytes(b"")  # empty
+    (res / f"out_4.{ext}").write_bytes(whole.read_bytes())  # another job's image: its parameters name seed 1
+    kept = (res / f"out_1.{ext}").stat().st_mtime_ns
+    result = run([sys.executable, T2I, *JOB, "--model", tiny_sd1, "-o", f"res/out.{ext}", "--resume", "--grid", "--n_rows", 2], tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "--resume: 1 of 4 images already written, skipped" in result.stdout
+    assert (res / f"out_1.{ext}").stat().st_mtime_ns == kept
+    for k in range(1, 5):
+        assert np.array_equal(pixels(res / f"out_{k}.{ext}"), pixels(ref / f"out_{k}.{ext}")), k
+        assert images.read_parameters(res / f"out_{k}.{ext}") == images.read_parameters(ref / f"out_{k}.{ext}")
+    grid = pixels(res / f"out.{ext}")
+    if ext == "png":  # lossless: the grid holds the images exactly
+        assert np.array_equal(grid[32:, 32:], pixels(ref / "out_4.png"))
+    assert sorted(p.name for p in res.iterdir()) == sorted([f"out.{ext}"] + [f"out_{k}.{ext}" for k in range(1, 5)])
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()  # reaped: the pid names no process (until the system reuses it)
+    return process.pid
+
+
+def test_only_parts_of_dead_writers_are_removed(tmp_path):
+    out = tmp_path / "out_1.png"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / (images.temporary_prefix(out, alive.pid) + "abcdefgh.part")
+        dead = tmp_path / (images.temporary_prefix(out, _dead_pid()) + "abcdefgh.part")
+        other_host = tmp_path / (images.temporary_prefix(out, _dead_pid()).replace(images._HOST, "00000000") + "abcdefgh.part")
+        other_name = tmp_path / (images.temporary_prefix(tmp_path / "out_2.png", _dead_pid()) + "abcdefgh.part")
+        for part in (live, dead, other_host, other_name):
+            part.write_bytes(b"\x89PNG half")
+        images.remove_stale_parts([out])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, other_host, other_name))
+    finally:
+        alive.kill()
+        alive.wait()
+    images.remove_stale_parts([out])  # its writer is gone now
+    assert not live.exists()
+
+
+def test_a_plain_run_removes_the_part_a_killed_run_left(tiny_sd1, tmp_path):
+    out = tmp_path / "out.png"
+    stale = tmp_path / (images.temporary_prefix(out, _dead_pid()) + "abcdefgh.part")
+    stale.write_bytes(b"\x89PNG half")  # as SIGKILL mid-save leaves it
+    result = run([sys.executable, T2I, "p", "--steps", 2, "--width", 32, "--height", 32, "--model", tiny_sd1, "-o", out], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
