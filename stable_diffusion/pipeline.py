@@ -9,9 +9,12 @@ issue tracker: img2img starts from the VAE posterior *mean* (diffusers draws a p
 Every generation builds its own sampler, so two generators of one model never share state.
 """
 
+import functools
 import math
 import os
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -51,6 +54,58 @@ MAX_CFG_WEIGHT = 1000.0
 # A stochastic sampler's noise for step i: (i, shape) -> unit normal noise of that shape.
 StepNoise = Callable[[int, tuple], mx.array]
 
+# Threads. Since mlx 0.31.2 a stream belongs to the thread that made it: an array built on one
+# thread's default stream cannot be evaluated on another ("There is no Stream(cpu, 0) in current
+# thread"). The facades build every array on one stream that any thread may use, and as MLX
+# leaves races on such a stream to its user, they hold one lock while they build or evaluate.
+# One stream for all facades: each stream MLX runs on keeps a thread of its own.
+_LOCK = threading.RLock()
+_STREAM = None
+_THREAD = threading.local()
+
+
+class _StreamSweeper:
+    """Destroys a thread's own MLX streams as the thread ends (Python drops its threading.local values there).
+
+    MLX keeps them after the thread is gone, and then the process aborts at exit ("terminate called
+    without an active exception", mlx 0.32.4, once mx.compile'd functions such as nn.silu ran in
+    the thread). The facades' shared stream is not the thread's own: it survives.
+    """
+
+    def __init__(self):
+        self.thread = threading.get_native_id()
+
+    def __del__(self):
+        if threading.get_native_id() == self.thread:
+            mx.clear_streams()
+
+
+@contextmanager
+def _exclusive():
+    """Hold the facades' lock and build arrays on their shared stream."""
+    global _STREAM
+    if threading.current_thread() is not threading.main_thread() and not hasattr(_THREAD, "sweeper"):
+        _THREAD.sweeper = _StreamSweeper()
+    with _LOCK:
+        if _STREAM is None:
+            _STREAM = mx.new_thread_unsafe_stream(mx.default_device())
+        with mx.stream(_STREAM):
+            yield
+
+
+def _exclusive_method(method):
+    """``method`` under ``_exclusive()``; an array it returns is evaluated there, so no thread evaluates it later."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with _exclusive():
+            result = method(*args, **kwargs)
+            if isinstance(result, mx.array):
+                mx.eval(result)
+            return result
+
+    return run
+
 
 @dataclass(frozen=True)
 class Defaults:
@@ -71,6 +126,13 @@ class _Pipeline:
 
     A subclass loads its text encoders (``_load_text_encoders``), lists them (``_text_encoders``)
     and turns prompts into the UNet's conditioning (``_condition``).
+
+    Threads: a facade may be loaded in one thread and used in any other. Calls from several
+    threads at once are safe and take turns: loading, LoRA changes, ``quantize`` and each
+    denoising step (evaluated before it is yielded) run one at a time, across all facades. A
+    LoRA change or ``quantize`` while a generation of this model is under way (from its first
+    step until it ends or its generator is closed) raises ValueError instead of changing the
+    weights under it. Generation in parallel threads is not faster: the steps take turns.
     """
 
     is_xl = False
@@ -81,6 +143,7 @@ class _Pipeline:
     # vae.encode) in the VAE's own dtype, float16 under torch_dtype=float16.
     honours_force_upcast = False
 
+    @_exclusive_method
     def __init__(self, model: str, float16: bool, sampler: Optional[str], **source_options):
         self.model = _model_name(model)
         self.source = model_io.open_model(self.model, float16, **source_options)
@@ -111,6 +174,7 @@ class _Pipeline:
         self._quantized = False
         self.loras: list[tuple[str, float]] = []  # (path, scale) of each LoRA merged in, in order
         self._applied_loras: list = []
+        self._generations = 0  # under way: started and neither finished nor closed
 
     @property
     def root(self):
@@ -174,6 +238,7 @@ class _Pipeline:
         """Pixels per latent along each side (8 for the real models)."""
         return self.autoencoder.config.downsample_factor
 
+    @_exclusive_method
     def ensure_models_are_loaded(self):
         """Read every weight now instead of at first use."""
         mx.eval([m.parameters() for m in self._models()])
@@ -187,11 +252,13 @@ class _Pipeline:
             self.unet.fuse_projections()
             self._unet_fused = True
 
+    @_exclusive_method
     def load_lora(self, path, scale: float = 1.0):
         """Merge a LoRA file (kohya/A1111 or diffusers/PEFT) into the UNet and text encoders, times ``scale``.
 
         Repeatable: several LoRAs stack. ``unload_loras`` restores the original weights exactly.
         """
+        self._check_no_generation("load_lora")
         if self._quantized:
             raise ValueError("load LoRAs before quantize(): merging into quantized weights is not supported")
         if not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -200,11 +267,13 @@ class _Pipeline:
         self.loras.append((str(path), float(scale)))
         self._unet_fused = False  # the merged weights replaced some the fused matmuls were built from
 
+    @_exclusive_method
     def unload_loras(self):
         """Remove every LoRA merged in, restoring the original weights bit for bit.
 
         Raises ValueError after ``quantize()``: the LoRAs merged before it are part of the quantized weights.
         """
+        self._check_no_generation("unload_loras")
         if self._quantized and self.loras:
             names = ", ".join(path for path, _ in self.loras)
             raise ValueError(f"the LoRAs {names} were merged before quantize() and cannot be removed from quantized weights; load the model again without them")
@@ -216,11 +285,20 @@ class _Pipeline:
         encoders = dict(zip(("text_encoder", "text_encoder_2"), self._text_encoders()))
         return {"unet": self.unet, **encoders}
 
+    def _check_no_generation(self, change: str):
+        if self._generations:
+            raise ValueError(
+                f"{change}: a generation is running on this model (in another thread or an unfinished generator); "
+                "change the weights between generations"
+            )
+
+    @_exclusive_method
     def quantize(self, text_bits: int = 4, unet_bits: int = 8, group_size: int = 64):
         """Quantize the text encoders' and the UNet's linear layers (once; later calls do nothing).
 
         LoRAs merged before stay merged for good (they can no longer be unloaded).
         """
+        self._check_no_generation("quantize")
         if self._quantized:
             return
         self._applied_loras = []
@@ -249,23 +327,35 @@ class _Pipeline:
 
     # The denoising loop shared by txt2img and img2img.
     def _denoise(self, sampler, x, conditioning, cfg_weight: float, start: int, step_noise: StepNoise) -> Iterator[mx.array]:
+        with _exclusive():
+            self._generations += 1
+        try:
+            for i in range(start, len(sampler.timesteps)):
+                with _exclusive():  # one step at a time; yielded evaluated, so no thread evaluates it later
+                    x = self._step(sampler, x, conditioning, cfg_weight, i, step_noise)
+                    mx.eval(x)
+                yield x
+        finally:
+            with _exclusive():
+                self._generations -= 1
+
+    def _step(self, sampler, x, conditioning, cfg_weight: float, i: int, step_noise: StepNoise) -> mx.array:
         context, text_time = conditioning
         guided = cfg_weight > 1
         self._fuse_unet()
-        for i in range(start, len(sampler.timesteps)):
-            x_in = sampler.scale_model_input(x, i)
-            if guided:
-                x_in = mx.concatenate([x_in, x_in])
-            t = mx.broadcast_to(sampler.timesteps[i], (x_in.shape[0],))
-            # The latents stay float32 between steps, whatever the UNet's dtype.
-            eps = self.unet(x_in.astype(self.dtype), t, context, text_time).astype(mx.float32)
-            if guided:
-                eps_uncond, eps_text = eps.split(2)
-                eps = eps_uncond + cfg_weight * (eps_text - eps_uncond)
-            noise = step_noise(i, x.shape) if sampler.needs_noise else None
-            x = sampler.step(eps, i, x, noise)
-            yield x
+        x_in = sampler.scale_model_input(x, i)
+        if guided:
+            x_in = mx.concatenate([x_in, x_in])
+        t = mx.broadcast_to(sampler.timesteps[i], (x_in.shape[0],))
+        # The latents stay float32 between steps, whatever the UNet's dtype.
+        eps = self.unet(x_in.astype(self.dtype), t, context, text_time).astype(mx.float32)
+        if guided:
+            eps_uncond, eps_text = eps.split(2)
+            eps = eps_uncond + cfg_weight * (eps_text - eps_uncond)
+        noise = step_noise(i, x.shape) if sampler.needs_noise else None
+        return sampler.step(eps, i, x, noise)
 
+    @_exclusive_method
     def generate_latents(
         self,
         text: str,
@@ -279,7 +369,7 @@ class _Pipeline:
         step_noise: Optional[StepNoise] = None,
         sampler: Optional[str] = None,
     ) -> Iterator[mx.array]:
-        """Yield the (N, h, w, 4) latent after each denoising step, unevaluated.
+        """Yield the (N, h, w, 4) latent after each denoising step, evaluated.
 
         Unset steps, guidance and size come from the model (``self.defaults``). ``latents`` (the
         initial noise, N x h x w x 4) and ``step_noise`` (a stochastic sampler's noise per step)
@@ -305,6 +395,7 @@ class _Pipeline:
         x = latents.astype(mx.float32) * sampler.init_noise_sigma
         return self._denoise(sampler, x, conditioning, cfg_weight, 0, step_noise or _seeded_noise(key_steps, num_steps))
 
+    @_exclusive_method
     def generate_latents_from_image(
         self,
         image,
@@ -364,6 +455,7 @@ class _Pipeline:
         shift = self.autoencoder.config.shift_factor or 0.0
         return (z - shift) * self.autoencoder.config.scaling_factor
 
+    @_exclusive_method
     def decode(self, x: mx.array, batch_size: int = 4, tiled: Optional[bool] = None) -> mx.array:
         """Latents (N, h, w, C) -> images (N, H, W, 3) in [0, 1], decoded batch_size at a time.
 
