@@ -491,9 +491,10 @@ class _Pipeline:
         return mx.clip(x.astype(mx.float32) / 2 + 0.5, 0, 1)
 
     def _encode_text(self, tokenizer: Tokenizer, text_encoder: CLIPTextModel, text: str):
-        ids, dropped = tokenizer.pad_and_truncate(tokenizer.tokenize(text))
+        # One token more than fits says whether the prompt was cut, without tokenizing all of it.
+        ids, dropped = tokenizer.pad_and_truncate(tokenizer.tokenize(text, max_tokens=tokenizer.max_length - 1))
         if dropped:
-            warnings.warn(f"the prompt is {dropped} tokens too long for CLIP ({tokenizer.max_length}); they were dropped")
+            warnings.warn(f"the prompt is longer than CLIP's {tokenizer.max_length} tokens; the rest was dropped")
         return text_encoder(mx.array([ids]))
 
     def _models(self):

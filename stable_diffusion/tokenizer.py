@@ -15,12 +15,18 @@ which reimplements OpenAI CLIP's ``SimpleTokenizer`` without ftfy:
 
 ``tokenize`` returns BOS + ids + EOS; ``pad_and_truncate`` shapes that to the text encoder's
 ``max_length`` exactly as ``tokenizer(text, padding="max_length", truncation=True)`` does.
+
+Hostile text stays cheap: BPE merges through a heap (n log n in a word's length, like the
+``tokenizers`` library, instead of rescanning the word after every merge), ``tokenize(text,
+max_tokens=...)`` stops reading the text once it has the tokens the text encoder can take, and a
+text longer than ``MAX_TEXT_CHARS`` is refused (one word that long still takes about a second).
 """
 
+import heapq
 import json
 import unicodedata
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import regex
 
@@ -29,6 +35,7 @@ from .errors import ModelLoadError
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 CLIP_CONTEXT = 77  # the text encoder's positions
+MAX_TEXT_CHARS = 100_000  # thousands of tokens, far more than any prompt chunking uses
 
 _WHITESPACE = regex.compile(r"\s+")
 _CLIP_WORDS = regex.compile(
@@ -52,6 +59,10 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 _BYTE_ENCODER = bytes_to_unicode()
+# Cache the BPE of words up to this many bytes, and at most this many of them (prompts repeat
+# short words; a hostile text must not fill memory with long or countless distinct ones).
+_CACHED_WORD_LENGTH = 64
+_CACHE_ENTRIES = 100_000
 
 
 class Tokenizer:
@@ -120,47 +131,79 @@ class Tokenizer:
             raise ModelLoadError(f"{folder}: {e}") from None
 
     def bpe(self, word: str) -> list[int]:
-        """Token ids of one pre-tokenized word (already byte-mapped), cached."""
+        """Token ids of one pre-tokenized word (already byte-mapped); short words are cached."""
         if word in self._cache:
             return self._cache[word]
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
-            best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
-            if best not in self.bpe_ranks:
-                break
-            merged, i = [], 0
-            while i < len(symbols):
-                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        ids = [self.vocab[s] for s in symbols]
-        self._cache[word] = ids
+        ids = [self.vocab[s] for s in self._merge(list(word[:-1]) + [word[-1] + "</w>"])]
+        if len(word) <= _CACHED_WORD_LENGTH:
+            if len(self._cache) >= _CACHE_ENTRIES:
+                self._cache.clear()
+            self._cache[word] = ids
         return ids
 
-    def _encode_plain(self, text: str) -> list[int]:
+    def _merge(self, symbols: list[str]) -> list[str]:
+        """BPE: merge every occurrence of the lowest-ranked adjacent pair, left to right, until none is ranked.
+
+        The classic loop rescans the word after each merge (quadratic in its length); here a heap
+        holds the ranked pairs by (rank, position) and a linked list the symbols. Pairs that a
+        merge creates wait until every occurrence of the current rank is merged, as in the loop.
+        """
+        ranks, n = self.bpe_ranks, len(symbols)
+        after = list(range(1, n + 1))  # the next live symbol (n: none)
+        before = list(range(-1, n - 1))  # the previous live symbol (-1: none)
+        heap = [(ranks[pair], i) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in ranks]
+        heapq.heapify(heap)
+        while heap:
+            rank, created = heap[0][0], []
+            while heap and heap[0][0] == rank:
+                _, i = heapq.heappop(heap)
+                j = after[i]
+                if symbols[i] is None or j == n or ranks.get((symbols[i], symbols[j])) != rank:
+                    continue  # merged away or changed since it was queued
+                symbols[i], symbols[j] = symbols[i] + symbols[j], None
+                after[i] = after[j]
+                if after[i] < n:
+                    before[after[i]] = i
+                created += [before[i], i]  # the pairs (previous, merged) and (merged, next)
+            for i in created:
+                j = after[i] if i >= 0 else n
+                if i >= 0 and j < n and symbols[i] is not None and (symbols[i], symbols[j]) in ranks:
+                    heapq.heappush(heap, (ranks[symbols[i], symbols[j]], i))
+        return [s for s in symbols if s is not None]
+
+    def _words(self, text: str) -> Iterator[str]:
+        """The byte-mapped words of a text without special tokens, one at a time."""
         text = unicodedata.normalize("NFC", text)
         text = _WHITESPACE.sub(" ", text)
         # Per character, like the tokenizers Lowercase normalizer (no final-sigma rule).
         text = "".join(c.lower() for c in text)
-        ids = []
-        for clip_word in _CLIP_WORDS.findall(text):
-            for word in _GPT2_WORDS.findall(clip_word):
-                ids += self.bpe("".join(_BYTE_ENCODER[b] for b in word.encode("utf-8")))
-        return ids
+        for clip_word in _CLIP_WORDS.finditer(text):
+            for word in _GPT2_WORDS.findall(clip_word[0]):
+                yield "".join(_BYTE_ENCODER[b] for b in word.encode("utf-8"))
 
-    def tokenize(self, text: str) -> list[int]:
-        """BOS + token ids + EOS, neither padded nor truncated."""
-        ids = [self.bos]
+    def _content_ids(self, text: str) -> Iterator[list[int]]:
+        """The ids of the text, a special token or a word at a time, as far as they are asked for."""
         for i, piece in enumerate(self._special_re.split(text)):
             if i % 2:
-                ids.append(self.special[piece])
+                yield [self.special[piece]]
             elif piece:
-                ids += self._encode_plain(piece)
+                yield from map(self.bpe, self._words(piece))
+
+    def tokenize(self, text: str, max_tokens: Optional[int] = None) -> list[int]:
+        """BOS + token ids + EOS, not padded.
+
+        With ``max_tokens``, only the first ``max_tokens`` ids between BOS and EOS: the text is read
+        no further than they need (``max_length - 1`` is enough to see whether it fits). Without,
+        all of them (for prompts split into several chunks of 75).
+        """
+        if len(text) > MAX_TEXT_CHARS:
+            raise ValueError(f"the prompt is {len(text)} characters long; at most {MAX_TEXT_CHARS} are accepted")
+        ids = [self.bos]
+        for word in self._content_ids(text):
+            ids += word
+            if max_tokens is not None and len(ids) > max_tokens:
+                del ids[max_tokens + 1 :]
+                break
         return ids + [self.eos]
 
     def pad_and_truncate(self, ids: list[int]) -> tuple[list[int], int]:

@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 from stable_diffusion import ModelLoadError, StableDiffusion, load_model
 from stable_diffusion.pipeline import MAX_CFG_WEIGHT
+from stable_diffusion.tokenizer import MAX_TEXT_CHARS
 
 # One kohya LoRA pair on a 32-wide projection of the tiny SD 1 UNet (32 divides the quantization group).
 LORA_MODULE = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -148,3 +149,17 @@ def test_guidance_above_the_maximum_is_refused_and_the_maximum_is_accepted(sd1):
     one_line_value_error(lambda: sd1.generate_latents("p", cfg_weight=MAX_CFG_WEIGHT * (1 + 1e-12)), r"is above 1000")
     steps = sd1.generate_latents("p", num_steps=1, cfg_weight=MAX_CFG_WEIGHT, latent_size=(4, 3), seed=0)
     assert mx.isfinite(next(steps)).all().item()
+
+
+def test_a_long_prompt_is_tokenized_only_as_far_as_clip_reads(sd1, monkeypatch):
+    words = []
+    bpe = sd1.tokenizer.bpe
+    monkeypatch.setattr(sd1.tokenizer, "bpe", lambda word: words.append(word) or bpe(word))
+    with pytest.warns(UserWarning, match="the prompt is longer than CLIP's 77 tokens; the rest was dropped"):
+        sd1.generate_latents("cat " * 20_000, num_steps=1, cfg_weight=0)
+    assert len(words) == 76  # one token per "cat": one beyond the 75 that fit says the prompt was cut
+
+
+def test_a_prompt_over_the_character_limit_is_refused_at_the_call(sd1):
+    one_line_value_error(lambda: sd1.generate_latents("x" * (MAX_TEXT_CHARS + 1)), rf"the prompt is {MAX_TEXT_CHARS + 1} characters long; at most")
+    one_line_value_error(lambda: sd1.generate_latents("p", negative_text="x" * (MAX_TEXT_CHARS + 1), cfg_weight=7.5), r"characters long")

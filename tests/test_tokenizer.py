@@ -1,14 +1,16 @@
 """The CLIP tokenizer against transformers' CLIPTokenizer built on the same real CLIP vocabulary."""
 
+import copy
 import json
 import random
 import shutil
+import time
 
 import pytest
 import tiny_models
 
 from stable_diffusion.errors import ModelLoadError
-from stable_diffusion.tokenizer import Tokenizer
+from stable_diffusion.tokenizer import MAX_TEXT_CHARS, Tokenizer
 
 LONG_PROMPT = ", ".join(["a highly detailed matte painting of a castle on a hill at sunset"] * 8)
 
@@ -236,3 +238,61 @@ def test_from_folder_with_a_missing_file_raises_model_load_error_naming_it(tmp_p
             shutil.copy(clip_vocab_dir / name, tmp_path / name)
     with pytest.raises(ModelLoadError, match=missing):
         Tokenizer.from_folder(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile text (issue 23.3): bounded work, the same ids
+
+
+def _long_words():
+    rng = random.Random(1)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    yield "".join(rng.choice(letters) for _ in range(3000))  # random letters: many short merges
+    yield "a" * 2999  # one pair everywhere: overlapping occurrences of every merge
+    yield "ab" * 1500 + "lllll" * 300
+    yield ("photograph" * 300)[:2999]  # merges up to whole vocabulary words, repeated
+    yield "".join(rng.choice("éßΣ日本😀") for _ in range(1000))  # multi-byte characters: byte-level merges
+    yield "ｆｕｌｌ" * 700
+
+
+@pytest.mark.parametrize("word", list(_long_words()), ids=["random", "a_run", "ab_l", "photograph", "multibyte", "fullwidth"])
+def test_long_words_give_the_ids_of_clip_tokenizer(ours, reference, word):
+    assert ours.tokenize(word) == reference(word).input_ids
+    assert ours.tokenize(f"a {word}, b") == reference(f"a {word}, b").input_ids
+
+
+def test_the_longest_accepted_word_is_tokenized_in_bounded_time(ours):
+    # The classic BPE loop rescans the word after each merge: 138 s for 100 KB (issue 23). The heap
+    # is n log n: well under a second here; 30 s bounds it on any CPU without passing a quadratic one.
+    word = "".join(random.Random(2).choice("abcdefghijklmnopqrstuvwxyz") for _ in range(MAX_TEXT_CHARS))
+    start = time.perf_counter()
+    ids = ours.tokenize(word)
+    assert time.perf_counter() - start < 30
+    assert ids[0] == ours.bos and ids[-1] == ours.eos and len(ids) > 1000
+
+
+def test_a_text_over_the_limit_is_refused_in_one_line(ours):
+    with pytest.raises(ValueError, match=rf"the prompt is {MAX_TEXT_CHARS + 1} characters long; at most {MAX_TEXT_CHARS} are accepted") as info:
+        ours.tokenize("x" * (MAX_TEXT_CHARS + 1))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("prompt", [LONG_PROMPT, "a " * 200, "x" * 3000, LONG_PROMPT + " <|endoftext|> tail", "!" * 500])
+def test_tokenizing_up_to_the_context_gives_clip_tokenizers_truncation(tiny_sd2, prompt):
+    from transformers import CLIPTokenizer
+
+    folder = tiny_sd2 / "tokenizer"  # pads with "!": a special token inside the text too
+    ours = Tokenizer.from_folder(folder)
+    reference = CLIPTokenizer.from_pretrained(folder)
+    ids, dropped = ours.pad_and_truncate(ours.tokenize(prompt, max_tokens=ours.max_length - 1))
+    assert ids == reference(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+    assert dropped == (len(reference(prompt).input_ids) > 77)  # one beyond the context says it was cut
+    full = reference(prompt).input_ids
+    assert ours.tokenize(prompt, max_tokens=10) == full[:11] + [ours.eos]
+
+
+def test_tokenizing_up_to_the_context_reads_no_further_than_it_needs(ours):
+    words, counting = [], copy.copy(ours)
+    counting.bpe = lambda word: words.append(word) or ours.bpe(word)  # count the words merged
+    counting.tokenize("cat " * 20_000, max_tokens=76)
+    assert len(words) == 76  # one token per "cat": the 19,924 words after the context are never merged
