@@ -190,18 +190,29 @@ class Group:
         return self.size > 1
 
     def all_sum(self, x: np.ndarray) -> np.ndarray:
-        """Sum over ranks. A lost peer raises JobStopped; SIGTERM kills at once meanwhile (no file is open)."""
+        """Sum over ranks. A lost peer raises JobStopped, and from then on SIGTERM is ignored (the rank reports and exits).
+
+        mlx.launch SIGTERMs every rank once one fails, racing the survivors' account of the job. On
+        the CPU backends (ring over TCP) a dead peer fails the collective at once, so SIGTERM is
+        held until it returns and then delivered; NCCL may wait for ever on a dead peer, so there
+        SIGTERM kills at once (a Python handler cannot run while it waits; no file is open).
+        """
         if not self.distributed:
             return x
-        previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a Python handler cannot run while NCCL waits
+        held = []
+        previous = signal.signal(signal.SIGTERM, (lambda signum, frame: held.append(signum)) if self.stream == mx.cpu else signal.SIG_DFL)
         try:
             y = mx.distributed.all_sum(mx.array(x), group=self.group, stream=self.stream)
             mx.eval(y)
-            return np.array(y)
+            result = np.array(y)
         except RuntimeError as e:
+            previous = signal.SIG_IGN  # the job is over for this rank: nothing may cut its report short
             raise JobStopped(str(e)) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
+        if held:
+            signal.raise_signal(signal.SIGTERM)  # now the script's own handler runs
+        return result
 
     def broadcast_seed(self, draw: Callable[[], int]) -> int:
         """Rank 0 draws (and prints) a seed; every rank gets it."""
@@ -274,10 +285,7 @@ def run(job: Job, group: Group) -> list[Path]:
         progress.close()
         grid = _gather_grid(job, group, pixels) if job.grid_rows else None
         counts = group.all_sum(np.array([len(done_here)], dtype=np.int64))
-    except JobStopped as e:
-        # mlx.launch sends SIGTERM to every rank once one fails; it must not cut this report short
-        # (no file is open now, so nothing is left half-written).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except JobStopped as e:  # SIGTERM is ignored from here (Group.all_sum): no file is open, nothing is half-written
         progress.close()
         _report_stop(job, group, f"another rank stopped ({e})")
         sys.exit(1)
