@@ -180,7 +180,15 @@ class Group:
     """``mx.distributed.init()`` and the few collectives a job needs (a size-1 group when not launched)."""
 
     def __init__(self):
-        self.group = mx.distributed.init()
+        try:
+            self.group = mx.distributed.init()
+        except RuntimeError as e:  # e.g. "[ring] Couldn't bind socket (error: 98)": another program holds the port
+            print(
+                f"{Path(sys.argv[0]).name}: error: this rank cannot join the mlx.launch group ({e}); "
+                "if a port is in use, give mlx.launch another --starting-port",
+                file=sys.stderr,
+            )
+            sys.exit(2)
         self.rank, self.size = self.group.rank(), self.group.size()
         # NCCL reduces on the GPU; ring (TCP) and the Mac backends on the CPU.
         self.stream = mx.gpu if mx.cuda.is_available() and "MLX_HOSTFILE" not in os.environ else mx.cpu

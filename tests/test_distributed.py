@@ -211,6 +211,20 @@ def test_every_rank_gets_rank_0s_seed_past_int64(tmp_path):
     assert result.stdout.split() == ["seed", str(2**64 - 1)] * 2, result.stdout
 
 
+def test_a_busy_port_is_one_line_not_a_traceback(tmp_path):
+    script = tmp_path / "join.py"
+    script.write_text("from stable_diffusion import distributed\ndistributed.Group()\n")
+    with socket.socket() as busy:  # another program listens on the port rank 0 must bind
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        command = launch_command(2, script)
+        command[command.index("--starting-port") + 1] = str(busy.getsockname()[1])
+        result = subprocess.run(command, capture_output=True, text=True, env={**_env(), "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("join.py: error:")]
+    assert len(lines) == 1 and "cannot join the mlx.launch group" in lines[0] and "another --starting-port" in lines[0], result.stderr
+
+
 def _rank_pid(launcher: int, rank: int):
     """The pid of the launcher's child that runs rank ``rank`` (mlx.launch sets MLX_RANK in its environment)."""
     for entry in Path("/proc").iterdir():
