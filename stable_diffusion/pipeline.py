@@ -21,9 +21,10 @@ from typing import Callable, Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from . import lora as lora_io
-from . import model_io
+from . import memory, model_io
 from .clip import CLIPTextModel
 from .config import AutoencoderConfig, CLIPTextModelConfig, SchedulerConfig, UNetConfig
 from .errors import ModelLoadError, one_line
@@ -389,6 +390,8 @@ class _Pipeline:
             h, w = latents.shape[1:3]  # given latents set the size (SDXL's size conditioning must follow them)
         else:
             h, w = _check_size(latent_size or self.defaults.latent_size)
+        self._check_memory(n_images, h, w, cfg_weight > 1)
+        if latents is None:
             latents = mx.random.normal((n_images, h, w, self.unet.config.in_channels), key=key_latents)
         f = self.latent_factor
         conditioning = self._condition(text, negative_text, n_images, cfg_weight, (h * f, w * f))
@@ -424,6 +427,7 @@ class _Pipeline:
             raise ValueError(f"num_steps * strength = {num_steps * strength:g} leaves no denoising step; raise either")
         image = self._check_image(image)
         H, W, _ = image.shape
+        self._check_memory(n_images, H // self.latent_factor, W // self.latent_factor, cfg_weight > 1)
         sampler = self._new_sampler(num_steps, sampler)
         start = num_steps - run
         key_noise, key_steps = mx.random.split(_key(seed))
@@ -439,6 +443,20 @@ class _Pipeline:
             noise = _checked_noise("noise", noise, x0.shape)
         x = sampler.add_noise(x0, noise.astype(mx.float32), start)
         return self._denoise(sampler, x, conditioning, cfg_weight, start, step_noise or _seeded_noise(key_steps, num_steps))
+
+    def _check_memory(self, n_images: int, h: int, w: int, guided: bool):
+        """Refuse a denoising run that cannot fit before any compute: on the CPU, MLX segfaults when an allocation fails.
+
+        A lower bound (``memory.estimate``): the weights as loaded (quantized ones are smaller) and the
+        UNet's peak; the VAE is left out, as ``decode`` and img2img's encode tile what would not fit.
+        """
+        f = self.latent_factor
+        encoders = tuple(encoder.config for encoder in self._text_encoders())
+        model = memory.Model(self.unet.config, self.autoencoder.config, encoders, self.dtype.size, self.vae_dtype.size)
+        parts = memory.estimate(model, w * f, h * f, n_images, guided)
+        weights = sum(v.nbytes for m in self._models() for _, v in tree_flatten(m.parameters()))
+        parts = {"weights": weights, "denoising": parts["denoising"], "VAE": 0, "pictures": 0}
+        memory.check(parts, f"{n_images} image(s) of {w * f}x{h * f}", "ask for fewer images at once or a smaller size")
 
     def _check_image(self, image) -> mx.array:
         image = _as_array("image", image)

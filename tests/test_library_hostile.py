@@ -6,13 +6,15 @@ weight that overflows, sizes no machine holds. LoRAs merged before ``quantize()`
 removed from the quantized weights, and ``unload_loras`` says so instead of reporting success.
 """
 
+import time
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
-from stable_diffusion import ModelLoadError, StableDiffusion, load_model
+from stable_diffusion import ModelLoadError, StableDiffusion, load_model, memory
 from stable_diffusion.pipeline import MAX_CFG_WEIGHT
 from stable_diffusion.tokenizer import MAX_TEXT_CHARS
 
@@ -163,3 +165,35 @@ def test_a_long_prompt_is_tokenized_only_as_far_as_clip_reads(sd1, monkeypatch):
 def test_a_prompt_over_the_character_limit_is_refused_at_the_call(sd1):
     one_line_value_error(lambda: sd1.generate_latents("x" * (MAX_TEXT_CHARS + 1)), rf"the prompt is {MAX_TEXT_CHARS + 1} characters long; at most")
     one_line_value_error(lambda: sd1.generate_latents("p", negative_text="x" * (MAX_TEXT_CHARS + 1), cfg_weight=7.5), r"characters long")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes no machine holds: refused at the call with the estimate (MLX on the CPU segfaults when an
+# allocation fails). The machine is said to have 8 GB, so the cases hold on any machine.
+
+
+@pytest.fixture
+def eight_gb(monkeypatch):
+    monkeypatch.setattr(memory, "memory_limit", lambda: (8 * 10**9, "this machine has"))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda sd: sd.generate_latents("p", latent_size=(4096, 4096)), r"1 image\(s\) of 16384x16384 need at least .* of memory \(weights .*, denoising .*\) but this machine has 8 GB"),
+        (lambda sd: sd.generate_latents("p", n_images=10**9, latent_size=(8, 8)), r"1000000000 image\(s\) of 32x32 need at least"),
+        (lambda sd: sd.generate_latents("p", n_images=2**62), r"4611686018427387904 image\(s\) of 64x64 need at least"),
+        (lambda sd: sd.generate_latents_from_image(np.zeros((16, 12, 3), np.float32), "p", n_images=10**9), r"1000000000 image\(s\) of 12x16 need at least"),
+    ],
+    ids=["latent_4096^2", "1e9_images", "2^62_images", "img2img_1e9_images"],
+)
+def test_runs_that_cannot_fit_are_refused_at_the_call_with_the_estimate(sd1, eight_gb, call, message):
+    start = time.perf_counter()
+    one_line_value_error(lambda: call(sd1), message)
+    assert time.perf_counter() - start < 10  # refused from the configs, nothing drawn or run
+
+
+def test_the_estimate_counts_the_weights_as_loaded(sd1, eight_gb):
+    # A run the machine holds is not refused (the tiny model at its default size).
+    steps = sd1.generate_latents("p", num_steps=1, n_images=2, seed=0)
+    assert next(steps).shape == (2, *sd1.defaults.latent_size, 4)
