@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, images, memory, model_io
+from . import checkpoint, distributed, images, memory, model_io
 from .config import AutoencoderConfig, CLIPTextModelConfig, UNetConfig
 from .errors import ModelLoadError, one_line
 from .memory import available_memory  # noqa: F401  (TriangularArray.py's check)
@@ -156,7 +156,7 @@ def add_common_arguments(parser):
     batch = parser.add_argument_group("many images (also split over the ranks of mlx.launch -n K)")
     batch.add_argument("--seeds", default=None, metavar="LIST", help="one image per seed (per prompt or input image): a list 1,2,3, a range 10-19 or both (1,5-7); instead of --seed/--n_images")
     batch.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="images denoised at once on a rank (A1111's batch size: more images run as several batches, each image as in one batch); the batches are the same for any number of ranks")
-    batch.add_argument("--resume", action="store_true", help="skip the images whose file <base>_<k>.<ext> already exists (finish an interrupted job)")
+    batch.add_argument("--resume", action="store_true", help="skip the images whose file <base>_<k>.<ext> is finished: it decodes and holds this job's parameters (others are made again)")
     batch.add_argument("--grid", action="store_true", help="with --seeds or a list of prompts/images: also write the grid <base>.<ext>")
 
 
@@ -194,10 +194,8 @@ def check_batch_arguments(args):
             raise UsageError("give --seed or --seeds, not both")
         if args.n_images != 1:
             raise UsageError("--seeds makes one image per seed; leave --n_images at 1")
-        from .distributed import parse_seeds
-
         try:
-            args.seed_list = parse_seeds(args.seeds)
+            args.seed_list = distributed.parse_seeds(args.seeds)
         except ValueError as e:
             raise UsageError(str(e)) from None
     if args.batch_size < 1:
@@ -405,6 +403,10 @@ def check_before_loading(args, width=None, height=None, picture_size=None, n_sou
             if value % f:
                 raise UsageError(f"--{flag} {value} is not a multiple of {f} (this model's VAE factor)")
     per_source = len(args.seed_list) if args.seed_list else args.n_images
+    try:
+        distributed.check_job_size(n_sources, per_source)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     batch = per_source if one_batch else min(args.batch_size, per_source)
     kept = n_sources * per_source if args.grid or not is_batch(args) else 0
     check_memory(args, model, width, height, batch, kept, encode=picture_size is not None)

@@ -255,6 +255,8 @@ class AutoencoderConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    # The tile of diffusers' enable_tiling() (tile_sample_min_size), in pixels; AutoencoderKL's default.
+    sample_size: int = 32
 
     @property
     def downsample_factor(self) -> int:
@@ -285,6 +287,10 @@ class AutoencoderConfig:
                 raise ValueError(f"vae: up block type {t!r} is not supported")
         if config.get("latents_mean") is not None:
             raise ValueError("vae: latents_mean/latents_std normalisation is not supported")
+        sample_size = config.get("sample_size", 32)
+        if isinstance(sample_size, (list, tuple)) and len(sample_size) == 2:  # diffusers tiles by the first
+            sample_size = sample_size[0]
+        _positive_int(sample_size, "sample_size", what)
         return cls(
             in_channels=config.get("in_channels", 3),
             out_channels=config.get("out_channels", 3),
@@ -298,6 +304,7 @@ class AutoencoderConfig:
             use_quant_conv=config.get("use_quant_conv", True),
             use_post_quant_conv=config.get("use_post_quant_conv", True),
             mid_block_add_attention=config.get("mid_block_add_attention", True),
+            sample_size=sample_size,
         )
 
 

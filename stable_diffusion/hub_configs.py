@@ -59,7 +59,8 @@ class HubModel:
         return Tokenizer.from_folder(reference_tokenizer_dir(self.repo, component))
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """HF_HUB_OFFLINE as the HF libraries read it (the variable, or huggingface_hub's constant)."""
     from huggingface_hub import constants
 
     env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
@@ -79,7 +80,7 @@ def reference_tokenizer_dir(repo: str, subfolder: str) -> Path:
             continue
         except LocalEntryNotFoundError:
             pass
-        if _offline():
+        if offline():
             raise ModelLoadError(
                 f"single-file checkpoints take their tokenizer from {repo}, which is not in the Hugging Face "
                 f"cache and cannot be downloaded offline; fetch it once with: {fix}"

