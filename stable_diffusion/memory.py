@@ -230,5 +230,5 @@ def check(parts: dict, what: str, advice: str = ""):
     need = total(parts)
     have, limit = memory_limit()
     if need > have:
-        detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())
+        detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if v)
         raise ValueError(f"{what} need at least {format_bytes(need)} of memory ({detail}) but {limit} {format_bytes(have)}" + (f"; {advice}" if advice else ""))

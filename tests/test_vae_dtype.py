@@ -72,8 +72,8 @@ def test_sd_float16_img2img_encodes_with_the_float16_vae(tiny_sd1, monkeypatch):
     seen = []
     encode = sd.autoencoder.encode
 
-    def recording_encode(x):
-        seen.append((x.dtype, encode(x)[0]))
+    def recording_encode(x, tile_size=None):
+        seen.append((x.dtype, encode(x, tile_size)[0]))
         return seen[-1][1], None
 
     monkeypatch.setattr(sd.autoencoder, "encode", recording_encode)
