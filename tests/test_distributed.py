@@ -129,7 +129,7 @@ def _free_port_pair() -> int:
 
 def launch_command(n: int, *args) -> list[str]:
     if not LAUNCH.exists():
-        pytest.skip("mlx.launch is not installed beside this Python")
+        pytest.fail("mlx.launch is not installed beside this Python (it comes with mlx)", pytrace=False)
     return [str(LAUNCH), "-n", str(n), "--backend", "ring", "--starting-port", str(_free_port_pair()), "--", sys.executable, *map(str, args)]
 
 
