@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, distributed, images, memory, model_io
+from . import checkpoint, distributed, images, interruptible, memory, model_io
 from .config import AutoencoderConfig, CLIPTextModelConfig, UNetConfig
 from .errors import ModelLoadError, one_line
 from .memory import available_memory  # noqa: F401  (TriangularArray.py's check)
@@ -86,7 +86,11 @@ def run_cli(main, prog: str):
     except KeyboardInterrupt:
         if lead:
             print(f"\n{prog}: interrupted", file=sys.stderr)
+        interruptible.exit_if_busy(130)
         sys.exit(130)
+    except SystemExit as e:  # SIGTERM (143) among them: a step still computing must not hold the exit
+        interruptible.exit_if_busy(e.code if isinstance(e.code, int) else 1)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         warnings.formatwarning = formatwarning
@@ -461,14 +465,14 @@ def _name_max(folder: Path) -> int:
 
 def denoise(latents, total: int, desc: str = "denoising"):
     """Evaluate each step's latent under a tqdm bar, yielding (step count, latent)."""
-    for count, x_t in enumerate(tqdm(latents, total=total, desc=desc, leave=False), start=1):
+    for count, x_t in enumerate(tqdm(interruptible.steps(latents), total=total, desc=desc, leave=False), start=1):
         mx.eval(x_t)
         yield count, x_t
 
 
 def decode(sd, x, batch_size: int) -> np.ndarray:
     """Latents -> (N, H, W, 3) uint8 through the facade's chunked decode; NaN images are reported."""
-    decoded = sd.decode(x, batch_size=batch_size)
+    decoded = interruptible.call(lambda: sd.decode(x, batch_size=batch_size))
     mx.eval(decoded)
     for i in np.flatnonzero(np.isnan(np.asarray(decoded)).any(axis=(1, 2, 3))):
         print(f"warning: the decoded image {i} contains NaN (drawn black); try --no-float16", file=sys.stderr)

@@ -77,3 +77,35 @@ def test_ctrl_c_while_the_script_imports_is_one_line_and_130(script):
     said = [line for line in err.splitlines() if line.strip() and not line.startswith("import time:")]
     assert process.returncode == 130, err[-2000:]
     assert said == [f"{script}: interrupted"], err[-2000:]
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_an_interrupt_inside_a_long_step_acts_at_once(tiny_sd1, tmp_path, signum, status):
+    """One 768x768 step of the tiny model computes for minutes on a CPU core; MLX checks no signal
+    inside it, so the script must not wait for it to end (it did: 95 s measured on a bigger step)."""
+    out = tmp_path / "out.png"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / T2I), "p", "--model", str(tiny_sd1), "--steps", "2", "--width", "768", "--height", "768", "--seed", "1", "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    seen = ""
+    deadline = time.time() + 120
+    while "images 1-1:" not in seen and time.time() < deadline:
+        seen += process.stderr.read(1)
+    assert "images 1-1:" in seen, seen
+    time.sleep(1.0)  # inside the first step's evaluation
+    process.send_signal(signum)
+    sent = time.monotonic()
+    try:
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    waited = time.monotonic() - sent
+    assert process.returncode == status, err
+    assert waited < 10, f"the script took {waited:.1f} s to act on the signal"
+    assert "Traceback" not in err and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from .. import cli, distributed, images, img2img_steps
+from .. import cli, distributed, images, img2img_steps, interruptible
 from ..cli import UsageError
 
 # The installed command; the clone's image2image.py runs the same code under its own name.
@@ -203,7 +203,7 @@ def run_job(args, group, sd, output, pictures, seeds, steps, cfg, strength, prog
     def generate(chunk):
         seeds = [it.seed for it in chunk]
         w, h = pictures[chunk[0].source].size
-        return sd.generate_latents_from_image(
+        latents = sd.generate_latents_from_image(
             inits[chunk[0].source],
             args.prompt,
             n_images=len(chunk),
@@ -214,6 +214,7 @@ def run_job(args, group, sd, output, pictures, seeds, steps, cfg, strength, prog
             noise=distributed.initial_noise(seeds, (h // f, w // f, sd.autoencoder.config.latent_channels)),
             step_noise=distributed.step_noise(seeds, steps),
         )
+        return interruptible.steps(latents)  # Ctrl-C and SIGTERM act within a step
 
     def parameters(item, n):
         position = {} if batch else {"Batch_size": n, "Batch_pos": item.pos}

@@ -6,7 +6,7 @@
 The flags shared with image2image (model, sampling, output, metadata) live in stable_diffusion/cli.py.
 """
 
-from .. import cli, distributed, images
+from .. import cli, distributed, images, interruptible
 from ..cli import UsageError
 
 # The installed command; the clone's txt2image.py runs the same code under its own name.
@@ -62,7 +62,7 @@ def main(argv=None, prog: str = PROG):
 
     def generate(chunk):
         seeds = [it.seed for it in chunk]
-        return sd.generate_latents(
+        latents = sd.generate_latents(
             prompts[chunk[0].source],
             n_images=len(chunk),
             num_steps=steps,
@@ -71,6 +71,7 @@ def main(argv=None, prog: str = PROG):
             latents=distributed.initial_noise(seeds, latent_shape),
             step_noise=distributed.step_noise(seeds, steps),
         )
+        return interruptible.steps(latents)  # Ctrl-C and SIGTERM act within a step
 
     def parameters(item, n):
         position = {} if batch else {"Batch_size": n, "Batch_pos": item.pos}
