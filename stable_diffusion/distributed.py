@@ -18,15 +18,27 @@ only warns); ``--resume`` skips the images whose file decodes and holds this job
 them (PNG text chunk, JPEG/WebP EXIF comment), and makes the others again. Files are written
 atomically; a temporary file is removed only once its writer is dead. The facade stays
 single-process: nothing here changes it.
+
+A stopped or hung rank (SIGSTOP, a frozen host) fails no collective: the others would wait for
+ever. So every collective has a watchdog: a rank that waits longer than ``max(10 min, 10 x the
+longest stretch between two of its collectives so far)`` (that stretch is one batch's work or
+one model load) says how far the job got, that ``--resume`` finishes it, and exits 1. The
+environment variable ``SD_MLX_COLLECTIVE_TIMEOUT=S`` sets the limit to S seconds instead (tests,
+or batches slower than 10 min). The rank signals no other process: it cannot know the peers' pids
+on other hosts, and on one host its parent need not be mlx.launch. mlx.launch then SIGTERMs the
+stopped rank and waits for it, so the launcher itself returns only once that rank is continued
+(SIGCONT: it then acts on the SIGTERM) or killed.
 """
 
 import collections
+import contextlib
 import itertools
 import math
 import operator
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +55,10 @@ MAX_NAMED = 8  # missing files named in an error; the rest are counted
 # a list file or a seed range past it is refused before anything is listed.
 MAX_IMAGES = 10**6
 MAX_LIST_BYTES = 64 * 2**20  # a --prompts or --images file (a million prompts of 64 bytes)
+# A collective waits at most max(this, WAIT_FACTOR x the longest stretch between two collectives).
+MIN_COLLECTIVE_WAIT = 600.0
+WAIT_FACTOR = 10
+TIMEOUT_VARIABLE = "SD_MLX_COLLECTIVE_TIMEOUT"  # seconds: a fixed limit instead
 
 
 class JobStopped(Exception):
@@ -180,6 +196,7 @@ class Group:
     """``mx.distributed.init()`` and the few collectives a job needs (a size-1 group when not launched)."""
 
     def __init__(self):
+        self.fixed_timeout = _timeout_from_environment()  # before joining: a bad value stops every rank alike
         try:
             self.group = mx.distributed.init()
         except RuntimeError as e:  # e.g. "[ring] Couldn't bind socket (error: 98)": another program holds the port
@@ -192,6 +209,26 @@ class Group:
         self.rank, self.size = self.group.rank(), self.group.size()
         # NCCL reduces on the GPU; ring (TCP) and the Mac backends on the CPU.
         self.stream = mx.gpu if mx.cuda.is_available() and "MLX_HOSTFILE" not in os.environ else mx.cpu
+        self.longest = 0.0  # the longest stretch from one collective's end (or this init) to the next's
+        self.last = time.monotonic()
+        # Called (from the watchdog's thread) with the seconds waited when a collective times out;
+        # run() makes it the job's report. It must not return: the rank is stuck in the collective.
+        self.on_stall: Callable[[float], None] = lambda waited: self.exit_stalled(f"{Path(sys.argv[0]).name}: error: {self.stall_reason(waited)}")
+
+    def timeout(self) -> float:
+        """How long the next collective may wait (see the module docstring)."""
+        if self.fixed_timeout is not None:
+            return self.fixed_timeout
+        return max(MIN_COLLECTIVE_WAIT, WAIT_FACTOR * self.longest)
+
+    def stall_reason(self, waited: float) -> str:
+        return f"rank {self.rank} waited {waited:.0f} s for the other ranks: a rank stopped or hung?"
+
+    @staticmethod
+    def exit_stalled(line: str):
+        print(line, file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)  # the main thread is inside the collective: only the process can end it
 
     @property
     def distributed(self) -> bool:
@@ -210,9 +247,10 @@ class Group:
         held = []
         previous = signal.signal(signal.SIGTERM, (lambda signum, frame: held.append(signum)) if self.stream == mx.cpu else signal.SIG_DFL)
         try:
-            y = mx.distributed.all_sum(mx.array(x), group=self.group, stream=self.stream)
-            mx.eval(y)
-            result = np.array(y)
+            with self._watched():
+                y = mx.distributed.all_sum(mx.array(x), group=self.group, stream=self.stream)
+                mx.eval(y)
+                result = np.array(y)
         except RuntimeError as e:
             previous = signal.SIG_IGN  # the job is over for this rank: nothing may cut its report short
             raise JobStopped(str(e)) from None
@@ -222,12 +260,63 @@ class Group:
             signal.raise_signal(signal.SIGTERM)  # now the script's own handler runs
         return result
 
+    @contextlib.contextmanager
+    def _watched(self):
+        """A collective under the watchdog; its stretch since the previous one counts toward the next limit."""
+        limit = self.timeout()
+        start = time.monotonic()
+        with watchdog(limit, lambda: self.on_stall(time.monotonic() - start)):
+            yield
+        self.longest = max(self.longest, time.monotonic() - self.last)
+        self.last = time.monotonic()
+
     def broadcast_seed(self, draw: Callable[[], int]) -> int:
         """Rank 0 draws (and prints) a seed; every rank gets it."""
         seed = draw() if self.rank == 0 else 0
         # As two 32-bit halves: a seed in [2**63, 2**64) does not fit the int64 the collectives sum.
         high, low = self.all_sum(np.array([seed >> 32, seed & 0xFFFFFFFF], dtype=np.int64))
         return int(high) << 32 | int(low)
+
+
+@contextlib.contextmanager
+def watchdog(limit: float, expired: Callable[[], None]):
+    """Call ``expired()`` from another thread if the block is still running after ``limit`` seconds.
+
+    A thread, not SIGALRM: MLX retries a ring wait that a signal interrupts, but releases the GIL
+    while it waits, so a thread runs. The lock keeps a block that ends just then from going on
+    while ``expired`` reports (and exits).
+    """
+    lock = threading.Lock()
+    over = threading.Event()
+
+    def fire():
+        with lock:
+            if not over.is_set():
+                expired()
+
+    timer = threading.Timer(limit, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            over.set()
+        timer.cancel()
+
+
+def _timeout_from_environment() -> Optional[float]:
+    text = os.environ.get(TIMEOUT_VARIABLE)
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (0 < seconds < math.inf):
+        print(f"{Path(sys.argv[0]).name}: error: {TIMEOUT_VARIABLE}={text!r} is not a positive number of seconds; set it to one or unset it", file=sys.stderr)
+        sys.exit(2)
+    return seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +366,7 @@ def run(job: Job, group: Group) -> list[Path]:
     pixels = {}  # k -> picture, kept only for the grid
     progress = tqdm(total=len(job.items), desc="images", unit="image", disable=not lead, leave=False)
     start = time.perf_counter()
+    group.on_stall = lambda waited: _report_stall(job, group, progress, waited)
     try:
         already = int(group.all_sum(np.array([len(finished)], dtype=np.int64))[0])
         if lead and already:
@@ -378,15 +468,28 @@ def _gather_grid(job: Job, group: Group, pixels: dict) -> np.ndarray:
 
 
 def _report_stop(job: Job, group: Group, why: str):
-    if group.rank != 0 or not job.individual:
-        return
+    line = _stop_line(job, group, why) if group.rank == 0 else None  # rank 0 speaks for the job
+    if line:
+        print(line, file=sys.stderr)
+
+
+def _stop_line(job: Job, group: Group, why: str) -> Optional[str]:
+    """How far the job got, from this rank's view of the files (None when it has no files or all are written)."""
+    if not job.individual:
+        return None
     written = [path_of(job, it) for it in job.items]
     missing = [p for p in written if not p.exists()]
     if not missing:
-        return
+        return None
     where = " on this machine" if group.distributed else ""
-    print(
+    return (
         f"{job.prog}: error: the job stopped ({why}): {len(written) - len(missing)} of {len(written)} images are written{where}; "
-        "run the same command with --resume to finish",
-        file=sys.stderr,
+        "run the same command with --resume to finish"
     )
+
+
+def _report_stall(job: Job, group: Group, progress: tqdm, waited: float):
+    """The watchdog's report, from whichever rank timed out (from the watchdog's thread)."""
+    progress.close()
+    why = group.stall_reason(waited)
+    group.exit_stalled(_stop_line(job, group, why) or f"{job.prog}: error: {why}")

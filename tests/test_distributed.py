@@ -6,10 +6,12 @@ a rank killed mid-job must leave only whole files and a message saying how to fi
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -278,6 +280,101 @@ def test_a_killed_rank_stops_the_job_with_a_message_and_resume_finishes_it(tiny_
     for name in files(out.parent):
         assert np.array_equal(pixels(out.parent / name), pixels(single_slow.parent / name)), name
     assert {name: (out.parent / name).stat().st_mtime_ns for name in done} == done  # finished files are not rewritten
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank's process through /proc")
+def test_a_stopped_rank_times_out_with_a_message_and_leaves_whole_files(tiny_sd1, job_folder, single_slow):
+    out = job_folder / "stopped" / "img.png"
+    out.parent.mkdir()
+    command = launch_command(2, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *SLOW_JOB, "-o", out)
+    # 20 s: longer than rank 0 waits for a running peer on a busy machine, short for a test.
+    env = {**_env(), distributed.TIMEOUT_VARIABLE: "20"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=job_folder)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)  # the launcher may never return
+    reader.start()
+    victim = None
+    try:
+        deadline = time.time() + 300
+        while not list(out.parent.glob("img_*.png")) and time.time() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        victim = _rank_pid(process.pid, 1)
+        assert victim is not None, "rank 1 not found"
+        os.kill(victim, signal.SIGSTOP)
+        deadline = time.time() + 150  # the limit, plus a round of rank 0's own work, on a busy machine
+        while not any("txt2image.py: error:" in ln for ln in lines) and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)  # rank 0's exit and mlx.launch's account of it
+    finally:
+        if victim is not None:
+            os.kill(victim, signal.SIGKILL)  # a stopped process still dies of SIGKILL
+        process.kill()  # mlx.launch waits on the stopped rank it SIGTERMed (the module docstring says why)
+        process.wait(timeout=60)
+        reader.join(timeout=60)
+    stderr = "".join(lines)
+    report = [ln for ln in stderr.splitlines() if ln.startswith("txt2image.py: error:")]
+    assert len(report) == 1, stderr
+    assert "the job stopped (rank 0 waited" in report[0] and "s for the other ranks: a rank stopped or hung?)" in report[0], report[0]
+    assert "Traceback" not in stderr
+    done = sorted(p.name for p in out.parent.glob("img_*.png"))
+    assert 0 < len(done) < N_IMAGES, done
+    assert f": {len(done)} of {N_IMAGES} images are written on this machine; run the same command with --resume to finish" in report[0], report[0]
+    for name in done:  # every final file is a whole image
+        assert np.array_equal(pixels(out.parent / name), pixels(single_slow.parent / name)), name
+
+
+def test_the_watchdog_fires_for_a_collective_that_blocks():
+    fired = threading.Event()
+    with distributed.watchdog(0.2, fired.set):
+        assert fired.wait(60)  # the fake collective: blocks until the watchdog fires
+
+
+def test_the_watchdog_is_silent_for_a_collective_that_returns_in_time():
+    fired = threading.Event()
+    with distributed.watchdog(1.0, fired.set):
+        pass
+    assert not fired.wait(2.0)
+
+
+def test_a_blocked_collective_exits_1_with_one_line(tmp_path):
+    script = tmp_path / "stall.py"
+    script.write_text(
+        "import time\n"
+        "import mlx.core as mx\n"
+        "from stable_diffusion import distributed\n"
+        "group = distributed.Group()\n"
+        "group.size = 2  # as a rank of two, whose peer never answers\n"
+        "mx.distributed.all_sum = lambda *args, **kwargs: time.sleep(600)\n"
+        "group.all_sum(distributed.np.zeros(1))\n"
+        "print('returned')\n"
+    )
+    env = {**_env(), "PYTHONPATH": str(ROOT), distributed.TIMEOUT_VARIABLE: "2"}
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.splitlines()
+    waited = re.fullmatch(r"stall\.py: error: rank 0 waited (\d+) s for the other ranks: a rank stopped or hung\?", line)
+    assert waited and 2 <= int(waited[1]) < 60, line  # the limit, give or take the timer's lateness
+    assert result.stdout == ""
+
+
+def test_the_limit_is_10_minutes_or_10_times_the_longest_round(monkeypatch):
+    monkeypatch.delenv(distributed.TIMEOUT_VARIABLE, raising=False)
+    group = distributed.Group()
+    assert group.timeout() == 600
+    group.longest = 100.0  # a batch (or a model load) took 100 s between two collectives
+    assert group.timeout() == 1000
+    monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "7.5")
+    assert distributed.Group().timeout() == 7.5
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-3", "nan", "inf"])
+def test_a_bad_timeout_variable_is_one_line_exit_2(tmp_path, value):
+    script = tmp_path / "join.py"
+    script.write_text("from stable_diffusion import distributed\ndistributed.Group()\n")
+    env = {**_env(), "PYTHONPATH": str(ROOT), distributed.TIMEOUT_VARIABLE: value}
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"join.py: error: SD_MLX_COLLECTIVE_TIMEOUT={value!r} is not a positive number of seconds; set it to one or unset it"]
 
 
 def test_ctrl_c_mid_job_exits_130_and_resume_finishes_it(tiny_sd1, job_folder, single_slow):
