@@ -181,6 +181,7 @@ def initial_noise(seeds: list[int], shape: tuple) -> mx.array:
 def step_noise(seeds: list[int], num_steps: int) -> Callable[[int, tuple], mx.array]:
     """A stochastic sampler's per-step noise, row i that of a one-image run with ``seeds[i]``."""
     keys = [mx.random.split(_seed_keys(s)[1], num_steps) for s in seeds]
+    mx.eval(keys)  # in this thread: MLX evaluates an array only where its stream lives, and the steps may run in a worker
 
     def noise(i: int, shape: tuple) -> mx.array:
         return mx.concatenate([mx.random.normal((1, *shape[1:]), key=k[i]) for k in keys])

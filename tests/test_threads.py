@@ -135,3 +135,23 @@ print("generated")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert (out.returncode, out.stdout.strip()) == (0, "generated"), out.stderr
     assert "terminate called" not in out.stderr
+
+
+@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
+def test_a_generator_made_in_one_thread_steps_in_another(tiny_sd1, img2img):
+    """The scripts make the generator in the main thread and step it in a worker (Ctrl-C stays
+    responsive): its initial latent, conditioning and step-noise keys must not be left as arrays
+    only the making thread could evaluate. Euler a draws noise every step."""
+    sd = StableDiffusion(str(tiny_sd1), sampler="euler_a")
+    image = np.random.default_rng(0).uniform(-1, 1, (64, 64, 3)).astype(np.float32)
+
+    def make():
+        if img2img:
+            return sd.generate_latents_from_image(image, "a red house", strength=0.7, seed=3, num_steps=3, cfg_weight=5.0)
+        return sd.generate_latents("a red house", seed=3, **CALL)
+
+    reference = [np.array(x) for x in make()]
+    steps = make()
+    stepped = [np.array(in_thread(next, steps)) for _ in reference]
+    for a, b in zip(stepped, reference):
+        np.testing.assert_array_equal(a, b)
