@@ -359,13 +359,10 @@ def test_unwritable_output_directory_is_refused(tmp_path):
     assert_usage_error(run(T2I, "p", "-o", locked / "out.png"), T2I, "not writable")
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
-def test_an_interrupt_exits_with_its_status_and_leaves_the_old_output(tiny_sd1, tmp_path, signum, status):
-    out = tmp_path / "out.png"
-    Image.new("RGB", (8, 8), (1, 2, 3)).save(out)
-    before = out.read_bytes()
+def start_until_denoising(script, *args) -> subprocess.Popen:
+    """The script started, returned once denoising has begun (its step bar appears on stderr)."""
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / T2I), "p", "--model", str(tiny_sd1), "--steps", "1000", "--seed", "1", "-o", str(out)],
+        [sys.executable, str(ROOT / script), *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -373,12 +370,20 @@ def test_an_interrupt_exits_with_its_status_and_leaves_the_old_output(tiny_sd1, 
         # A child inherits an ignored SIGINT (e.g. under a non-interactive shell's `&`); a terminal's is not ignored.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    # Interrupt once denoising has started (its step bar appears on stderr).
     seen = ""
     deadline = time.time() + 120
     while "images 1-1:" not in seen and time.time() < deadline:
         seen += process.stderr.read(1)
     assert "images 1-1:" in seen, seen
+    return process
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_an_interrupt_exits_with_its_status_and_leaves_the_old_output(tiny_sd1, tmp_path, signum, status):
+    out = tmp_path / "out.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(out)
+    before = out.read_bytes()
+    process = start_until_denoising(T2I, "p", "--model", tiny_sd1, "--steps", "1000", "--seed", "1", "-o", out)
     time.sleep(0.5)
     process.send_signal(signum)
     try:

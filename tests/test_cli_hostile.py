@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from test_cli import ROOT, assert_usage_error, ok, params, run
+from test_cli import ROOT, assert_usage_error, ok, params, run, start_until_denoising
 
 T2I, I2I = "txt2image.py", "image2image.py"
 
@@ -84,19 +84,7 @@ def test_an_interrupt_inside_a_long_step_acts_at_once(tiny_sd1, tmp_path, signum
     """One 768x768 step of the tiny model computes for minutes on a CPU core; MLX checks no signal
     inside it, so the script must not wait for it to end (it did: 95 s measured on a bigger step)."""
     out = tmp_path / "out.png"
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / T2I), "p", "--model", str(tiny_sd1), "--steps", "2", "--width", "768", "--height", "768", "--seed", "1", "-o", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    seen = ""
-    deadline = time.time() + 120
-    while "images 1-1:" not in seen and time.time() < deadline:
-        seen += process.stderr.read(1)
-    assert "images 1-1:" in seen, seen
+    process = start_until_denoising(T2I, "p", "--model", tiny_sd1, "--steps", 2, "--width", 768, "--height", 768, "--seed", 1, "-o", out)
     time.sleep(1.0)  # inside the first step's evaluation
     process.send_signal(signum)
     sent = time.monotonic()
