@@ -242,6 +242,16 @@ def _rank_pid(launcher: int, rank: int):
     return None
 
 
+def _rank_1_once_an_image_is_written(process, out) -> int:
+    """The pid of the job's rank 1, once the job has written its first image."""
+    deadline = time.time() + 300
+    while not list(out.parent.glob("img_*.png")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    victim = _rank_pid(process.pid, 1)
+    assert victim is not None, "rank 1 not found"
+    return victim
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank's process through /proc")
 def test_a_killed_rank_stops_the_job_with_a_message_and_resume_finishes_it(tiny_sd1, job_folder, single_slow):
     out = job_folder / "killed" / "img.png"
@@ -249,11 +259,7 @@ def test_a_killed_rank_stops_the_job_with_a_message_and_resume_finishes_it(tiny_
     command = launch_command(2, T2I, "--prompts", job_folder / "prompts.txt", "--model", tiny_sd1, *SLOW_JOB, "-o", out)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=job_folder)
     try:
-        deadline = time.time() + 300
-        while not list(out.parent.glob("img_*.png")) and time.time() < deadline and process.poll() is None:
-            time.sleep(0.01)
-        victim = _rank_pid(process.pid, 1)
-        assert victim is not None, "rank 1 not found"
+        victim = _rank_1_once_an_image_is_written(process, out)
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = process.communicate(timeout=120)
     finally:
@@ -295,11 +301,7 @@ def test_a_stopped_rank_times_out_with_a_message_and_leaves_whole_files(tiny_sd1
     reader.start()
     victim = None
     try:
-        deadline = time.time() + 300
-        while not list(out.parent.glob("img_*.png")) and time.time() < deadline and process.poll() is None:
-            time.sleep(0.01)
-        victim = _rank_pid(process.pid, 1)
-        assert victim is not None, "rank 1 not found"
+        victim = _rank_1_once_an_image_is_written(process, out)
         os.kill(victim, signal.SIGSTOP)
         deadline = time.time() + 150  # the limit, plus a round of rank 0's own work, on a busy machine
         while not any("txt2image.py: error:" in ln for ln in lines) and time.time() < deadline:
