@@ -308,15 +308,33 @@ class AutoencoderConfig:
         )
 
 
-# The diffusers schedulers we implement, and what each supports beyond the common settings.
+# The diffusers schedulers we implement, and what each supports beyond the common settings
+# ("schedules": the use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas flags).
+_ALL_PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SCHEDULER_CLASSES = {
-    "EulerDiscreteScheduler": {"predictions": ("epsilon", "v_prediction", "sample"), "karras": True},
-    "EulerAncestralDiscreteScheduler": {"predictions": ("epsilon", "v_prediction"), "karras": False},
-    "DDIMScheduler": {"predictions": ("epsilon", "v_prediction", "sample"), "karras": False},
-    "DPMSolverMultistepScheduler": {"predictions": ("epsilon", "v_prediction", "sample"), "karras": True},
+    "EulerDiscreteScheduler": {"predictions": _ALL_PREDICTIONS, "schedules": True},
+    # diffusers' Euler ancestral has no schedule flags; ours takes them with Euler's formulas.
+    "EulerAncestralDiscreteScheduler": {"predictions": ("epsilon", "v_prediction"), "schedules": True},
+    "DDIMScheduler": {"predictions": _ALL_PREDICTIONS, "schedules": False},
+    "DPMSolverMultistepScheduler": {"predictions": _ALL_PREDICTIONS, "schedules": True},
+    "PNDMScheduler": {"predictions": ("epsilon", "v_prediction"), "schedules": False},
+    "LMSDiscreteScheduler": {"predictions": _ALL_PREDICTIONS, "schedules": True},
+    "HeunDiscreteScheduler": {"predictions": _ALL_PREDICTIONS, "schedules": True},
+    "KDPM2DiscreteScheduler": {"predictions": ("epsilon", "v_prediction"), "schedules": True},
+    "KDPM2AncestralDiscreteScheduler": {"predictions": ("epsilon", "v_prediction"), "schedules": True},
+    "LCMScheduler": {"predictions": _ALL_PREDICTIONS, "schedules": False},
 }
+SCHEDULE_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 # Where a class's __init__ default differs from the dataclass's (diffusers 0.42.1).
-_CLASS_DEFAULTS = {"DDIMScheduler": {"timestep_spacing": "leading"}}
+_K_DIFFUSION_BETAS = {"beta_start": 0.00085, "beta_end": 0.012}
+_CLASS_DEFAULTS = {
+    "DDIMScheduler": {"timestep_spacing": "leading"},
+    "PNDMScheduler": {"timestep_spacing": "leading", "set_alpha_to_one": False},
+    "HeunDiscreteScheduler": {**_K_DIFFUSION_BETAS, "clip_sample": False},
+    "KDPM2DiscreteScheduler": _K_DIFFUSION_BETAS,
+    "KDPM2AncestralDiscreteScheduler": _K_DIFFUSION_BETAS,
+    "LCMScheduler": {**_K_DIFFUSION_BETAS, "beta_schedule": "scaled_linear", "timestep_spacing": "leading", "clip_sample": False},
+}
 SPACINGS = ("linspace", "leading", "trailing")
 
 
@@ -333,15 +351,23 @@ class SchedulerConfig:
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
-    # Euler and DPM-Solver
+    # The sigma-based samplers (at most one of the three)
     use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    # Euler and DPM-Solver
     final_sigmas_type: str = "zero"
     # Euler
     interpolation_type: str = "linear"
-    # DDIM
+    # DDIM, PNDM, LCM (and Heun's clip_sample)
     set_alpha_to_one: bool = True
     clip_sample: bool = True
     clip_sample_range: float = 1.0
+    # PNDM
+    skip_prk_steps: bool = False
+    # LCM
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
     # DPM-Solver
     solver_order: int = 2
     algorithm_type: str = "dpmsolver++"
@@ -354,7 +380,7 @@ class SchedulerConfig:
         """What diffusers' ``Class.from_config(config)`` holds: the class's defaults, overridden by ``config``.
 
         ``class_name`` is the scheduler that will run (default: the config's own ``_class_name`` when
-        implemented, else EulerDiscreteScheduler, which runs the configs of the others, e.g. PNDM).
+        implemented, else EulerDiscreteScheduler, which runs the configs of the others).
         Every setting that would change the math and is not implemented raises ValueError.
         """
         _object(config, "scheduler")
@@ -362,7 +388,7 @@ class SchedulerConfig:
         class_name = class_name or (own if own in SCHEDULER_CLASSES else cls.class_name)
         if config.get("trained_betas") is not None:
             raise ValueError("scheduler: trained_betas is not supported")
-        for key in ("use_exponential_sigmas", "use_beta_sigmas", "thresholding", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
+        for key in ("thresholding", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
             if config.get(key):
                 raise ValueError(f"scheduler: {key}=True is not supported")
         for key in ("sigma_min", "sigma_max", "variance_type"):
@@ -398,8 +424,13 @@ class SchedulerConfig:
         for key, allowed in choices:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{what}: {key}={getattr(self, key)!r} is not supported (supported: {list(allowed)})")
-        if self.use_karras_sigmas and not supported["karras"]:
-            raise ValueError(f"{what}: use_karras_sigmas=True is not supported (its diffusers class has no Karras sigmas); use 'euler' or 'dpm++2m'")
+        flags = [flag for flag in SCHEDULE_FLAGS if getattr(self, flag)]
+        if flags and not supported["schedules"]:
+            raise ValueError(f"{what}: {flags[0]}=True is not supported (its diffusers class has no such schedule); use a sigma-based sampler such as 'euler'")
+        if len(flags) > 1:
+            raise ValueError(f"{what}: {' and '.join(flags)} are both set; set at most one of {', '.join(SCHEDULE_FLAGS)}")
+        if self.class_name == "PNDMScheduler" and not self.skip_prk_steps:
+            raise ValueError(f"{what}: skip_prk_steps=False (the Runge-Kutta warm-up) is not supported; set skip_prk_steps=true as the SD configs do")
         if self.num_train_timesteps < 1 or not 0 < self.beta_start <= self.beta_end < 1:
             raise ValueError(f"{what}: need num_train_timesteps >= 1 and 0 < beta_start <= beta_end < 1")
 
