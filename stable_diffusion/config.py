@@ -323,6 +323,9 @@ SCHEDULER_CLASSES = {
     "KDPM2DiscreteScheduler": {"predictions": ("epsilon", "v_prediction"), "schedules": True},
     "KDPM2AncestralDiscreteScheduler": {"predictions": ("epsilon", "v_prediction"), "schedules": True},
     "LCMScheduler": {"predictions": _ALL_PREDICTIONS, "schedules": False},
+    "DPMSolverSDEScheduler": {"predictions": ("epsilon", "v_prediction"), "schedules": True},
+    "UniPCMultistepScheduler": {"predictions": _ALL_PREDICTIONS, "schedules": True},
+    "DEISMultistepScheduler": {"predictions": _ALL_PREDICTIONS, "schedules": True},
 }
 SCHEDULE_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 # Where a class's __init__ default differs from the dataclass's (diffusers 0.42.1).
@@ -334,6 +337,9 @@ _CLASS_DEFAULTS = {
     "KDPM2DiscreteScheduler": _K_DIFFUSION_BETAS,
     "KDPM2AncestralDiscreteScheduler": _K_DIFFUSION_BETAS,
     "LCMScheduler": {**_K_DIFFUSION_BETAS, "beta_schedule": "scaled_linear", "timestep_spacing": "leading", "clip_sample": False},
+    "DPMSolverSDEScheduler": _K_DIFFUSION_BETAS,
+    "UniPCMultistepScheduler": {"solver_type": "bh2"},
+    "DEISMultistepScheduler": {"algorithm_type": "deis", "solver_type": "logrho"},
 }
 SPACINGS = ("linspace", "leading", "trailing")
 
@@ -374,6 +380,8 @@ class SchedulerConfig:
     solver_type: str = "midpoint"
     lower_order_final: bool = True
     euler_at_final: bool = False
+    # UniPC
+    predict_x0: bool = True
 
     @classmethod
     def from_dict(cls, config: dict, class_name: Optional[str] = None) -> "SchedulerConfig":
@@ -421,6 +429,10 @@ class SchedulerConfig:
             choices.append(("interpolation_type", ("linear",)))
         if self.class_name == "DPMSolverMultistepScheduler":
             choices += [("algorithm_type", ("dpmsolver++",)), ("solver_order", (2,)), ("solver_type", ("midpoint", "heun"))]
+        if self.class_name == "UniPCMultistepScheduler":
+            choices += [("solver_order", (1, 2)), ("solver_type", ("bh1", "bh2")), ("predict_x0", (True,))]
+        if self.class_name == "DEISMultistepScheduler":
+            choices += [("solver_order", (1, 2)), ("algorithm_type", ("deis",)), ("solver_type", ("logrho",))]
         for key, allowed in choices:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{what}: {key}={getattr(self, key)!r} is not supported (supported: {list(allowed)})")
