@@ -7,13 +7,21 @@ from the model's ``scheduler_config.json``:
     "euler_a"  EulerAncestralDiscreteScheduler (Euler ancestral, k-diffusion's sample_euler_ancestral)
     "ddim"     DDIMScheduler with eta = 0, as the pipelines call it
     "dpm++2m"  DPMSolverMultistepScheduler with algorithm_type="dpmsolver++", solver_order=2
+    "pndm"     PNDMScheduler with skip_prk_steps=True (PLMS; SD 1.5's and SD 2.1-base's own)
+    "lms"      LMSDiscreteScheduler (k-diffusion's sample_lms)
+    "heun"     HeunDiscreteScheduler (k-diffusion's sample_heun)
+    "dpm2"     KDPM2DiscreteScheduler (k-diffusion's sample_dpm_2)
+    "dpm2_a"   KDPM2AncestralDiscreteScheduler (k-diffusion's sample_dpm_2_ancestral)
+    "lcm"      LCMScheduler (latent consistency models, LCM-LoRA)
 
 The schedule math is small pure numpy functions (k-diffusion style), computed in the precision
 diffusers uses (torch float32 tensors, numpy float64 where diffusers uses numpy), then stored as
 float32. Step-index-dependent scalars are precomputed in ``set_timesteps`` as Python floats, so
 ``scale_model_input``, ``step`` and ``add_noise`` are lazy MLX ops on the latents.
-Steps are addressed by index ``i`` into ``timesteps`` (diffusers' internal step index): the
-img2img start ``t_start`` is simply the first ``i`` passed.
+Steps are addressed by index ``i`` into ``timesteps`` (diffusers' internal step index, one per
+UNet call): the img2img start ``t_start * order`` is simply the first ``i`` passed. The sigma-based
+samplers take the schedule flags use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas
+(diffusers' formulas; the Beta quantile without scipy) and any caller's sigmas via ``set_sigmas``.
 """
 
 import math
@@ -116,6 +124,71 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """Noise levels evenly spaced in log sigma (float64)."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+
+
+def incomplete_beta(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b) (float64), by its continued fraction.
+
+    The fraction (modified Lentz) converges fast for x < (a + 1) / (a + b + 2); above that
+    I_x(a, b) = 1 - I_(1-x)(b, a) keeps it there.
+    """
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - incomplete_beta(1.0 - x, b, a)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 300):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-16:
+            break
+    return math.exp(log_front) * fraction / a
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """The Beta(a, b) quantile (scipy.stats.beta.ppf), by bisection on ``incomplete_beta`` to float64 resolution."""
+    if q <= 0.0 or q >= 1.0:
+        return 0.0 if q <= 0.0 else 1.0
+    low, high = 0.0, 1.0
+    while True:
+        mid = 0.5 * (low + high)
+        if mid in (low, high):
+            return mid
+        if incomplete_beta(mid, a, b) < q:
+            low = mid
+        else:
+            high = mid
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, num_steps: int, a: float = 0.6, b: float = 0.6) -> np.ndarray:
+    """Noise levels at the Beta(0.6, 0.6) quantiles of evenly spaced points ("Beta Sampling is All You Need", float64)."""
+    quantiles = [beta_ppf(float(q), a, b) for q in 1 - np.linspace(0, 1, num_steps)]
+    return np.array([sigma_min + ppf * (sigma_max - sigma_min) for ppf in quantiles])
+
+
+SCHEDULE_SIGMAS = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}
+
+
+def schedule_type(config: SchedulerConfig) -> Optional[str]:
+    """The config's noise-level schedule: "karras", "exponential", "beta", or None (the spacing's own)."""
+    flags = {"karras": config.use_karras_sigmas, "exponential": config.use_exponential_sigmas, "beta": config.use_beta_sigmas}
+    return next((kind for kind, on in flags.items() if on), None)
+
+
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """Continuous timesteps of ``sigmas`` by linear interpolation in log-sigma."""
     log_sigma = np.log(np.maximum(sigmas, 1e-10))
@@ -135,6 +208,24 @@ def final_sigma(config: SchedulerConfig, alphas_cumprod: np.ndarray) -> float:
     raise ValueError(f"scheduler: final_sigmas_type={config.final_sigmas_type!r} is not supported")
 
 
+def lms_coefficients(sigmas: np.ndarray, i: int, order: int) -> list:
+    """Linear multistep weights of the derivatives at steps i, i-1, ..., i-order+1 (float64).
+
+    Weight j is the integral from sigma_i to sigma_(i+1) of the Lagrange basis polynomial that is 1 at
+    sigma_(i-j) and 0 at the other nodes: a polynomial of degree order - 1, integrated exactly (diffusers
+    integrates it numerically with scipy's quad). The variable is shifted to u = sigma - sigma_i so the
+    bounds are 0 and h.
+    """
+    nodes = sigmas[i - np.arange(order)].astype(np.float64) - float(sigmas[i])
+    h = float(sigmas[i + 1]) - float(sigmas[i])
+    weights = []
+    for j in range(order):
+        others = np.delete(nodes, j)
+        basis = np.atleast_1d(np.poly(others)) / np.prod(nodes[j] - others)  # coefficients, highest power first
+        weights.append(float(np.polyval(np.polyint(basis), h)))
+    return weights
+
+
 # Samplers ------------------------------------------------------------------------------------
 
 
@@ -142,12 +233,14 @@ class Sampler:
     """Base sampler: holds the training schedule and, once ``set_timesteps`` ran, one run's timesteps.
 
     A sampler is built per generation (``make_sampler``): its schedule and any multistep history
-    belong to that run alone.
+    belong to that run alone. ``timesteps`` has one entry per UNet call; ``order`` is diffusers'
+    ``scheduler.order`` (img2img starts at index ``t_start * order``).
     """
 
     name: str = ""
     diffusers_class: str = ""
     needs_noise: bool = False
+    order: int = 1
 
     def __init__(self, config: SchedulerConfig):
         self.config = config
@@ -174,66 +267,102 @@ class Sampler:
         if num_steps < 1 or num_steps > self.config.num_train_timesteps:
             raise ValueError(f"num_steps must be in [1, {self.config.num_train_timesteps}], got {num_steps}")
 
+    def _check_noise(self, noise: Optional[mx.array]) -> None:
+        if noise is None:
+            raise ValueError(f"{type(self).__name__}.step needs `noise` (unit normal, same shape as x)")
 
-class EulerSampler(Sampler):
-    """Euler method on the probability-flow ODE (diffusers' EulerDiscreteScheduler, s_churn = 0)."""
 
-    name = "euler"
-    diffusers_class = "EulerDiscreteScheduler"
+def sigma_denoised(prediction_type: str, model_output: mx.array, x: mx.array, sigma: np.float32) -> mx.array:
+    """The model's estimate of x0 at noise level ``sigma`` (k-diffusion's c_skip x + c_out F)."""
+    if prediction_type == "epsilon":
+        return x - float(sigma) * model_output
+    if prediction_type == "v_prediction":
+        c_out = -sigma / np.sqrt(sigma * sigma + np.float32(1))
+        return model_output * float(c_out) + x / float(sigma * sigma + np.float32(1))
+    return model_output
 
-    def _schedule(self, num_steps: int, karras: bool, sigma_last: float):
+
+class SigmaSampler(Sampler):
+    """A sampler in k-diffusion's variable x = x0 + sigma * eps (diffusers' *DiscreteScheduler classes).
+
+    ``set_timesteps`` computes diffusers' schedule and hands it to ``set_sigmas``, which a caller may
+    also call with its own sigmas (A1111's).
+    """
+
+    # diffusers' KDPM2 classes round the Karras timesteps; Euler, Heun and LMS keep them fractional.
+    round_karras_timesteps = False
+
+    def set_timesteps(self, num_steps: int) -> None:
+        self._check_steps(num_steps)
         cfg = self.config
         timesteps = spaced_timesteps(self.timestep_spacing, num_steps, cfg.num_train_timesteps, cfg.steps_offset)
         timesteps = timesteps.astype(np.float32)
         sigmas = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
-        if karras:
-            sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), num_steps)
-            timesteps = sigma_to_t(sigmas, np.log(self.train_sigmas)).astype(np.float32)
-        return timesteps, np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
+        kind = schedule_type(cfg)
+        if kind is not None:
+            sigmas = SCHEDULE_SIGMAS[kind](float(sigmas[-1]), float(sigmas[0]), num_steps)
+            timesteps = sigma_to_t(sigmas, np.log(self.train_sigmas))
+            if kind == "karras" and self.round_karras_timesteps:
+                timesteps = timesteps.round()
+        self.set_sigmas(np.concatenate([sigmas, [self._final_sigma()]]).astype(np.float32), timesteps)
 
-    def set_timesteps(self, num_steps: int) -> None:
-        self._check_steps(num_steps)
-        timesteps, sigmas = self._schedule(
-            num_steps, self.config.use_karras_sigmas, final_sigma(self.config, self.alphas_cumprod)
-        )
-        self._set_schedule(timesteps, sigmas)
+    def _final_sigma(self) -> float:
+        return 0.0
 
-    def _set_schedule(self, timesteps: np.ndarray, sigmas: np.ndarray) -> None:
+    def set_sigmas(self, sigmas: np.ndarray, timesteps: np.ndarray) -> None:
+        """One run's schedule: ``sigmas`` (n + 1, the last one where the run ends) and ``timesteps`` (n)."""
+        sigmas = np.asarray(sigmas, dtype=np.float32)
+        timesteps = np.asarray(timesteps, dtype=np.float64)
+        if sigmas.ndim != 1 or timesteps.shape != (len(sigmas) - 1,) or len(timesteps) < 1:
+            raise ValueError(f"set_sigmas needs n + 1 sigmas and n timesteps (n >= 1), got {sigmas.shape} and {timesteps.shape}")
         self._sigmas = sigmas
-        self.timesteps = mx.array(timesteps)
-        self.sigmas = mx.array(sigmas)
+        self._set_run(sigmas, timesteps)
         max_sigma = sigmas.max()
         # "leading" never reaches t = T - 1: the initial noise is the marginal of x_t, sqrt(sigma^2 + 1).
         if self.timestep_spacing in ("linspace", "trailing"):
             self.init_noise_sigma = float(max_sigma)
         else:
             self.init_noise_sigma = float(np.sqrt(max_sigma * max_sigma + np.float32(1)))
-        # c_in = 1 / sqrt(sigma^2 + 1), kept as the divisor diffusers uses.
-        self._in_scale = np.sqrt(sigmas * sigmas + np.float32(1))
+
+    def _set_run(self, sigmas: np.ndarray, timesteps: np.ndarray) -> None:
+        """The per-call arrays: ``_call_sigmas`` (the sigma of each UNet call, then the end) and the timesteps."""
+        self._call_sigmas = sigmas
+        self.timesteps = mx.array(timesteps.astype(np.float32))
+        self.sigmas = mx.array(sigmas)
 
     def scale_model_input(self, x: mx.array, i: int) -> mx.array:
-        return x / float(self._in_scale[i])
+        return x / float(_input_divisor(self._input_sigma(i)))
 
-    def _denoised(self, model_output: mx.array, i: int, x: mx.array) -> mx.array:
-        """The model's estimate of x0 (x is float32; model_output keeps its dtype, as in diffusers)."""
-        sigma = self._sigmas[i]
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            return x - float(sigma) * model_output
-        if kind == "v_prediction":
-            c_out = -sigma / np.sqrt(sigma * sigma + np.float32(1))
-            return model_output * float(c_out) + x / float(sigma * sigma + np.float32(1))
-        return model_output
+    def _input_sigma(self, i: int) -> np.float32:
+        return self._call_sigmas[i]
+
+    def _denoised(self, model_output: mx.array, x: mx.array, sigma: np.float32) -> mx.array:
+        return sigma_denoised(self.config.prediction_type, model_output, x, sigma)
+
+    def add_noise(self, x0: mx.array, noise: mx.array, i: int) -> mx.array:
+        return x0 + noise * float(self._call_sigmas[i])
+
+
+def _input_divisor(sigma: np.float32) -> np.float32:
+    """sqrt(sigma^2 + 1): the model input is x / this (c_in), computed in float32 as diffusers does."""
+    return np.sqrt(sigma * sigma + np.float32(1))
+
+
+class EulerSampler(SigmaSampler):
+    """Euler method on the probability-flow ODE (diffusers' EulerDiscreteScheduler, s_churn = 0)."""
+
+    name = "euler"
+    diffusers_class = "EulerDiscreteScheduler"
+
+    def _final_sigma(self) -> float:
+        return final_sigma(self.config, self.alphas_cumprod)
 
     def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
         x = x.astype(mx.float32)
         sigma = self._sigmas[i]
-        derivative = (x - self._denoised(model_output, i, x)) / float(sigma)
+        derivative = (x - self._denoised(model_output, x, sigma)) / float(sigma)
         x = x + derivative * float(self._sigmas[i + 1] - sigma)
         return x.astype(model_output.dtype)
-
-    def add_noise(self, x0: mx.array, noise: mx.array, i: int) -> mx.array:
-        return x0 + noise * float(self._sigmas[i])
 
 
 class EulerAncestralSampler(EulerSampler):
@@ -243,23 +372,194 @@ class EulerAncestralSampler(EulerSampler):
     diffusers_class = "EulerAncestralDiscreteScheduler"
     needs_noise = True
 
-    def set_timesteps(self, num_steps: int) -> None:
-        self._check_steps(num_steps)
-        timesteps, sigmas = self._schedule(num_steps, karras=False, sigma_last=0.0)
-        self._set_schedule(timesteps, sigmas)
+    def _final_sigma(self) -> float:
+        return 0.0
+
+    def set_sigmas(self, sigmas: np.ndarray, timesteps: np.ndarray) -> None:
+        super().set_sigmas(sigmas, timesteps)
+        sigmas = self._sigmas
         sigma_from, sigma_to = sigmas[:-1], sigmas[1:]
         self._sigma_up = np.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2)
         self._sigma_down = np.sqrt(sigma_to**2 - self._sigma_up**2)
 
     def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
-        if noise is None:
-            raise ValueError("EulerAncestralSampler.step needs `noise` (unit normal, same shape as x)")
+        self._check_noise(noise)
         x = x.astype(mx.float32)
         sigma = self._sigmas[i]
-        derivative = (x - self._denoised(model_output, i, x)) / float(sigma)
+        derivative = (x - self._denoised(model_output, x, sigma)) / float(sigma)
         x = x + derivative * float(self._sigma_down[i] - sigma)
         x = x + noise * float(self._sigma_up[i])
         return x.astype(model_output.dtype)
+
+
+class LMSSampler(SigmaSampler):
+    """Linear multistep of order 4 on the sigma ODE (diffusers' LMSDiscreteScheduler, k-diffusion's sample_lms)."""
+
+    name = "lms"
+    diffusers_class = "LMSDiscreteScheduler"
+    lms_order = 4
+
+    def set_sigmas(self, sigmas: np.ndarray, timesteps: np.ndarray) -> None:
+        super().set_sigmas(sigmas, timesteps)
+        # diffusers takes the order from the step index, not from the history it holds: an img2img
+        # run that starts at index s weighs its first derivative as the newest of min(s + 1, 4).
+        n = len(self._sigmas) - 1
+        self._weights = [lms_coefficients(self._sigmas, i, min(i + 1, self.lms_order)) for i in range(n)]
+        self._derivatives: list = []
+        self._last_i: Optional[int] = None
+
+    def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
+        x = x.astype(mx.float32)
+        sigma = self._sigmas[i]
+        derivative = (x - self._denoised(model_output, x, sigma)) / float(sigma)
+        # The history belongs to the run under way: a new start (a new run, img2img) begins it again.
+        history = self._derivatives if self._last_i == i - 1 else []
+        self._derivatives = (history + [derivative])[-self.lms_order :]
+        self._last_i = i
+        for weight, d in zip(self._weights[i], reversed(self._derivatives)):
+            x = x + weight * d
+        return x.astype(model_output.dtype)
+
+
+class HeunSampler(SigmaSampler):
+    """Heun's 2nd-order method (Karras et al. 2022, algorithm 1 without churn): diffusers' HeunDiscreteScheduler.
+
+    Each step but the last takes two UNet calls: an Euler step to the next sigma, then the average of
+    the two derivatives from the same start. ``timesteps`` holds every call (2n - 1, as diffusers).
+    """
+
+    name = "heun"
+    diffusers_class = "HeunDiscreteScheduler"
+    order = 2
+
+    def _set_run(self, sigmas: np.ndarray, timesteps: np.ndarray) -> None:
+        calls = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
+        super()._set_run(calls, np.concatenate([timesteps[:1], np.repeat(timesteps[1:], 2)]))
+        self._held: Optional[tuple] = None  # (i, x, derivative, dt) of a first-order call awaiting its second
+
+    def _second_order(self, i: int) -> bool:
+        return self._held is not None and self._held[0] == i - 1
+
+    def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
+        x = x.astype(mx.float32)
+        sigmas = self._call_sigmas
+        if not self._second_order(i):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            derivative = (x - self._clipped(self._denoised(model_output, x, sigma))) / float(sigma)
+            dt = sigma_next - sigma
+            self._held = (i, x, derivative, dt)
+        else:
+            sigma_next = sigmas[i]
+            _, start, first, dt = self._held
+            derivative = (x - self._clipped(self._denoised(model_output, x, sigma_next))) / float(sigma_next)
+            derivative = (first + derivative) / 2
+            x = start
+            self._held = None
+        return (x + derivative * float(dt)).astype(model_output.dtype)
+
+    def _clipped(self, denoised: mx.array) -> mx.array:
+        if not self.config.clip_sample:
+            return denoised
+        r = self.config.clip_sample_range
+        return mx.clip(denoised, -r, r)
+
+
+def _lerp_half(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """torch.lerp(start, end, 0.5) in float32 (its weight >= 0.5 branch: end - (end - start) * 0.5)."""
+    return end - (end - start) * np.float32(0.5)
+
+
+class DPM2Sampler(SigmaSampler):
+    """k-diffusion's DPM-Solver-2 ("DPM2"): diffusers' KDPM2DiscreteScheduler.
+
+    A step evaluates the model at sigma_i, takes an Euler step to the geometric mean of sigma_i and
+    sigma_(i+1), evaluates there and steps from x_i with that derivative. 2n - 1 UNet calls; the last
+    step is first order (to a midpoint of 0: the model's x0 estimate).
+    """
+
+    name = "dpm2"
+    diffusers_class = "KDPM2DiscreteScheduler"
+    order = 2
+    round_karras_timesteps = True
+
+    def _set_run(self, sigmas: np.ndarray, timesteps: np.ndarray) -> None:
+        with np.errstate(divide="ignore", invalid="ignore"):  # log 0 at the end, as diffusers
+            log_sigmas = np.log(sigmas)
+            midpoints = np.exp(_lerp_half(log_sigmas, np.roll(log_sigmas, 1)))
+        self._set_interleaved(sigmas, midpoints, timesteps, midpoints[1:-1])
+
+    def _set_interleaved(self, sigmas, midpoints, timesteps, call_midpoints) -> None:
+        """diffusers' arrays: each value after the first doubled, then the last again; the timesteps of the
+        midpoint calls between those of the sigma calls."""
+        doubled = lambda v: np.concatenate([v[:1], np.repeat(v[1:], 2), v[-1:]])  # noqa: E731
+        mid_t = sigma_to_t(call_midpoints, np.log(self.train_sigmas))
+        calls_t = np.concatenate([timesteps[:1], np.stack([mid_t, timesteps[1:]], axis=-1).reshape(-1)])
+        super()._set_run(doubled(sigmas), calls_t)
+        self._midpoints = doubled(midpoints.astype(np.float32))
+        self._held: Optional[tuple] = None  # (i, x) of a first-order call awaiting its second
+
+    def _second_order(self, i: int) -> bool:
+        return self._held is not None and self._held[0] == i - 1
+
+    def _input_sigma(self, i: int) -> np.float32:
+        return self._midpoints[i] if self._second_order(i) else self._call_sigmas[i]
+
+    def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
+        x = x.astype(mx.float32)
+        sigmas, mids = self._call_sigmas, self._midpoints
+        if not self._second_order(i):
+            sigma, mid = sigmas[i], mids[i + 1]
+            derivative = (x - self._denoised(model_output, x, sigma)) / float(sigma)
+            dt = mid - sigma
+            self._held = (i, x)
+        else:
+            sigma, mid, sigma_next = sigmas[i - 1], mids[i], sigmas[i]
+            derivative = (x - self._denoised(model_output, x, mid)) / float(mid)
+            dt = sigma_next - sigma
+            x = self._held[1]
+            self._held = None
+        return (x + derivative * float(dt)).astype(model_output.dtype)
+
+
+class DPM2AncestralSampler(DPM2Sampler):
+    """DPM2 to sigma_down plus fresh noise of std sigma_up: diffusers' KDPM2AncestralDiscreteScheduler.
+
+    Noise is added at the second call of each step (odd call indices from an even start): n - 1 draws.
+    """
+
+    name = "dpm2_a"
+    diffusers_class = "KDPM2AncestralDiscreteScheduler"
+    needs_noise = True
+
+    def _set_run(self, sigmas: np.ndarray, timesteps: np.ndarray) -> None:
+        sigmas_next = np.concatenate([sigmas[1:], [np.float32(0)]])
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 at the end, as diffusers
+            up = np.sqrt(sigmas_next**2 * (sigmas**2 - sigmas_next**2) / sigmas**2)
+            down = np.sqrt(sigmas_next**2 - up**2)
+            down[-1] = 0.0
+            midpoints = np.exp(_lerp_half(np.log(sigmas), np.log(down)))
+        midpoints[-2:] = 0.0
+        doubled = lambda v: np.concatenate([v[:1], np.repeat(v[1:], 2), v[-1:]])  # noqa: E731
+        self._up, self._down = doubled(up), doubled(down)
+        self._set_interleaved(sigmas, midpoints, timesteps, midpoints[:-2])
+
+    def _input_sigma(self, i: int) -> np.float32:
+        return self._midpoints[i - 1] if self._second_order(i) else self._call_sigmas[i]
+
+    def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
+        x = x.astype(mx.float32)
+        if not self._second_order(i):
+            sigma, mid = self._call_sigmas[i], self._midpoints[i]
+            derivative = (x - self._denoised(model_output, x, sigma)) / float(sigma)
+            self._held = (i, x)
+            return (x + derivative * float(mid - sigma)).astype(model_output.dtype)
+        self._check_noise(noise)
+        sigma, mid = self._call_sigmas[i - 1], self._midpoints[i - 1]
+        up, down = self._up[i - 1], self._down[i - 1]
+        derivative = (x - self._denoised(model_output, x, mid)) / float(mid)
+        x = self._held[1] + derivative * float(down - sigma)
+        self._held = None
+        return (x + noise * float(up)).astype(model_output.dtype)
 
 
 class DDIMSampler(Sampler):
@@ -308,8 +608,148 @@ class DDIMSampler(Sampler):
         return float(np.sqrt(alpha_prev)) * x0 + float(np.sqrt(np.float32(1) - alpha_prev)) * eps
 
     def add_noise(self, x0: mx.array, noise: mx.array, i: int) -> mx.array:
-        alpha = self.alphas_cumprod[self._timesteps[i]]
-        return float(np.sqrt(alpha)) * x0 + float(np.sqrt(np.float32(1) - alpha)) * noise
+        return noised(self.alphas_cumprod[self._timesteps[i]], x0, noise)
+
+
+def noised(alpha_bar: np.float32, x0: mx.array, noise: mx.array) -> mx.array:
+    """The forward process q(x_t | x0) at alpha_bar(t): sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise."""
+    return float(np.sqrt(alpha_bar)) * x0 + float(np.sqrt(np.float32(1) - alpha_bar)) * noise
+
+
+class PNDMSampler(Sampler):
+    """PLMS, the pseudo linear multistep method of Liu et al. 2022: diffusers' PNDMScheduler, skip_prk_steps=True.
+
+    n steps make n + 1 UNet calls (one for n = 1): the second-highest timestep comes twice, its
+    second call closing a 2nd-order first step; later steps combine up to 4 past model outputs with
+    the Adams-Bashforth weights. Each update is the paper's transfer formula (9).
+    """
+
+    name = "pndm"
+    diffusers_class = "PNDMScheduler"
+
+    def set_timesteps(self, num_steps: int) -> None:
+        self._check_steps(num_steps)
+        cfg = self.config
+        ascending = spaced_timesteps(self.timestep_spacing, num_steps, cfg.num_train_timesteps, cfg.steps_offset)
+        ascending = ascending[::-1].round().astype(np.int64)
+        calls = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
+        self._timesteps = calls
+        self._stride = cfg.num_train_timesteps // num_steps
+        self._final_alpha = np.float32(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
+        self.timesteps = mx.array(calls.astype(np.float32))
+        self.init_noise_sigma = 1.0
+        self._outputs: list = []  # diffusers' ets: past model outputs, newest last
+        self._counter = 0
+        self._first_x: Optional[mx.array] = None
+        self._last_i: Optional[int] = None
+
+    def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
+        if self._last_i != i - 1:  # a new run (or img2img start): diffusers' counter starts at 0
+            self._outputs, self._counter, self._first_x = [], 0, None
+        self._last_i = i
+        t = int(self._timesteps[i])
+        t_prev = t - self._stride
+        if self._counter != 1:
+            self._outputs = self._outputs[-3:] + [model_output]
+        else:  # the repeated timestep: finish the first step from its start
+            t_prev, t = t, t + self._stride
+        e = self._outputs
+        if len(e) == 1 and self._counter == 0:
+            self._first_x = x
+        elif len(e) == 1 and self._counter == 1:
+            model_output = (model_output + e[-1]) / 2
+            x, self._first_x = self._first_x, None
+        elif len(e) == 2:
+            model_output = (3 * e[-1] - e[-2]) / 2
+        elif len(e) == 3:
+            model_output = (23 * e[-1] - 16 * e[-2] + 5 * e[-3]) / 12
+        else:
+            model_output = (1 / 24) * (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4])
+        self._counter += 1
+        return self._transfer(x, t, t_prev, model_output)
+
+    def _transfer(self, x: mx.array, t: int, t_prev: int, model_output: mx.array) -> mx.array:
+        """x at t_prev from x at t and the (combined) noise estimate, PNDM eq. (9), float32 as diffusers."""
+        alpha = self.alphas_cumprod[t]
+        alpha_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self._final_alpha
+        beta, beta_prev = np.float32(1) - alpha, np.float32(1) - alpha_prev
+        if self.config.prediction_type == "v_prediction":
+            model_output = float(np.sqrt(alpha)) * model_output + float(np.sqrt(beta)) * x
+        x_coeff = np.sqrt(alpha_prev / alpha)
+        denominator = alpha * np.sqrt(beta_prev) + np.sqrt(alpha * beta * alpha_prev)
+        return float(x_coeff) * x - float(alpha_prev - alpha) * model_output / float(denominator)
+
+    def add_noise(self, x0: mx.array, noise: mx.array, i: int) -> mx.array:
+        return noised(self.alphas_cumprod[self._timesteps[i]], x0, noise)
+
+
+class LCMSampler(Sampler):
+    """Latent consistency model sampling (Luo et al. 2023): diffusers' LCMScheduler.
+
+    Each call maps x_t to the consistency function's x0 (the boundary condition c_skip x + c_out x0_pred)
+    and, except at the last step, noises it again to the next timestep: needs noise at every call but
+    the last.
+    """
+
+    name = "lcm"
+    diffusers_class = "LCMScheduler"
+    needs_noise = True
+
+    def __init__(self, config: SchedulerConfig):
+        super().__init__(config)
+        # As DDIM: diffusers' LCM keeps alpha_bar(T) = 0 under zero-SNR rescaling.
+        self.alphas_cumprod = make_alphas_cumprod(config, floor_zero_snr=False)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        cfg = self.config
+        original = cfg.original_inference_steps
+        if not 1 <= original <= cfg.num_train_timesteps:
+            raise ValueError(f"scheduler: original_inference_steps={original} must be in [1, {cfg.num_train_timesteps}]")
+        if not 1 <= num_steps <= original:
+            raise ValueError(f"num_steps must be in [1, {original}] for LCM (the scheduler's original_inference_steps), got {num_steps}")
+        # The distillation's timesteps, every k-th from k - 1, highest first; the run takes n of them evenly.
+        k = cfg.num_train_timesteps // original
+        origin = (np.arange(1, original + 1) * k - 1)[::-1]
+        picks = np.floor(np.linspace(0, len(origin), num=num_steps, endpoint=False)).astype(np.int64)
+        self._timesteps = origin[picks]
+        self._final_alpha = np.float32(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
+        self.timesteps = mx.array(self._timesteps.astype(np.float32))
+        self.init_noise_sigma = 1.0
+
+    def _boundary(self, t: int) -> tuple:
+        """c_skip, c_out of the consistency parametrisation at t (sigma_data = 0.5), float32 as diffusers."""
+        scaled = np.float32(t) * np.float32(self.config.timestep_scaling)
+        c_skip = np.float32(0.25) / (scaled * scaled + np.float32(0.25))
+        c_out = scaled / np.sqrt(scaled * scaled + np.float32(0.25))
+        return c_skip, c_out
+
+    def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
+        last = i == len(self._timesteps) - 1
+        if not last:
+            self._check_noise(noise)
+        t = int(self._timesteps[i])
+        t_prev = t if last else int(self._timesteps[i + 1])
+        alpha = self.alphas_cumprod[t]
+        alpha_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self._final_alpha
+        sqrt_a, sqrt_b = float(np.sqrt(alpha)), float(np.sqrt(np.float32(1) - alpha))
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            x0 = (x - sqrt_b * model_output) / sqrt_a
+        elif kind == "v_prediction":
+            x0 = sqrt_a * x - sqrt_b * model_output
+        else:
+            x0 = model_output
+        if self.config.clip_sample:
+            r = self.config.clip_sample_range
+            x0 = mx.clip(x0, -r, r)
+        c_skip, c_out = self._boundary(t)
+        denoised = float(c_out) * x0 + float(c_skip) * x
+        if last:
+            return denoised
+        return noised(alpha_prev, denoised, noise)
+
+    def add_noise(self, x0: mx.array, noise: mx.array, i: int) -> mx.array:
+        return noised(self.alphas_cumprod[self._timesteps[i]], x0, noise)
 
 
 class DPMPP2MSampler(Sampler):
@@ -335,18 +775,23 @@ class DPMPP2MSampler(Sampler):
             timesteps = timesteps[:-1]
         timesteps = timesteps.round().astype(np.int64)
         train_sigmas = self.train_sigmas
-        if cfg.use_karras_sigmas:
-            sigmas = karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), num_steps)
+        kind = schedule_type(cfg)
+        if kind is not None:
+            # Unlike the discrete schedulers, the range is the whole training range.
+            sigmas = SCHEDULE_SIGMAS[kind](float(train_sigmas[0]), float(train_sigmas[-1]), num_steps)
             timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
-            if cfg.beta_schedule != "squaredcos_cap_v2":
+            if kind == "karras" and cfg.beta_schedule != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
-            timesteps = timesteps.astype(np.int64)
+            timesteps = timesteps.astype(np.int64)  # truncates, as diffusers' torch cast does
         else:
             sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
-        sigmas = np.concatenate([sigmas, [final_sigma(cfg, self.alphas_cumprod)]]).astype(np.float32)
+        self.set_sigmas(np.concatenate([sigmas, [final_sigma(cfg, self.alphas_cumprod)]]).astype(np.float32), timesteps)
 
+    def set_sigmas(self, sigmas: np.ndarray, timesteps: np.ndarray) -> None:
+        """One run's schedule: ``sigmas`` (n + 1, the last one where the run ends) and ``timesteps`` (n)."""
+        sigmas = np.asarray(sigmas, dtype=np.float32)
         self._sigmas = sigmas
-        self.timesteps = mx.array(timesteps.astype(np.float32))
+        self.timesteps = mx.array(np.asarray(timesteps).astype(np.float32))
         self.sigmas = mx.array(sigmas)
         self.init_noise_sigma = 1.0
         # x_t = alpha_t x0 + sigma_t eps, with lambda_t = log(alpha_t / sigma_t) the solver's time.
@@ -354,7 +799,7 @@ class DPMPP2MSampler(Sampler):
         self._sigma = (sigmas * self._alpha).astype(np.float32)
         with np.errstate(divide="ignore"):
             self._lambda = np.log(self._alpha) - np.log(self._sigma)
-        self._num_steps = num_steps
+        self._num_steps = len(sigmas) - 1
         self._prev_denoised = None
         self._prev_i = None
 
@@ -401,20 +846,28 @@ class DPMPP2MSampler(Sampler):
 
 
 SAMPLERS: dict[str, type[Sampler]] = {
-    "euler": EulerSampler,
-    "euler_a": EulerAncestralSampler,
-    "ddim": DDIMSampler,
-    "dpm++2m": DPMPP2MSampler,
+    sampler.name: sampler
+    for sampler in (
+        EulerSampler,
+        EulerAncestralSampler,
+        DDIMSampler,
+        DPMPP2MSampler,
+        PNDMSampler,
+        LMSSampler,
+        HeunSampler,
+        DPM2Sampler,
+        DPM2AncestralSampler,
+        LCMSampler,
+    )
 }
+
 
 def make_sampler(name: Optional[str], scheduler_config: dict) -> Sampler:
     """A new sampler ``name`` (a key of SAMPLERS) on the model's ``scheduler_config.json`` dict.
 
     As diffusers' ``Class.from_config(scheduler_config)``: the class's defaults, overridden by the
-    config's values. ``name=None`` picks the model's own class: EulerDiscreteScheduler,
-    EulerAncestralDiscreteScheduler, DDIMScheduler and DPMSolverMultistepScheduler map to "euler",
-    "euler_a", "ddim" and "dpm++2m"; any other class (PNDMScheduler as in SD 1.x,
-    LMSDiscreteScheduler, ...) falls back to "euler". Naming "dpm++2m" explicitly sets
+    config's values. ``name=None`` picks the model's own class when it is one of SAMPLERS' classes
+    (PNDMScheduler for SD 1.5 and SD 2.1-base), else "euler". Naming "dpm++2m" explicitly sets
     algorithm_type="dpmsolver++", solver_order=2 (a model's own DPM-Solver of another kind raises).
     """
     if name is None:

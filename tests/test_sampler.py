@@ -28,6 +28,8 @@ from stable_diffusion.sampler import (
     DPMPP2MSampler,
     EulerAncestralSampler,
     EulerSampler,
+    LMSSampler,
+    PNDMSampler,
     make_betas,
     make_sampler,
 )
@@ -307,34 +309,37 @@ def test_img2img_trajectory_from_a_start_index_matches_diffusers():
 @pytest.mark.parametrize(
     "class_name, expected",
     [
-        ("PNDMScheduler", EulerSampler),
-        ("LMSDiscreteScheduler", EulerSampler),
+        ("PNDMScheduler", PNDMSampler),
+        ("LMSDiscreteScheduler", LMSSampler),
         ("EulerDiscreteScheduler", EulerSampler),
         ("EulerAncestralDiscreteScheduler", EulerAncestralSampler),
         ("DDIMScheduler", DDIMSampler),
         ("DPMSolverMultistepScheduler", DPMPP2MSampler),
+        ("UnknownScheduler", EulerSampler),
     ],
 )
 def test_no_sampler_name_picks_the_models_own_scheduler_else_euler(class_name, expected):
     assert type(make_sampler(None, dict(tiny_models.SD1_SCHEDULER, _class_name=class_name))) is expected
 
 
-def test_pndm_config_falls_back_to_euler_as_diffusers_builds_it():
-    ours = make_sampler(None, tiny_models.SD1_SCHEDULER)
-    ref = EulerDiscreteScheduler.from_config(tiny_models.SD1_SCHEDULER)
+def test_a_config_of_a_class_we_lack_falls_back_to_euler_as_diffusers_builds_it():
+    config = dict(tiny_models.SD1_SCHEDULER, _class_name="DDPMScheduler")
+    ours = make_sampler(None, config)
+    ref = EulerDiscreteScheduler.from_config(config)
     for x, x_ref, rtol in run_both(ref, ours, 5):
         assert relative_error(x, x_ref) <= rtol
 
 
 def test_unknown_sampler_name_lists_the_valid_names():
-    with pytest.raises(ValueError, match="euler, euler_a, ddim, dpm\\+\\+2m"):
-        make_sampler("heun", tiny_models.SD1_SCHEDULER)
+    with pytest.raises(ValueError, match="euler, euler_a, ddim, dpm\\+\\+2m, pndm, lms, heun, dpm2, dpm2_a, lcm"):
+        make_sampler("dpm_fast", tiny_models.SD1_SCHEDULER)
 
 
-@pytest.mark.parametrize("name", ["euler_a", "ddim"])
-def test_karras_sigmas_raise_for_samplers_without_them(name):
-    config = dict(tiny_models.SD1_SCHEDULER, use_karras_sigmas=True)
-    with pytest.raises(ValueError, match="use_karras_sigmas"):
+@pytest.mark.parametrize("name", ["ddim", "pndm", "lcm"])
+@pytest.mark.parametrize("flag", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
+def test_schedule_flags_raise_for_samplers_without_them(name, flag):
+    config = dict(tiny_models.SD1_SCHEDULER, **{flag: True})
+    with pytest.raises(ValueError, match=flag):
         make_sampler(name, config)
 
 
