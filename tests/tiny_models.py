@@ -114,6 +114,7 @@ VAE = dict(
     norm_num_groups=8,
     sample_size=32,
 )
+INPAINT_CHANNELS = 9  # latents, mask, masked-image latents
 SD1_SCHEDULER = dict(  # the real SD 1.5 scheduler_config.json (a PNDM config)
     _class_name="PNDMScheduler",
     beta_start=0.00085,
@@ -137,15 +138,19 @@ SD2_SCHEDULER = dict(  # SD 2.1 (768, v-prediction)
 )
 
 
-def build_sd(folder: Path, vocab_dir: Path, flavour: str, seed: int = 0) -> Path:
-    """Save a tiny SD1-shaped (epsilon) or SD2-shaped (v-prediction) pipeline folder."""
+def build_sd(folder: Path, vocab_dir: Path, flavour: str, seed: int = 0, inpaint: bool = False) -> Path:
+    """Save a tiny SD1-shaped (epsilon) or SD2-shaped (v-prediction) pipeline folder.
+
+    ``inpaint``: an inpainting model as stable-diffusion-inpainting's folder holds one: a UNet with
+    9 input channels (latents, mask, masked-image latents) and StableDiffusionInpaintPipeline.
+    """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     sd2 = flavour == "sd2"
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**(SD2_UNET if sd2 else SD1_UNET))
+    unet = UNet2DConditionModel(**dict(SD2_UNET if sd2 else SD1_UNET, in_channels=INPAINT_CHANNELS if inpaint else 4))
     vae = AutoencoderKL(**VAE, scaling_factor=0.18215)
     text_encoder = CLIPTextModel(text_encoder_config("gelu" if sd2 else "quick_gelu"))
     _randomize(unet, vae, text_encoder)
@@ -157,7 +162,12 @@ def build_sd(folder: Path, vocab_dir: Path, flavour: str, seed: int = 0) -> Path
         {"unet": unet, "vae": vae, "text_encoder": text_encoder},
         {"tokenizer": tokenizer},
         dict(SD2_SCHEDULER if sd2 else SD1_SCHEDULER),
-        {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False},
+        {
+            "_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
+            "feature_extractor": [None, None],
+            "safety_checker": [None, None],
+            "requires_safety_checker": False,
+        },
     )
 
 
@@ -224,14 +234,18 @@ SDXL_SCHEDULER = dict(  # stable-diffusion-xl-base-1.0
 SDXL_TURBO_SCHEDULER = dict(SDXL_SCHEDULER, _class_name="EulerAncestralDiscreteScheduler", timestep_spacing="trailing")
 
 
-def build_sdxl(folder: Path, vocab_dir: Path, turbo: bool = False, seed: int = 0) -> Path:
-    """Save a tiny SDXL-shaped pipeline folder (two encoders, text_time, transformer depth 2)."""
+def build_sdxl(folder: Path, vocab_dir: Path, turbo: bool = False, seed: int = 0, inpaint: bool = False) -> Path:
+    """Save a tiny SDXL-shaped pipeline folder (two encoders, text_time, transformer depth 2).
+
+    ``inpaint``: a 9-input-channel UNet and StableDiffusionXLInpaintPipeline, as
+    stable-diffusion-xl-1.0-inpainting-0.1's folder.
+    """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SDXL_UNET)
+    unet = UNet2DConditionModel(**dict(SDXL_UNET, in_channels=INPAINT_CHANNELS if inpaint else 4))
     vae = AutoencoderKL(**VAE, scaling_factor=0.13025, force_upcast=True)
     text_encoder = CLIPTextModel(text_encoder_config("quick_gelu", hidden_size=32))
     text_encoder_2 = CLIPTextModelWithProjection(text_encoder_config("gelu", hidden_size=40, projection_dim=24))
@@ -243,5 +257,5 @@ def build_sdxl(folder: Path, vocab_dir: Path, turbo: bool = False, seed: int = 0
         {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2},
         {"tokenizer": clip_tokenizer(vocab_dir, "<|endoftext|>"), "tokenizer_2": clip_tokenizer(vocab_dir, "!")},
         dict(SDXL_TURBO_SCHEDULER if turbo else SDXL_SCHEDULER),
-        {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True},
+        {"_class_name": "StableDiffusionXLInpaintPipeline" if inpaint else "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True},
     )
