@@ -64,10 +64,10 @@ def load_embedding(path, token: str | None = None) -> Embedding:
                 "an SDXL embedding has as many for each text encoder"
             )
     elif len(arrays) == 1:
-        (key, value), = arrays.items()
+        [(key, value)] = arrays.items()
         vectors = (_vectors(path, key, value),)
     else:
-        keys = ", ".join(sorted(arrays)[:8]) or "none"
+        keys = ", ".join(sorted(arrays)[:8]) + (", ..." if len(arrays) > 8 else "") or "none"
         raise ModelLoadError(
             f"{path}: not a textual-inversion embedding (keys: {keys}); expected one tensor "
             "(emb_params or a diffusers token) or SDXL's clip_l and clip_g"
