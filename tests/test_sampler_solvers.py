@@ -1,0 +1,220 @@
+"""The solvers of sampler_solvers.py against their references.
+
+diffusers' schedulers built by ``Class.from_config(scheduler_config)`` (DPM++ 2M SDE, DPM++ SDE,
+UniPC, DEIS) and k-diffusion's ``sample_dpmpp_2s_ancestral`` (DPM++ 2S a, which diffusers lacks).
+Both sides run the same trajectory: the "model output" is a fixed function of the scaled input and
+the timestep, computed identically in torch and MLX, and each call's noise is one torch draw given
+to both (diffusers' DPMSolverSDEScheduler gets it through its noise sampler, patched).
+
+Tolerance: both sides compute each step with the same float32 operations on the same float32
+schedule, each op rounded once (u = 2**-24 ~ 6e-8 relative), in a different order or with an
+ulp-different libm here and there. A step is ~20 such ops on values no larger than |x|, and the
+schedules here start at sigma <= 14.6 (no zero-SNR cancellation, see test_sampler.py), so one step
+differs by at most ~40 u |x| ~ 2.4e-6 |x|; the solvers contract errors (|dx'/dx| <= 1, the
+stand-in's slope is 0.3), so the difference stays below 1e-5 of max |x| along a run. The whole
+pipeline adds the UNet's float32 error: 1e-4 as tests/test_pipeline.py.
+"""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
+    EulerAncestralDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+import tiny_models
+from kdiffusion_ref import external, sampling
+from parity import relative_error
+from stable_diffusion.sampler_solvers import SOLVERS, make_solver
+
+# diffusers' schedulers call np.array() on torch tensors, which numpy 2 warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+REFERENCE = {
+    "dpm++2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpm++_sde": (DPMSolverSDEScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "deis": (DEISMultistepScheduler, {}),
+}
+CONFIGS = {"sd1": tiny_models.SD1_SCHEDULER, "sd2": tiny_models.SD2_SCHEDULER}
+SHAPE = (1, 4, 6, 6)
+STEP_COUNTS = (1, 2, 7, 30)
+RTOL = 1e-5  # see the module docstring
+
+SLOPE = 0.3  # d(model output) / d(scaled input) of the stand-in denoiser
+
+
+def model_output(x, t: float):
+    """A stand-in denoiser, the same function of (scaled input, timestep) on both sides."""
+    return SLOPE * x + math.sin(t / 100)
+
+
+def call_noise(i: int) -> torch.Tensor:
+    """The unit normal noise of UNet call i, the same on both sides."""
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(1000 + i))
+
+
+def build(name: str, config: dict):
+    cls, overrides = REFERENCE[name]
+    return cls.from_config(dict(config), **overrides), make_solver(name, dict(config))
+
+
+def reference_step(ref, out, t, x, noise: torch.Tensor, drawn: list):
+    """diffusers' step with ``noise`` as its random draw; ``drawn`` records whether it drew."""
+    if isinstance(ref, DPMSolverSDEScheduler):
+        ref.noise_sampler = lambda sigma, sigma_next: drawn.append(True) or noise.clone()
+        return ref.step(out, t, x).prev_sample
+    if ref.config.get("algorithm_type") == "sde-dpmsolver++":
+        drawn.append(True)
+        return ref.step(out, t, x, variance_noise=noise).prev_sample
+    return ref.step(out, t, x).prev_sample
+
+
+def run_both(ref, ours, num_steps: int, start: int = 0):
+    """Step both through a run of ``num_steps`` from step ``start`` (img2img: diffusers' ``t_start``).
+
+    Returns (ours, ref) after every call. A start > 0 noises a fixed x0 to the start as diffusers'
+    img2img pipelines do: the first call is index ``start * order`` (their get_timesteps).
+    """
+    ref.set_timesteps(num_steps)
+    ours.set_timesteps(num_steps)
+    assert ours.timesteps.shape == tuple(ref.timesteps.shape) and ours.order == ref.order
+    np.testing.assert_allclose(np.array(ours.timesteps), ref.timesteps.double().numpy(), rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(np.array(ours.sigmas), ref.sigmas.double().numpy(), rtol=1e-6)
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+    begin = start * ref.order
+    ref.set_begin_index(begin)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    if start == 0:
+        x_ref = noise * ref.init_noise_sigma
+        x = mx.array(noise.numpy()) * ours.init_noise_sigma
+    else:
+        x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+        x_ref = ref.add_noise(x0, noise, ref.timesteps[begin : begin + 1])
+        x = ours.add_noise(mx.array(x0.numpy()), mx.array(noise.numpy()), begin)
+        assert relative_error(x, x_ref) <= 1e-6
+    trajectory = []
+    for i in range(begin, len(ref.timesteps)):
+        t = ref.timesteps[i]
+        out_ref = model_output(ref.scale_model_input(x_ref, t), float(t))
+        out = model_output(ours.scale_model_input(x, i), ours.timesteps[i].item())
+        drawn = []
+        x_ref = reference_step(ref, out_ref, t, x_ref, call_noise(i), drawn)
+        x = ours.step(out, i, x, mx.array(call_noise(i).numpy()) if ours.needs_noise else None)
+        if ours.needs_noise:
+            assert ours.noise_used(i) == bool(drawn)
+        trajectory.append((x, x_ref))
+    return trajectory
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_solver_trajectory_matches_diffusers(name, config_name, prediction_type):
+    config = dict(CONFIGS[config_name], prediction_type=prediction_type)
+    for num_steps in STEP_COUNTS:
+        ref, ours = build(name, config)
+        for x, x_ref in run_both(ref, ours, num_steps):
+            assert x.dtype == mx.float32
+            assert relative_error(x, x_ref) <= RTOL
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_img2img_start_matches_diffusers(name, strength):
+    num_steps = 10
+    start = num_steps - min(int(num_steps * strength), num_steps)  # diffusers' get_timesteps
+    ref, ours = build(name, CONFIGS["sd2"])
+    trajectory = run_both(ref, ours, num_steps, start)
+    assert len(trajectory) == len(ref.timesteps) - start * ref.order
+    for x, x_ref in trajectory:
+        assert relative_error(x, x_ref) <= RTOL
+
+
+def kdiffusion_denoiser(alphas_cumprod: torch.Tensor, prediction_type: str, timesteps: dict):
+    """k-diffusion's model wrapper (eps or v DDPM) around the stand-in denoiser.
+
+    The UNet's timestep of a schedule sigma is diffusers' own (``timesteps``: sigma -> t), which
+    k-diffusion's log-sigma inverse only approximates; other sigmas (the midpoints) go through
+    k-diffusion's ``sigma_to_t``.
+    """
+    base = external.DiscreteEpsDDPMDenoiser if prediction_type == "epsilon" else external.DiscreteVDDPMDenoiser
+
+    class Denoiser(base):
+        def sigma_to_t(self, sigma, quantize=None):
+            if float(sigma) in timesteps:
+                return torch.tensor([timesteps[float(sigma)]], dtype=torch.float32)
+            return super().sigma_to_t(sigma, quantize)
+
+    return Denoiser(lambda x, t: model_output(x, float(t)), alphas_cumprod, quantize=False)
+
+
+def run_dpmpp_2s_ancestral(config: dict, num_steps: int, start: int = 0):
+    """Ours and k-diffusion's sample_dpmpp_2s_ancestral on EulerAncestralDiscreteScheduler's schedule.
+
+    Returns (ours, ref) at the start of each step after the first, and at the end. k-diffusion's noise
+    for step k is our call 2k + 1's (the call that adds it).
+    """
+    schedule = EulerAncestralDiscreteScheduler.from_config(dict(config))
+    schedule.set_timesteps(num_steps)
+    ours = make_solver("dpm++2s_a", dict(config))
+    ours.set_timesteps(num_steps)
+    sigmas = schedule.sigmas
+    assert len(ours.timesteps) == 2 * num_steps - 1 and ours.order == 2
+    np.testing.assert_allclose(np.array(ours.timesteps)[::2], schedule.timesteps.numpy(), rtol=1e-6)
+    call_sigmas = np.array(ours.sigmas)  # each call's sigma, then the end
+    np.testing.assert_allclose(call_sigmas[:-1:2], sigmas[:-1].numpy(), rtol=1e-6)
+    assert call_sigmas[-1] == sigmas[-1] == 0
+    assert ours.init_noise_sigma == pytest.approx(float(schedule.init_noise_sigma), rel=1e-6)
+    timesteps = {float(s): float(t) for s, t in zip(sigmas[:-1], schedule.timesteps)}
+    model = kdiffusion_denoiser(schedule.alphas_cumprod, config.get("prediction_type", "epsilon"), timesteps)
+
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    if start == 0:
+        x_ref = noise * schedule.init_noise_sigma
+        x = mx.array(noise.numpy()) * ours.init_noise_sigma
+    else:
+        x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+        x_ref = x0 + noise * sigmas[start]
+        x = ours.add_noise(mx.array(x0.numpy()), mx.array(noise.numpy()), 2 * start)
+    steps = iter(range(start, num_steps))
+    starts = []
+    x_ref = sampling.sample_dpmpp_2s_ancestral(
+        model, x_ref, sigmas[start:], disable=True,
+        noise_sampler=lambda sigma, sigma_next: call_noise(2 * next(steps) + 1),
+        callback=lambda info: starts.append(info["x"].clone()),
+    )
+    ref = starts[1:] + [x_ref]
+
+    got = []
+    for i in range(2 * start, len(ours.timesteps)):
+        out = model_output(ours.scale_model_input(x, i), ours.timesteps[i].item())
+        x = ours.step(out, i, x, mx.array(call_noise(i).numpy()))
+        if i % 2 == 1 or i == len(ours.timesteps) - 1:  # a step's end
+            got.append(x)
+    assert len(got) == len(ref)
+    return list(zip(got, ref))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_dpmpp_2s_ancestral_matches_kdiffusion(config_name, prediction_type):
+    config = dict(CONFIGS[config_name], prediction_type=prediction_type)
+    for num_steps in STEP_COUNTS:
+        for x, x_ref in run_dpmpp_2s_ancestral(config, num_steps):
+            assert relative_error(x, x_ref) <= RTOL
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+def test_dpmpp_2s_ancestral_img2img_start_matches_kdiffusion(strength):
+    num_steps = 10
+    start = num_steps - min(int(num_steps * strength), num_steps)
+    for x, x_ref in run_dpmpp_2s_ancestral(CONFIGS["sd2"], num_steps, start):
+        assert relative_error(x, x_ref) <= RTOL
