@@ -89,12 +89,14 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.model_dims)
         self.position_embedding = nn.Embedding(config.max_length, config.model_dims)
 
-    def __call__(self, input_ids: mx.array) -> mx.array:
+    def __call__(self, input_ids: mx.array, token_embeds: Optional[mx.array] = None) -> mx.array:
         L = input_ids.shape[-1]
         max_length = self.position_embedding.weight.shape[0]
         if L > max_length:
             raise ValueError(f"sequence length {L} exceeds the {max_length} position embeddings")
-        return self.token_embedding(input_ids) + self.position_embedding(mx.arange(L))
+        if token_embeds is None:
+            token_embeds = self.token_embedding(input_ids)
+        return token_embeds + self.position_embedding(mx.arange(L))
 
 
 class CLIPEncoder(nn.Module):
@@ -125,9 +127,11 @@ class CLIPTextModel(nn.Module):
         if config.projection_dim is not None:
             self.text_projection = nn.Linear(config.model_dims, config.projection_dim, bias=False)
 
-    def __call__(self, input_ids: mx.array) -> CLIPOutput:
+    def __call__(self, input_ids: mx.array, token_embeds: Optional[mx.array] = None) -> CLIPOutput:
+        """``token_embeds`` (B, L, D): the token embeddings to use instead of looking ``input_ids`` up
+        (textual-inversion vectors written into some rows); ``input_ids`` still place the pooled state."""
         B, L = input_ids.shape
-        x = self.text_model.embeddings(input_ids)  # (B, L, D)
+        x = self.text_model.embeddings(input_ids, token_embeds)  # (B, L, D)
 
         # Additive causal mask; the most negative finite value of the dtype (as transformers'
         # eager path) keeps float16 free of NaN: the diagonal is never masked.

@@ -1,0 +1,186 @@
+"""conditioning.PromptEncoder: A1111's chunking, weights, clip skip and embeddings (against the A1111-algorithm
+reference in a1111_reference.py, on transformers' CLIP) and today's diffusers path, bit for bit, for plain prompts."""
+
+import functools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPTextModel as HFCLIPTextModel
+from transformers import CLIPTextModelWithProjection as HFCLIPTextModelWithProjection
+from transformers import CLIPTokenizer
+
+import a1111_reference as a1111
+from parity import relative_error
+from stable_diffusion import model_io
+from stable_diffusion.clip import CLIPTextModel
+from stable_diffusion.conditioning import PromptEncoder, TextOptions
+from stable_diffusion.config import CLIPTextModelConfig
+from stable_diffusion.embeddings import Embedding
+from stable_diffusion.tokenizer import Tokenizer
+
+# The encoder itself is held to 1e-5 relative to transformers in float32 (test_clip.py); here the
+# chunks go through it as one batch, and a weighted chunk's values are multiplied by w and by the
+# ratio of two means: see emphasis_tolerance for what that ratio adds.
+ENCODER_TOLERANCE = 1e-5
+
+PLAIN = "a photo of a cat sitting on a red sofa, soft light"
+TAGS = ["masterpiece", "best quality", "(detailed face:1.2)", "[blurry]", "((sharp focus))", "city street at night",
+        "neon lights", "(rain:0.8)", "reflections on the wet ground", "cinematic composition"]
+LONG = ", ".join(TAGS * 6)  # about 180 tokens with weights and commas: 3 chunks
+# 70 tags, a comma at 70, then words: the chunk fills at 75 on "e", and the 4 words after the comma move on.
+BACKTRACK = "tag " * 70 + ", a b c d e f g"
+EMB = "wombatstyle"
+
+
+class Models:
+    """Our PromptEncoder and the reference's transformers tokenizers and encoders for one tiny model folder."""
+
+    def __init__(self, root, family: str):
+        xl = family == "sdxl"
+        names = [("tokenizer", "text_encoder")] + ([("tokenizer_2", "text_encoder_2")] if xl else [])
+        self.xl, self.family = xl, family
+        self.tokenizers = [Tokenizer.from_folder(root / t) for t, _ in names]
+        self.encoders = [model_io.load_component(root, e, CLIPTextModel, CLIPTextModelConfig, mx.float32) for _, e in names]
+        self.ours = PromptEncoder(self.tokenizers, self.encoders, xl)
+        self.hf_tokenizers = [CLIPTokenizer.from_pretrained(root / t) for t, _ in names]
+        classes = [HFCLIPTextModel, HFCLIPTextModelWithProjection]
+        self.hf_encoders = [cls.from_pretrained(root / e).eval() for cls, (_, e) in zip(classes, names)]
+
+    def reference(self, text, **options):
+        if self.xl:
+            return a1111.encode_sdxl(self.hf_tokenizers, self.hf_encoders, text, **options)
+        return a1111.encode_sd(self.hf_tokenizers[0], self.hf_encoders[0], text, **options), None
+
+    def embedding(self, n_vectors: int, name: str = EMB, seed: int = 0) -> Embedding:
+        rng = np.random.default_rng(seed)
+        vectors = tuple(rng.standard_normal((n_vectors, e.config.model_dims)).astype(np.float32) for e in self.encoders)
+        return Embedding(name, vectors, "0123456789ab", f"{name}.safetensors")
+
+
+@functools.lru_cache(maxsize=None)
+def _models(root, family):
+    return Models(root, family)
+
+
+@pytest.fixture(params=["sd1", "sd2", "sdxl"])
+def models(request):
+    return _models(request.getfixturevalue(f"tiny_{request.param}"), request.param)
+
+
+@pytest.fixture
+def sd1(tiny_sd1):
+    return _models(tiny_sd1, "sd1")
+
+
+def diffusers_path(tokenizer, encoder, text):
+    """Today's _Pipeline._encode_text: the text cut to 77 ids, padded with the tokenizer's pad token, one row."""
+    ids, _ = tokenizer.pad_and_truncate(tokenizer.tokenize(text, max_tokens=tokenizer.max_length - 1))
+    return encoder(mx.array([ids]))
+
+
+def todays_conditioning(m: Models, text):
+    if not m.xl:
+        return diffusers_path(m.tokenizers[0], m.encoders[0], text).last_hidden_state, None
+    out_1, out_2 = (diffusers_path(t, e, text) for t, e in zip(m.tokenizers, m.encoders))  # as StableDiffusionXL._encode_both
+    return mx.concatenate([out_1.hidden_states[-2], out_2.hidden_states[-2]], axis=-1), out_2.text_embeds
+
+
+def emphasis_tolerance(reference_chunks: torch.Tensor, weights: torch.Tensor) -> float:
+    """The relative error "Original" emphasis may add to the encoder's, per chunk.
+
+    The encoder's error e = ENCODER_TOLERANCE * max|z| moves a mean of z by at most e, so the ratio
+    m0 / m1 (the unweighted and the weighted chunk's means) by a relative 2 e max|w| / min(|m0|, |m1|)
+    at most; the weighted values are of size max|w z|. Small means (a chunk whose values nearly
+    cancel) make the ratio sensitive, which the bound follows.
+    """
+    tolerance = ENCODER_TOLERANCE
+    for z, w in zip(reference_chunks, weights):
+        m0, m1 = z.mean().abs().item(), (z * w[:, None]).mean().abs().item()
+        e = ENCODER_TOLERANCE * z.abs().max().item()
+        ratio_error = 2 * e * w.abs().max().item() / min(m0, m1)
+        tolerance = max(tolerance, ENCODER_TOLERANCE * w.abs().max().item() + ratio_error * w.abs().max().item() * m0 / m1)
+    return tolerance
+
+
+def test_plain_prompt_is_bit_identical_to_todays_path_with_either_syntax(models):
+    expected, expected_pooled = todays_conditioning(models, PLAIN)
+    for syntax in ("none", "a1111"):
+        out = models.ours.encode(PLAIN, TextOptions(syntax=syntax))
+        assert out.chunks == 1 and out.dropped == "" and out.embeddings_used == ()
+        assert mx.array_equal(out.context, expected), syntax
+        if models.xl:
+            assert mx.array_equal(out.pooled, expected_pooled), syntax
+        else:
+            assert out.pooled is None
+
+
+def test_syntax_none_reads_brackets_and_break_as_text_and_cuts_at_75_tokens(models):
+    text = "(a cat:1.5) BREAK " + "dog " * 100
+    expected, expected_pooled = todays_conditioning(models, text)
+    out = models.ours.encode(text, TextOptions(syntax="none"))
+    assert mx.array_equal(out.context, expected)
+    if models.xl:
+        assert mx.array_equal(out.pooled, expected_pooled)
+    total = len(models.tokenizers[0].tokenize(text)) - 2
+    assert out.tokens == total and out.chunks == 1
+    assert out.dropped == f"the last {total - 75} of {total} tokens (CLIP takes 75)"
+
+
+@pytest.mark.parametrize("text", [LONG, BACKTRACK, "a cat BREAK a (dog:1.3) BREAK", "BREAK", "", PLAIN + " BREAK " + LONG])
+def test_chunks_match_the_a1111_reference(models, text):
+    chunks, count, dropped = models.ours.chunks(text, TextOptions())
+    assert dropped == ""
+    for e, (tokenizer, ours) in enumerate(zip(models.hf_tokenizers, chunks)):
+        expected, expected_count = a1111.a1111_chunks(tokenizer, text, encoder=e)
+        assert [list(c.tokens) for c in ours] == [c["tokens"] for c in expected]
+        assert [list(c.weights) for c in ours] == [c["multipliers"] for c in expected]
+        assert all(c.fixes == () for c in ours)
+        if e == 0:
+            assert count == expected_count
+
+
+def test_the_long_prompt_fills_three_weighted_chunks_and_the_backtrack_moves_words(sd1):
+    # Guards that the cases above exercise what they are named after.
+    (chunks,), _, _ = sd1.ours.chunks(LONG, TextOptions())
+    assert len(chunks) == 3 and {w for c in chunks for w in c.weights} > {1.0, 1.2}
+    ((first, second),), _, _ = sd1.ours.chunks(BACKTRACK, TextOptions())
+    tokenizer = sd1.tokenizers[0]
+    assert first.tokens[71] == tokenizer.vocab[",</w>"] and set(first.tokens[72:]) == {tokenizer.eos}
+    assert second.tokens[1:8] == tuple(tokenizer.tokenize("a b c d e f g")[1:-1])
+
+
+def test_chunks_pad_with_each_tokenizers_own_id_after_the_first_eos(models):
+    pads = {"sd1": [49407], "sd2": [0], "sdxl": [49407, 0]}[models.family]
+    chunks, _, _ = models.ours.chunks("a cat", TextOptions())
+    for tokenizer, pad, (chunk,) in zip(models.tokenizers, pads, chunks):
+        assert chunk.tokens[:4] == (tokenizer.bos, *tokenizer.tokenize("a cat")[1:-1], tokenizer.eos)
+        assert set(chunk.tokens[4:]) == {pad}
+
+
+def test_weighted_prompt_matches_the_reference(models):
+    for emphasis in ("Original", "No norm", "None"):
+        options = TextOptions(emphasis=emphasis)
+        out = models.ours.encode(LONG, options)
+        ref, ref_pooled = models.reference(LONG, emphasis=emphasis)
+        assert out.context.shape == tuple(ref.shape) == (1, 77 * out.chunks, ref.shape[-1])
+        assert relative_error(out.context, ref) <= _tolerance(models, LONG, emphasis), emphasis
+        if models.xl:
+            assert relative_error(out.pooled, ref_pooled) <= ENCODER_TOLERANCE
+
+
+def _tolerance(models, text, emphasis):
+    """The tolerance for ``text``'s context under ``emphasis``, from the reference's own chunks."""
+    if emphasis != "Original":
+        return 2 * ENCODER_TOLERANCE  # one product with w in float32 on top of the encoder's error
+    weighted, _ = models.reference(text, emphasis="No norm")  # z * w, chunk by chunk
+    widths = [e.config.model_dims for e in models.encoders]
+    tolerance = ENCODER_TOLERANCE
+    for e, tokenizer in enumerate(models.hf_tokenizers):
+        chunks, _ = a1111.a1111_chunks(tokenizer, text, encoder=e)
+        start = sum(widths[:e])
+        zw = weighted[0, :, start : start + widths[e]].reshape(len(chunks), 77, widths[e])
+        weights = torch.tensor([c["multipliers"] for c in chunks])
+        tolerance = max(tolerance, emphasis_tolerance(zw / weights[..., None], weights))
+    return tolerance
