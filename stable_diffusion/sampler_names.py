@@ -130,7 +130,7 @@ def _schedule_names() -> dict[str, str]:
 
 _NAMES = _names()
 _SCHEDULE_NAMES = _schedule_names()
-_NOT_IMPLEMENTED_NAMES = {_key(n): n for name, (aliases, _) in NOT_IMPLEMENTED.items() for n in (name, *aliases)}
+_NOT_IMPLEMENTED_NAMES = {_key(n): name for name, (aliases, _) in NOT_IMPLEMENTED.items() for n in (name, *aliases)}
 
 
 def _valid_names() -> str:

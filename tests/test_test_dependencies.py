@@ -14,6 +14,15 @@ def test_a_missing_open_clip_fails_instead_of_skipping(monkeypatch):
         tiny_models.bpe_path()
 
 
+def test_a_missing_k_diffusion_fails_instead_of_skipping(monkeypatch):
+    import kdiffusion_ref
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "k_diffusion" else real(name, *a))
+    with pytest.raises(pytest.fail.Exception, match="k-diffusion is not installed"):
+        kdiffusion_ref._package_dir()
+
+
 def test_no_test_skips_itself():
     """Skips are decided by pytest's markers (cuda, fullsize), never by a test's own code."""
     from pathlib import Path
