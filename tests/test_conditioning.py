@@ -170,17 +170,123 @@ def test_weighted_prompt_matches_the_reference(models):
             assert relative_error(out.pooled, ref_pooled) <= ENCODER_TOLERANCE
 
 
-def _tolerance(models, text, emphasis):
+def _tolerance(models, text, emphasis, embeddings=(), clip_skip=1):
     """The tolerance for ``text``'s context under ``emphasis``, from the reference's own chunks."""
     if emphasis != "Original":
         return 2 * ENCODER_TOLERANCE  # one product with w in float32 on top of the encoder's error
-    weighted, _ = models.reference(text, emphasis="No norm")  # z * w, chunk by chunk
+    extra = {} if models.xl else {"clip_skip": clip_skip}
+    weighted, _ = models.reference(text, emphasis="No norm", embeddings=embeddings, **extra)  # z * w, chunk by chunk
     widths = [e.config.model_dims for e in models.encoders]
     tolerance = ENCODER_TOLERANCE
     for e, tokenizer in enumerate(models.hf_tokenizers):
-        chunks, _ = a1111.a1111_chunks(tokenizer, text, encoder=e)
+        chunks, _ = a1111.a1111_chunks(tokenizer, text, embeddings=embeddings, encoder=e)
         start = sum(widths[:e])
         zw = weighted[0, :, start : start + widths[e]].reshape(len(chunks), 77, widths[e])
         weights = torch.tensor([c["multipliers"] for c in chunks])
         tolerance = max(tolerance, emphasis_tolerance(zw / weights[..., None], weights))
     return tolerance
+
+
+# An embedding of 3 vectors after 73 tokens: no room in the first chunk, so it opens the second.
+AT_BOUNDARY = "tag " * 73 + EMB + " after it"
+# The embedding sits among the words that the comma backtrack moves (A1111 leaves its vectors behind).
+IN_BACKTRACK = "tag " * 68 + ", x " + EMB + " y z w v"
+
+
+@pytest.mark.parametrize("text, fixes", [(AT_BOUNDARY, [(), ((1, 0),)]), (IN_BACKTRACK, [((71, 0),), ()]), ("a " + EMB + ", (" + EMB + ":1.2)", [((2, 0), (6, 0))])])
+def test_embedding_chunks_and_vectors_match_the_reference(models, text, fixes):
+    embedding = models.embedding(3)
+    options = TextOptions(embeddings=(embedding,))
+    chunks, _, _ = models.ours.chunks(text, options)
+    for e, (tokenizer, ours) in enumerate(zip(models.hf_tokenizers, chunks)):
+        expected, _ = a1111.a1111_chunks(tokenizer, text, embeddings=[embedding], encoder=e)
+        assert [list(c.tokens) for c in ours] == [c["tokens"] for c in expected]
+        assert [list(c.weights) for c in ours] == [c["multipliers"] for c in expected]
+        # A1111 stores the offset without BOS; ours is the row position.
+        assert [[(p - 1, options.embeddings[i]) for p, i in c.fixes] for c in ours] == [c["fixes"] for c in expected]
+        assert [c.fixes for c in ours] == fixes
+    out = models.ours.encode(text, options)
+    ref, ref_pooled = models.reference(text, embeddings=[embedding])
+    assert out.embeddings_used == (EMB,)
+    assert relative_error(out.context, ref) <= _tolerance(models, text, "Original", [embedding])
+    if models.xl:
+        assert relative_error(out.pooled, ref_pooled) <= ENCODER_TOLERANCE
+
+
+def test_the_longest_embedding_name_wins_and_unused_ones_are_not_listed(sd1):
+    short, long = sd1.embedding(2, "wombat", seed=1), sd1.embedding(1, "wombatstyle", seed=2)
+    unused = sd1.embedding(1, "platypus", seed=3)
+    options = TextOptions(embeddings=(short, long, unused))
+    out = sd1.ours.encode("a wombatstyle and a wombat", options)
+    assert out.embeddings_used == ("wombatstyle", "wombat")
+    ref, _ = sd1.reference("a wombatstyle and a wombat", embeddings=[short, long, unused])
+    assert relative_error(out.context, ref) <= ENCODER_TOLERANCE
+
+
+def test_clip_skip_2_takes_the_normed_penultimate_layer_on_sd1(sd1):
+    for text in (PLAIN, LONG):
+        out = sd1.ours.encode(text, TextOptions(clip_skip=2))
+        ref, _ = sd1.reference(text, clip_skip=2)
+        assert relative_error(out.context, ref) <= _tolerance(sd1, text, "Original", clip_skip=2)
+    assert not mx.array_equal(out.context, sd1.ours.encode(LONG).context)
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_clip_skip_changes_nothing_on_sd2_and_sdxl_as_in_a1111(family, request):
+    m = _models(request.getfixturevalue(f"tiny_{family}"), family)
+    skipped, plain = m.ours.encode(LONG, TextOptions(clip_skip=2)), m.ours.encode(LONG)
+    assert mx.array_equal(skipped.context, plain.context)
+    ref, _ = m.reference(LONG)
+    assert relative_error(skipped.context, ref) <= _tolerance(m, LONG, "Original")
+
+
+def test_a_batch_of_scheduled_texts_shares_chunk_count_and_emphasis_mean_as_in_a1111(models):
+    # A1111 encodes one prompt's scheduled texts in one batch (prompt editing, alternation).
+    texts = ["a (red:1.4) cat", LONG, "a (red:1.4) cat", PLAIN]
+    outs = models.ours.encode_batch(texts, TextOptions())
+    ref, ref_pooled = models.reference(texts)
+    assert [o.chunks for o in outs] == [3] * 4
+    tolerance = max(_tolerance(models, t, "Original") for t in (LONG, "a (red:1.4) cat"))
+    for i, out in enumerate(outs):
+        assert relative_error(out.context, ref[i : i + 1]) <= tolerance, i
+        if models.xl:
+            assert relative_error(out.pooled, ref_pooled[i : i + 1]) <= ENCODER_TOLERANCE
+    alone = models.ours.encode("a (red:1.4) cat")
+    assert not np.allclose(np.array(alone.context), np.array(outs[0].context[:, :77]), rtol=1e-3)
+
+
+def test_the_empty_chunk_is_the_encoded_empty_prompt(models):
+    out = models.ours.empty_chunk(TextOptions())
+    ref, ref_pooled = models.reference("")
+    assert out.chunks == 1 and out.tokens == 0
+    assert relative_error(out.context, ref) <= ENCODER_TOLERANCE
+    assert mx.array_equal(out.context, todays_conditioning(models, "")[0])
+
+
+def test_all_chunks_of_a_prompt_go_through_each_encoder_in_one_call(models, monkeypatch):
+    calls, original = [], CLIPTextModel.__call__
+    monkeypatch.setattr(CLIPTextModel, "__call__", lambda self, ids, *a: calls.append(ids.shape) or original(self, ids, *a))
+    models.ours.encode(LONG)
+    assert calls == [(3, 77)] * len(models.encoders)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (TextOptions(syntax="comfy"), "prompt syntax 'comfy'"),
+        (TextOptions(emphasis="original"), "emphasis 'original'"),
+        (TextOptions(clip_skip=0), "clip_skip=0"),
+        (TextOptions(clip_skip=4), "clip_skip=4"),
+        (TextOptions(embeddings=("EasyNegative",)), "expected Embedding objects"),
+    ],
+)
+def test_bad_options_raise_one_line(sd1, options, message):
+    with pytest.raises(ValueError, match=message) as error:
+        sd1.ours.encode("a cat", options)
+    assert "\n" not in str(error.value)
+
+
+def test_an_embedding_for_another_model_is_refused(sd1):
+    wrong = Embedding("xl", (np.zeros((1, 768), np.float32), np.zeros((1, 1280), np.float32)), "", "xl.safetensors")
+    with pytest.raises(ValueError, match="xl.safetensors"):
+        sd1.ours.encode("a cat", TextOptions(embeddings=(wrong,)))
