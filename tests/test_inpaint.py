@@ -45,8 +45,12 @@ def field(h, w, seed=0) -> np.ndarray:
 
 
 def masks(h=H0, w=W0) -> dict:
-    """The same kinds of mask diffusers' pipelines take: pictures (colour, greyscale) and float arrays."""
+    """The same kinds of mask diffusers' pipelines take: pictures (colour, greyscale) and float arrays.
+
+    The arrays hold exact 0.5s (binarised to 1) in bands the nearest resize keeps.
+    """
     a = field(h, w)
+    a[::4] = 0.5
     rgb = np.stack([field(h, w, 1), a, field(h, w, 2)], axis=-1)
     return {
         "rgb picture": Image.fromarray(np.rint(rgb * 255).astype(np.uint8), "RGB"),
@@ -101,6 +105,7 @@ def test_a_mask_file_reads_as_diffusers_load_image_reads_it(tmp_path, mode):
 
 def test_nearest_resize_picks_the_pixels_torch_interpolate_picks():
     sizes = [(53, 48), (77, 64), (48, 6), (64, 8), (7, 3), (3, 7), (5, 10), (16, 16), (999, 1000), (1000, 999), (480, 60), (100, 33), (33, 100)]
+    sizes += [(26, 22), (45, 39), (52, 46), (2, 82), (3, 123)]  # where a float64 scale picks other pixels than torch's float32 one
     rng = np.random.default_rng(0)
     for n_in, n_out in sizes:
         a = rng.random((n_in, n_in + 1)).astype(np.float32)
