@@ -22,20 +22,19 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, distributed, images, interruptible, memory, model_io
+from . import checkpoint, distributed, embeddings, images, interruptible, memory, model_io, prompts
 from .config import AutoencoderConfig, CLIPTextModelConfig, UNetConfig
 from .errors import ModelLoadError, one_line
 from .memory import available_memory  # noqa: F401  (TriangularArray.py's check)
-from .pipeline import DISTILLED_REPOS, DISTILLED_STEPS, MAX_CFG_WEIGHT, PRESETS, load_model
-from .sampler import SAMPLERS, make_sampler
+from .pipeline import DISTILLED_REPOS, DISTILLED_STEPS, MAX_CFG_WEIGHT, PRESETS, denoising_calls, load_model, prompt_lora_file
+from .sampler_names import SCHEDULES, TABLE, a1111_label, make_sampler, resolve
 
 DEFAULT_MODEL = "sdxl-turbo"
 # Images denoised at once unless --batch_size says otherwise: a big job runs as batches of this many
 # (A1111's batch size x batch count), so its memory does not grow with the number of images.
 DEFAULT_BATCH_SIZE = 8
 
-# A1111's sampler names, so that its PNG Info and Civitai recognise ours.
-SAMPLER_LABELS = {"euler": "Euler", "euler_a": "Euler a", "ddim": "DDIM", "dpm++2m": "DPM++ 2M"}
+SAMPLER_RULES = ("diffusers", "a1111")
 
 
 class UsageError(Exception):
@@ -46,8 +45,9 @@ class UsageError(Exception):
 # Parsing and errors
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless its help already says it or there is nothing to show."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already says it or there is nothing to show; the
+    description and epilog (the sampler table) are printed as written."""
 
     def _get_help_string(self, action):
         nothing = action.default is None or isinstance(action.default, bool) or action.default in ("", argparse.SUPPRESS)
@@ -132,6 +132,7 @@ def read_image(path: str):
 
 def add_common_arguments(parser):
     presets = ", ".join(PRESETS)
+    parser.epilog = sampler_table()
     parser.add_argument("prompt", nargs="?", default=None, help="what the image should show")
     parser.add_argument(
         "--model",
@@ -143,11 +144,20 @@ def add_common_arguments(parser):
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 2 for turbo models, else 50)")
     parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight; <= 1 turns guidance off (default: the model's: 0 for turbo, 5 for SDXL, else 7.5)")
     parser.add_argument("--negative_prompt", default="", help="what the image should not show (used when --cfg > 1)")
-    parser.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="sampler (default: the model's own scheduler when implemented, else euler)")
+    parser.add_argument("--sampler", default=None, metavar="NAME", help='an A1111 sampler name ("DPM++ 2M", "Euler a", the legacy "DPM++ 2M Karras"), or ours ("dpm++2m"); case-insensitive; see the table below (default: the model\'s own scheduler)')
+    parser.add_argument("--schedule", default=None, metavar="TYPE", help=f"A1111's schedule type for a sigma-based sampler: {', '.join(SCHEDULES)} (default: the sampler's own, or the legacy name's)")
+    parser.add_argument("--sampler-rules", dest="sampler_rules", default="diffusers", choices=SAMPLER_RULES, help="whose sigma schedule the samplers follow: diffusers' scheduler classes, or A1111's (k-diffusion's get_sigmas, so that an A1111 infotext reproduces)")
     parser.add_argument("--seed", type=int, default=None, help="random seed in [0, 2**64); -1 or none: drawn and printed; always stored in the PNG")
     parser.add_argument("--config", dest="config_dir", default=None, metavar="DIR", help="for a single-file checkpoint: take the configs and tokenizers from this diffusers folder instead of the shipped ones (diffusers' from_single_file(config=...))")
     parser.add_argument("--prediction-type", dest="prediction_type", default=None, choices=["epsilon", "v_prediction"], help="for a single-file SD 2.x checkpoint, what its UNet predicts (its keys cannot tell; default: v_prediction, as diffusers)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="merge a LoRA file (kohya/A1111 or diffusers/PEFT .safetensors) at SCALE (default 1); repeatable")
+    text = parser.add_argument_group("prompt syntax (AUTOMATIC1111's: (word:1.3), [word], BREAK, [from:to:when], [a|b], <lora:NAME:W>, embeddings by name)")
+    text.add_argument("--prompt-syntax", dest="prompt_syntax", default="a1111", choices=prompts.SYNTAXES, help="a1111: read the prompts as AUTOMATIC1111 does, longer than 75 tokens in chunks; none: literally, as diffusers (cut at 75 tokens)")
+    text.add_argument("--emphasis", default="Original", choices=prompts.EMPHASES, help="how (word:1.3) weights apply, as A1111's option: Original (rescaled to the chunk's mean), 'No norm', None (brackets are plain text)")
+    text.add_argument("--clip-skip", dest="clip_skip", type=int, default=1, metavar="N", help="A1111's Clip skip: the text encoder's N-th layer from the end (SD 1.x; A1111 ignores it for SD 2.x and SDXL)")
+    text.add_argument("--pad-conds", dest="pad_conds", action="store_true", help="a prompt and negative of different chunk counts: pad the shorter with empty chunks, one UNet call per step (A1111's 'Pad prompt/negative prompt'); default: two calls, as A1111")
+    text.add_argument("--embedding", dest="embeddings", action="append", default=[], metavar="PATH", help="a textual-inversion embedding (.safetensors) that prompts call by its file name, e.g. EasyNegative; repeatable")
+    text.add_argument("--lora-dir", dest="lora_dir", default=None, metavar="DIR", help="the folder where a prompt's <lora:NAME:W> finds NAME.safetensors")
     parser.add_argument("--no-float16", dest="float16", action="store_false", help="run everything in float32 (by default the text encoders, UNet and VAE run in float16; SDXL's VAE stays float32 when its config sets force_upcast, as diffusers does)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize the text encoders to 4 bits and the UNet's linear layers to 8 bits")
     parser.add_argument("--preload-models", action="store_true", help="read all weights before generating instead of at first use")
@@ -164,10 +174,29 @@ def add_common_arguments(parser):
     batch.add_argument("--grid", action="store_true", help="with --seeds or a list of prompts/images: also write the grid <base>.<ext>")
 
 
+def sampler_table() -> str:
+    """The samplers for --help's epilog: A1111 name, our id, diffusers class, k-diffusion function."""
+    header = ("A1111 name", "ours", "diffusers class", "k-diffusion function")
+    rows = [header, *[(row.a1111, row.id, row.diffusers, row.k_diffusion) for row in TABLE]]
+    widths = [max(len(row[c]) for row in rows) for c in range(4)]
+    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "samplers (--sampler; A1111's legacy names such as \"DPM++ 2M Karras\" too):\n" + "\n".join(lines)
+
+
+def check_sampler_arguments(args):
+    """--sampler and --schedule name a sampler we have, before any model loads."""
+    for flag, schedule in (("--sampler", None), ("--schedule", args.schedule)):
+        try:
+            resolve(args.sampler, schedule)
+        except ValueError as e:
+            raise UsageError(f"{flag}: {one_line(e)}") from None
+
+
 def check_common_arguments(args) -> Path:
     """Every check that needs no model; returns the output path."""
     if args.print_parser:
         print(args)
+    check_sampler_arguments(args)
     if args.n_images < 1:
         raise UsageError(f"--n_images must be at least 1 (got {args.n_images})")
     if args.n_rows < 1 or (args.n_images % args.n_rows and not is_batch(args)):  # a batch job checks its total later
@@ -184,10 +213,56 @@ def check_common_arguments(args) -> Path:
         raise UsageError(f"--seed must be in [0, 2**64) or -1 to draw one (got {args.seed})")
     check_batch_arguments(args)
     args.lora = [parse_lora(spec) for spec in args.lora]
+    check_text_arguments(args)
     check_model_name(args.model)
     if args.config_dir is not None and not (Path(args.config_dir).expanduser() / "model_index.json").is_file():
         raise UsageError(f"--config {args.config_dir!r}: not a diffusers model folder (no model_index.json)")
     return check_output_path(args.output)
+
+
+def check_text_arguments(args):
+    """--clip-skip, --lora-dir and the --embedding files (read now: a bad file fails before the model loads)."""
+    if args.clip_skip < 1:
+        raise UsageError(f"--clip-skip must be at least 1 (got {args.clip_skip})")
+    if args.lora_dir is not None and not Path(args.lora_dir).expanduser().is_dir():
+        raise UsageError(f"--lora-dir {args.lora_dir!r}: no such folder")
+    for path in args.embeddings:
+        if not Path(path).expanduser().is_file():
+            raise UsageError(f"--embedding {path!r}: no such file")
+        try:
+            embeddings.load_embedding(path)
+        except ValueError as e:
+            raise UsageError(f"--embedding {path!r}: {one_line(e)}") from None
+
+
+def check_prompt_loras(texts, args):
+    """Every <lora:NAME:W> of the prompts names a file in --lora-dir (checked before the model loads)."""
+    if args.prompt_syntax == "none":
+        return
+    for text in texts:
+        for name, weight in prompts.extract_loras(text)[1]:
+            try:
+                prompt_lora_file(name, weight, args.lora_dir)
+            except ValueError as e:
+                raise UsageError(str(e).replace("lora_dir= (--lora-dir)", "--lora-dir")) from None
+
+
+def prompt_options(args) -> dict:
+    """The generate_latents arguments that say how the prompts are read."""
+    return dict(prompt_syntax=args.prompt_syntax, emphasis=args.emphasis, clip_skip=args.clip_skip, pad_conds=args.pad_conds, lora_dir=args.lora_dir)
+
+
+def report_prompt(args, sd, prompt: str, steps: int, cfg: float):
+    """-v: the token and chunk counts of the prompt and, with guidance, of the negative prompt."""
+    if not args.verbose:
+        return
+    info, negative = sd.prompt_info(prompt, args.negative_prompt, steps, args.prompt_syntax, args.emphasis, args.clip_skip)
+    parts = [f"prompt: {info.tokens} tokens in {info.chunks} chunk(s) of 75"]
+    if cfg > 1:
+        parts.append(f"negative prompt: {negative.tokens} tokens in {negative.chunks} chunk(s)")
+    if info.embeddings or negative.embeddings:
+        parts.append(f"embeddings: {', '.join(dict.fromkeys(info.embeddings + negative.embeddings))}")
+    print("; ".join(parts), file=sys.stderr)
 
 
 def check_batch_arguments(args):
@@ -279,7 +354,7 @@ def load(args):
         print(f"MLX device: {device_name()}", file=sys.stderr)
     try:
         options = source_options(args)
-        sd = load_model(args.model, float16=args.float16, sampler=args.sampler, **options)
+        sd = load_model(args.model, float16=args.float16, sampler=args.sampler, schedule=args.schedule, sampler_rules=args.sampler_rules, **options)
     except ValueError as e:  # an unsupported config value or sampler name
         raise UsageError(f"--model {args.model!r}: {e}") from None
     for path, scale in args.lora:
@@ -287,6 +362,11 @@ def load(args):
             sd.load_lora(path, scale)
         except ValueError as e:
             raise UsageError(f"--lora {path!r}: {e}") from None
+    for path in args.embeddings:
+        try:
+            sd.load_embedding(path)
+        except ValueError as e:
+            raise UsageError(f"--embedding {path!r}: {one_line(e)}") from None
     if args.quantize:
         sd.quantize(text_bits=4, unet_bits=8)
     if args.preload_models:
@@ -307,27 +387,36 @@ def steps_and_cfg(args, sd):
     return steps, cfg
 
 
-def sampler_label(sd) -> str:
-    label = SAMPLER_LABELS[sd.sampler.name]
-    return f"{label} Karras" if sd.sampler.config.use_karras_sigmas else label
-
-
 def parameters(args, sd, steps, cfg, seed, size, *, prompt=None, **extra) -> str:
     """The A1111 parameters text for this run; ``size`` is (width, height) of one image."""
     from . import lora
 
-    prompt = (args.prompt if prompt is None else prompt) + "".join(f" <lora:{lora.a1111_name(p)}:{s:g}>" for p, s in args.lora)
+    prompt = args.prompt if prompt is None else prompt
+    negative = args.negative_prompt if cfg > 1 else ""  # without guidance the negative prompt takes no part in the image
+    info, negative_info = sd.prompt_info(prompt, negative, steps, args.prompt_syntax, args.emphasis, args.clip_skip)
+    lora_files = [prompt_lora_file(name, weight, args.lora_dir) for name, weight in info.loras] + [p for p, _ in args.lora]
+    used = dict.fromkeys(info.embeddings + negative_info.embeddings)
+    # A1111's TI hashes: each name without ':' and ','; the hash is the embedding's.
+    ti_hashes = ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.hash}" for e in sd.embeddings if e.name in used)
+    emphasized = any(c in text for text in (prompt, negative) for c in "([")  # A1111 writes a non-default emphasis only then
+    prompt += "".join(f" <lora:{lora.a1111_name(p)}:{s:g}>" for p, s in args.lora)
+    sampler, schedule = a1111_label(sd.sampler)
     return images.format_parameters(
         prompt,
-        args.negative_prompt if cfg > 1 else "",  # without guidance the negative prompt takes no part in the image
+        negative,
         Steps=steps,
-        Sampler=sampler_label(sd),
+        Sampler=sampler,
+        Schedule_type=schedule,
         CFG_scale=f"{cfg:g}",
         Seed=seed,
         Size=f"{size[0]}x{size[1]}",
         Model_hash=checkpoint.model_hash(sd.source.path) if isinstance(sd.source, checkpoint.SingleFileSource) else None,
         Model=Path(args.model).stem if isinstance(sd.source, checkpoint.SingleFileSource) else args.model,
-        Lora_hashes=lora.infotext_hashes([p for p, _ in args.lora]) if args.lora else None,
+        Clip_skip=args.clip_skip if args.clip_skip > 1 else None,
+        Lora_hashes=lora.infotext_hashes(lora_files) if lora_files else None,
+        TI_hashes=ti_hashes or None,
+        Emphasis=args.emphasis if args.emphasis != "Original" and emphasized else None,
+        Pad_conds=True if args.pad_conds else None,
         **extra,
     )
 
@@ -347,6 +436,7 @@ class ModelConfigs:
     distilled: bool  # sdxl-turbo / sd-turbo: 2 steps, no guidance by default (as the facade decides)
     is_xl: bool
     source: object  # the opened model source (model_io.open_model), for the configs read later
+    sampler: object  # the sampler --sampler/--schedule name on this model's scheduler config
 
     @property
     def latent_factor(self) -> int:
@@ -358,6 +448,10 @@ class ModelConfigs:
     def cfg(self, args) -> float:
         return (0.0 if self.distilled else 5.0 if self.is_xl else 7.5) if args.cfg is None else args.cfg
 
+    def calls(self, steps: int, strength=None) -> int:
+        """UNet calls (latents yielded) of a run: more than ``steps`` for a 2nd-order sampler."""
+        return denoising_calls(self.sampler, steps, strength)
+
 
 def read_model_configs(args) -> ModelConfigs:
     """Open --model's source and read its scheduler, UNet and VAE configs; a malformed one is a ModelLoadError."""
@@ -367,14 +461,14 @@ def read_model_configs(args) -> ModelConfigs:
     unet = model_io.read_component_config(source, "unet", UNetConfig)
     vae = model_io.read_component_config(source, "vae", AutoencoderConfig)
     try:
-        sampler = make_sampler(args.sampler, source.config("scheduler"))
+        sampler = make_sampler(args.sampler, source.config("scheduler"), args.schedule, args.sampler_rules)
     except ValueError as e:
         raise ModelLoadError(f"{model_io.config_file(source, 'scheduler')}: {e}") from None
     sample_size = source.config("unet").get("sample_size", 64)
     latent_size = tuple(sample_size) if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size)
     is_xl = "XL" in source.model_index().get("_class_name", "") or source.has("text_encoder_2")
     distilled = model_io.repo_id_of(name) in DISTILLED_REPOS
-    return ModelConfigs(unet, vae, sampler.config.num_train_timesteps, latent_size, distilled, is_xl, source)
+    return ModelConfigs(unet, vae, sampler.config.num_train_timesteps, latent_size, distilled, is_xl, source, sampler)
 
 
 def check_steps_against_model(args, model: ModelConfigs) -> int:

@@ -178,9 +178,12 @@ def initial_noise(seeds: list[int], shape: tuple) -> mx.array:
     return mx.concatenate([mx.random.normal((1, *shape), key=_seed_keys(s)[0]) for s in seeds])
 
 
-def step_noise(seeds: list[int], num_steps: int) -> Callable[[int, tuple], mx.array]:
-    """A stochastic sampler's per-step noise, row i that of a one-image run with ``seeds[i]``."""
-    keys = [mx.random.split(_seed_keys(s)[1], num_steps) for s in seeds]
+def step_noise(seeds: list[int], n_calls: int) -> Callable[[int, tuple], mx.array]:
+    """A stochastic sampler's noise per UNet call, row i that of a one-image run with ``seeds[i]``.
+
+    ``n_calls``: the sampler's timesteps for the run's steps (the facade's ``denoising_calls(steps)``):
+    the facade splits the step key into that many, and so must this, to draw the same noise."""
+    keys = [mx.random.split(_seed_keys(s)[1], n_calls) for s in seeds]
     mx.eval(keys)  # in this thread: MLX evaluates an array only where its stream lives, and the steps may run in a worker
 
     def noise(i: int, shape: tuple) -> mx.array:

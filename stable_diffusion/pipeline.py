@@ -14,6 +14,7 @@ import math
 import os
 import threading
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -23,13 +24,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import embeddings as embedding_io
+from . import guidance, memory, model_io, prompts
 from . import lora as lora_io
-from . import memory, model_io
 from .clip import CLIPTextModel
+from .conditioning import PromptEncoder, TextOptions
 from .config import AutoencoderConfig, CLIPTextModelConfig, SchedulerConfig, UNetConfig
 from .errors import ModelLoadError, one_line
-from .sampler import make_sampler
-from .tokenizer import Tokenizer
+from .sampler_names import make_sampler
 from .unet import UNetModel
 from .vae import Autoencoder, tile_size
 
@@ -122,6 +124,21 @@ def img2img_steps(num_steps: int, strength: float) -> int:
     return min(int(num_steps * strength), num_steps)
 
 
+def img2img_start(sampler, num_steps: int, strength: float) -> int:
+    """diffusers' get_timesteps: img2img starts at timestep index t_start * order, as a 2nd-order
+    sampler holds two entries per step."""
+    return (num_steps - img2img_steps(num_steps, strength)) * sampler.order
+
+
+def denoising_calls(sampler, num_steps: int, strength: Optional[float] = None) -> int:
+    """How many latents a generation of ``num_steps`` yields: one per UNet call, so a 2nd-order
+    sampler (Heun, DPM2, DPM++ SDE) yields 2 num_steps - 1 and PNDM num_steps + 1.
+    ``strength``: an img2img run's. Sets the sampler's timesteps."""
+    sampler.set_timesteps(num_steps)
+    start = 0 if strength is None else img2img_start(sampler, num_steps, strength)
+    return len(sampler.timesteps) - start
+
+
 class _Pipeline:
     """What SD and SDXL share: loading, the denoising loop, img2img and decoding.
 
@@ -145,7 +162,7 @@ class _Pipeline:
     honours_force_upcast = False
 
     @_exclusive_method
-    def __init__(self, model: str, float16: bool, sampler: Optional[str], **source_options):
+    def __init__(self, model: str, float16: bool, sampler: Optional[str], schedule: Optional[str], sampler_rules: str, **source_options):
         self.model = _model_name(model)
         self.source = model_io.open_model(self.model, float16, **source_options)
         self.float16 = float16
@@ -161,7 +178,10 @@ class _Pipeline:
             SchedulerConfig.from_dict(self.scheduler_config)
         except ValueError as e:
             raise ModelLoadError(f"{model_io.config_file(self.source, 'scheduler')}: {e}") from None
-        self.sampler = make_sampler(sampler, self.scheduler_config)
+        # The sampler as asked (an A1111 name, a legacy "X Karras" name, our id; None: the config's own
+        # class), kept to build a fresh one per generation; self.sampler is that choice, built once.
+        self._sampler_choice = (sampler, schedule, sampler_rules)
+        self.sampler = make_sampler(sampler, self.scheduler_config, schedule, sampler_rules)
         self.defaults = self._resolve_defaults()
         self._load_tokenizers()
 
@@ -175,6 +195,8 @@ class _Pipeline:
         self._quantized = False
         self.loras: list[tuple[str, float]] = []  # (path, scale) of each LoRA merged in, in order
         self._applied_loras: list = []
+        self.embeddings: list = []  # textual-inversion embeddings (embeddings.Embedding) prompts may name
+        self._prompt_encoder = None
         self._generations = 0  # under way: started and neither finished nor closed
 
     @property
@@ -230,9 +252,65 @@ class _Pipeline:
     def _text_encoders(self) -> list:
         raise NotImplementedError
 
-    def _condition(self, text: str, negative_text: str, n_images: int, cfg_weight: float, image_size: tuple):
-        """(context, text_time) for the UNet; with guidance the unconditional half comes first."""
+    def _tokenizers(self) -> list:
         raise NotImplementedError
+
+    def _text_time(self, image_size: tuple):
+        """(pooled, n) -> the UNet's added conditioning for a batch of n (SDXL), or None."""
+        return lambda pooled, n: None
+
+    def _zero_negative(self, negative_text: str) -> bool:
+        """Whether the negative prompt is zeros instead of an encoding (SDXL's empty negative)."""
+        return False
+
+    def _condition(self, text: str, negative_text: str, n_images: int, cfg_weight: float, image_size: tuple, steps: int, options: TextOptions, pad_conds: bool):
+        """The run's guidance.Guidance: each prompt's schedule over ``steps`` calls, encoded once per distinct text."""
+        encoder = self._encoder()
+
+        def encode_batch(texts: list) -> list:
+            results = []
+            for encoded in encoder.encode_batch(texts, options):
+                if encoded.dropped:
+                    warnings.warn(encoded.dropped)
+                results.append(guidance.Text(encoded.context, encoded.pooled))
+            return results
+
+        cond = guidance.schedule(text, steps, options.syntax, encode_batch)
+        uncond = empty = None
+        if cfg_weight > 1 and self._zero_negative(negative_text):
+            # diffusers' force_zeros_for_empty_prompt, A1111's force_zero_negative_prompt: one chunk of zeros.
+            first = cond[0][1]
+            uncond = [(steps, guidance.Text(mx.zeros((1, 77, first.context.shape[-1]), first.context.dtype), mx.zeros_like(first.pooled)))]
+        elif cfg_weight > 1:
+            uncond = guidance.schedule(negative_text, steps, options.syntax, encode_batch)
+        if uncond is not None and pad_conds:
+            empty = encoder.empty_chunk(options)
+            empty = guidance.Text(empty.context, empty.pooled)
+        return guidance.Guidance(cond, uncond, n_images, self._text_time(image_size), pad_conds, empty)
+
+    def _encoder(self) -> PromptEncoder:
+        if self._prompt_encoder is None:
+            self._prompt_encoder = PromptEncoder(self._tokenizers(), self._text_encoders(), self.is_xl)
+        return self._prompt_encoder
+
+    @_exclusive_method
+    def prompt_info(self, text: str, negative_text: str = "", num_steps: Optional[int] = None, prompt_syntax: str = "a1111", emphasis: str = "Original", clip_skip: int = 1):
+        """(prompt, negative) guidance.PromptInfo: token and chunk counts, the embeddings and (prompt only)
+        the LoRA tags they name, as ``generate_latents`` with these options reads them; no encoder runs."""
+        num_steps = self.defaults.num_steps if num_steps is None else num_steps
+        _check_count("num_steps", num_steps)
+        text, negative_text, options, loras = self._read_text(text, negative_text, prompt_syntax, emphasis, clip_skip)
+        encoder = self._encoder()
+        return guidance.describe(encoder, text, num_steps, options, tuple(loras)), guidance.describe(encoder, negative_text, num_steps, options)
+
+    @_exclusive_method
+    def load_embedding(self, path, token: Optional[str] = None):
+        """Read a textual-inversion embedding (``.safetensors``) that prompts then call by its file name
+        (or ``token``), as A1111 does: ``"EasyNegative"`` in a negative prompt. Returns the Embedding."""
+        embedding = embedding_io.load_embedding(path, token)
+        embedding_io.check_fits(embedding, tuple(encoder.config.model_dims for encoder in self._text_encoders()))
+        self.embeddings = [e for e in self.embeddings if e.name != embedding.name] + [embedding]
+        return embedding
 
     @property
     def latent_factor(self) -> int:
@@ -310,10 +388,23 @@ class _Pipeline:
         self._unet_fused = False  # quantized layers run on their own; what stayed unquantized is regrouped
         self._quantized = True
 
-    def _new_sampler(self, num_steps: int, name: Optional[str]):
-        sampler = make_sampler(name or self.sampler.name, self.scheduler_config)
+    def _new_sampler(self, num_steps: int, name: Optional[str], schedule: Optional[str]):
+        """A sampler for one generation: the call's ``sampler``/``schedule`` if given, else the facade's.
+
+        A schedule given alone applies to the facade's sampler; a sampler given alone takes its own
+        (or its legacy name's) schedule.
+        """
+        own_name, own_schedule, rules = self._sampler_choice
+        if name is None:
+            name, schedule = own_name, own_schedule if schedule is None else schedule
+        sampler = make_sampler(name, self.scheduler_config, schedule, rules)
         sampler.set_timesteps(num_steps)
         return sampler
+
+    def denoising_calls(self, num_steps: int, strength: Optional[float] = None, sampler: Optional[str] = None, schedule: Optional[str] = None) -> int:
+        """How many latents a generation yields (one per UNet call); ``strength``: img2img's. See ``denoising_calls``."""
+        _check_count("num_steps", num_steps)
+        return denoising_calls(self._new_sampler(num_steps, sampler, schedule), num_steps, strength)
 
     def _resolve(self, num_steps, cfg_weight, n_images):
         num_steps = self.defaults.num_steps if num_steps is None else num_steps
@@ -326,30 +417,104 @@ class _Pipeline:
             raise ValueError(f"cfg_weight {cfg_weight:g} is above {MAX_CFG_WEIGHT:g}: guidance that strong overflows to a black image")
         return num_steps, float(cfg_weight)
 
+    def _prepare_text(self, text, negative_text, prompt_syntax, emphasis, clip_skip, lora_dir):
+        """``_read_text``, and the prompt's LoRAs merged: (text, negative, TextOptions, release);
+        ``release`` unmerges them (None when there were none)."""
+        text, negative_text, options, loras = self._read_text(text, negative_text, prompt_syntax, emphasis, clip_skip)
+        return text, negative_text, options, self._merge_prompt_loras(loras, lora_dir)
+
+    def _read_text(self, text, negative_text, prompt_syntax, emphasis, clip_skip):
+        """Check the prompt options; take the prompt's ``<lora:NAME:W>`` tags out: (text, negative, TextOptions, loras)."""
+        text, negative_text = _check_text(text, negative_text)
+        if prompt_syntax not in prompts.SYNTAXES:
+            raise ValueError(f"prompt_syntax must be one of {', '.join(map(repr, prompts.SYNTAXES))}, got {prompt_syntax!r}")
+        if emphasis not in prompts.EMPHASES:
+            raise ValueError(f"emphasis must be one of {', '.join(map(repr, prompts.EMPHASES))}, got {emphasis!r}")
+        layers = min(encoder.config.num_layers for encoder in self._text_encoders())
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, np.integer)) or not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip_skip must be a whole number from 1 (the last layer) to {layers}, got {clip_skip!r}")
+        options = TextOptions(syntax=prompt_syntax, emphasis=emphasis, clip_skip=int(clip_skip), embeddings=tuple(self.embeddings))
+        loras = []
+        if prompt_syntax != "none":
+            text, loras = prompts.extract_loras(text)
+        return text, negative_text, options, loras
+
+    def _merge_prompt_loras(self, loras: list, lora_dir):
+        """Merge a prompt's LoRAs (NAME.safetensors in ``lora_dir``) for one generation; returns the unmerge, run once."""
+        if not loras:
+            return None
+        paths = [(prompt_lora_file(name, weight, lora_dir), weight) for name, weight in loras]
+        self._check_no_generation("a <lora:...> tag in the prompt")
+        if self._quantized:
+            raise ValueError("a <lora:...> tag in the prompt: LoRAs cannot be merged into a quantized model; load them before quantize()")
+        targets, applied = self._lora_targets(), []
+        try:
+            for path, weight in paths:
+                applied.append(lora_io.apply(targets, lora_io.load(path), weight))
+        except BaseException:
+            lora_io.unapply(targets, applied)
+            raise
+        self._generations += 1  # from the call: nothing may change the weights until the generation ends
+        self._unet_fused = False
+        done = []
+
+        def release():
+            with _exclusive():
+                if not done:
+                    done.append(True)
+                    lora_io.unapply(targets, applied)
+                    self._unet_fused = False
+                    self._generations -= 1
+
+        return release
+
+    @staticmethod
+    def _guarded(release, work, *args):
+        """``work(*args)``; a failure releases the prompt's LoRAs (the generator that would is never made)."""
+        try:
+            return work(*args)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+
     # The denoising loop shared by txt2img and img2img.
-    def _denoise(self, sampler, x, conditioning, cfg_weight: float, start: int, step_noise: StepNoise) -> Iterator[mx.array]:
-        with _exclusive():
-            self._generations += 1
+    def _run(self, sampler, x, conditioning, cfg_weight: float, start: int, step_noise: StepNoise, release) -> Iterator[mx.array]:
+        """The generator of a run; ``release`` (a prompt's LoRAs merged for it) also runs if it is dropped unstarted."""
+        run = self._denoise(sampler, x, conditioning, cfg_weight, start, step_noise, release)
+        if release is not None:
+            weakref.finalize(run, release)
+        return run
+
+    def _denoise(self, sampler, x, conditioning, cfg_weight: float, start: int, step_noise: StepNoise, release=None) -> Iterator[mx.array]:
+        if release is None:  # else the generation counts from the call, whose LoRA merge it holds
+            with _exclusive():
+                self._generations += 1
         try:
             for i in range(start, len(sampler.timesteps)):
                 with _exclusive():  # one step at a time; yielded evaluated, so no thread evaluates it later
-                    x = self._step(sampler, x, conditioning, cfg_weight, i, step_noise)
+                    x = self._step(sampler, x, conditioning, cfg_weight, i, i - start, step_noise)
                     mx.eval(x)
                 yield x
         finally:
-            with _exclusive():
-                self._generations -= 1
+            if release is not None:
+                release()
+            else:
+                with _exclusive():
+                    self._generations -= 1
 
-    def _step(self, sampler, x, conditioning, cfg_weight: float, i: int, step_noise: StepNoise) -> mx.array:
-        context, text_time = conditioning
+    def _step(self, sampler, x, conditioning, cfg_weight: float, i: int, k: int, step_noise: StepNoise) -> mx.array:
+        """Timestep index i, the run's k-th UNet call (prompt schedules count calls): one or two UNet batches."""
         guided = cfg_weight > 1
         self._fuse_unet()
         x_in = sampler.scale_model_input(x, i)
-        if guided:
-            x_in = mx.concatenate([x_in, x_in])
-        t = mx.broadcast_to(sampler.timesteps[i], (x_in.shape[0],))
+        eps = []
+        for context, text_time in conditioning.batches(k):
+            x_b = mx.concatenate([x_in] * (context.shape[0] // x.shape[0])) if context.shape[0] > x.shape[0] else x_in
+            t = mx.broadcast_to(sampler.timesteps[i], (x_b.shape[0],))
+            eps.append(self.unet(x_b.astype(self.dtype), t, context, text_time))
         # The latents stay float32 between steps, whatever the UNet's dtype.
-        eps = self.unet(x_in.astype(self.dtype), t, context, text_time).astype(mx.float32)
+        eps = (eps[0] if len(eps) == 1 else mx.concatenate(eps)).astype(mx.float32)
         if guided:
             eps_uncond, eps_text = eps.split(2)
             eps = eps_uncond + cfg_weight * (eps_text - eps_uncond)
@@ -369,17 +534,34 @@ class _Pipeline:
         latents: Optional[mx.array] = None,
         step_noise: Optional[StepNoise] = None,
         sampler: Optional[str] = None,
+        schedule: Optional[str] = None,
+        prompt_syntax: str = "a1111",
+        emphasis: str = "Original",
+        clip_skip: int = 1,
+        pad_conds: bool = False,
+        lora_dir: Optional[str] = None,
     ) -> Iterator[mx.array]:
-        """Yield the (N, h, w, 4) latent after each denoising step, evaluated.
+        """Yield the (N, h, w, 4) latent after each UNet call (``denoising_calls``), evaluated.
 
         Unset steps, guidance and size come from the model (``self.defaults``). ``latents`` (the
-        initial noise, N x h x w x 4) and ``step_noise`` (a stochastic sampler's noise per step)
-        replace what the seed would draw. ``sampler`` overrides the model's sampler for this call.
+        initial noise, N x h x w x 4) and ``step_noise`` (a stochastic sampler's noise per UNet
+        call) replace what the seed would draw. ``sampler`` and ``schedule`` override the model's
+        for this call (names as for the constructor).
+
+        The prompts are read as AUTOMATIC1111 reads them (``prompt_syntax="a1111"``): ``(word:1.3)``,
+        ``[word]``, ``BREAK``, prompts longer than 75 tokens in chunks, ``[from:to:when]`` editing,
+        ``[a|b]`` alternation, the loaded embeddings by name (``load_embedding``), and ``<lora:NAME:W>``,
+        which merges ``lora_dir/NAME.safetensors`` at weight W from this call until the generator ends
+        or is closed (or dropped unstarted); ``prompt_syntax="none"`` reads the text literally, as
+        diffusers does. ``emphasis``: "Original" (A1111's default), "No norm" or "None";
+        ``clip_skip``: A1111's "Clip skip" (1 = the last layer). With guidance, a prompt and a negative
+        of different chunk counts take two UNet calls per step (A1111's default); ``pad_conds=True``
+        pads the shorter with the empty prompt's chunks and makes one batched call (A1111's option).
         """
         num_steps, cfg_weight = self._resolve(num_steps, cfg_weight, n_images)
-        text, negative_text = _check_text(text, negative_text)
+        _check_pad_conds(pad_conds)
         step_noise = _checked_step_noise(step_noise)
-        sampler = self._new_sampler(num_steps, sampler)
+        sampler = self._new_sampler(num_steps, sampler, schedule)
         key_latents, key_steps = mx.random.split(_key(seed))
         if latents is not None:
             latents = _as_array("latents", latents)
@@ -394,9 +576,10 @@ class _Pipeline:
         if latents is None:
             latents = mx.random.normal((n_images, h, w, self.unet.config.in_channels), key=key_latents)
         f = self.latent_factor
-        conditioning = self._condition(text, negative_text, n_images, cfg_weight, (h * f, w * f))
+        text, negative_text, options, release = self._prepare_text(text, negative_text, prompt_syntax, emphasis, clip_skip, lora_dir)
+        conditioning = self._guarded(release, self._condition, text, negative_text, n_images, cfg_weight, (h * f, w * f), num_steps * sampler.order, options, pad_conds)
         x = latents.astype(mx.float32) * sampler.init_noise_sigma
-        return self._denoise(sampler, x, conditioning, cfg_weight, 0, step_noise or _seeded_noise(key_steps, num_steps))
+        return self._run(sampler, x, conditioning, cfg_weight, 0, step_noise or _seeded_noise(key_steps, len(sampler.timesteps)), release)
 
     @_exclusive_method
     def generate_latents_from_image(
@@ -412,13 +595,22 @@ class _Pipeline:
         noise: Optional[mx.array] = None,
         step_noise: Optional[StepNoise] = None,
         sampler: Optional[str] = None,
+        schedule: Optional[str] = None,
+        prompt_syntax: str = "a1111",
+        emphasis: str = "Original",
+        clip_skip: int = 1,
+        pad_conds: bool = False,
+        lora_dir: Optional[str] = None,
     ) -> Iterator[mx.array]:
-        """img2img: yield the latent after each of the last ``img2img_steps(num_steps, strength)`` steps.
+        """img2img: run the last ``img2img_steps(num_steps, strength)`` steps, yielding the latent after
+        each of their UNet calls (``denoising_calls(num_steps, strength)``). The prompt options are
+        ``generate_latents``'s.
 
         ``image`` is (H, W, 3) in [-1, 1] (mx or numpy; sides multiples of the VAE factor).
         """
         num_steps, cfg_weight = self._resolve(num_steps, cfg_weight, n_images)
-        text, negative_text = _check_text(text, negative_text)
+        _check_text(text, negative_text)
+        _check_pad_conds(pad_conds)
         step_noise = _checked_step_noise(step_noise)
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength!r}")
@@ -428,10 +620,11 @@ class _Pipeline:
         image = self._check_image(image)
         H, W, _ = image.shape
         self._check_memory(n_images, H // self.latent_factor, W // self.latent_factor, cfg_weight > 1)
-        sampler = self._new_sampler(num_steps, sampler)
-        start = num_steps - run
+        sampler = self._new_sampler(num_steps, sampler, schedule)
+        start = img2img_start(sampler, num_steps, strength)
         key_noise, key_steps = mx.random.split(_key(seed))
-        conditioning = self._condition(text, negative_text, n_images, cfg_weight, (H, W))
+        text, negative_text, options, release = self._prepare_text(text, negative_text, prompt_syntax, emphasis, clip_skip, lora_dir)
+        conditioning = self._guarded(release, self._condition, text, negative_text, n_images, cfg_weight, (H, W), num_steps * sampler.order, options, pad_conds)
 
         tile = tile_size(self.autoencoder.config, 1, H, W, self.vae_dtype.size, None)
         mean, _ = self.autoencoder.encode(image[None].astype(self.vae_dtype), tile)
@@ -442,7 +635,7 @@ class _Pipeline:
         else:
             noise = _checked_noise("noise", noise, x0.shape)
         x = sampler.add_noise(x0, noise.astype(mx.float32), start)
-        return self._denoise(sampler, x, conditioning, cfg_weight, start, step_noise or _seeded_noise(key_steps, num_steps))
+        return self._run(sampler, x, conditioning, cfg_weight, start, step_noise or _seeded_noise(key_steps, len(sampler.timesteps)), release)
 
     def _check_memory(self, n_images: int, h: int, w: int, guided: bool):
         """Refuse a denoising run that cannot fit before any compute: on the CPU, MLX segfaults when an allocation fails.
@@ -508,13 +701,6 @@ class _Pipeline:
             x = self.autoencoder.decode(z.astype(mx.float32), tile)
         return mx.clip(x.astype(mx.float32) / 2 + 0.5, 0, 1)
 
-    def _encode_text(self, tokenizer: Tokenizer, text_encoder: CLIPTextModel, text: str):
-        # One token more than fits says whether the prompt was cut, without tokenizing all of it.
-        ids, dropped = tokenizer.pad_and_truncate(tokenizer.tokenize(text, max_tokens=tokenizer.max_length - 1))
-        if dropped:
-            warnings.warn(f"the prompt is longer than CLIP's {tokenizer.max_length} tokens; the rest was dropped")
-        return text_encoder(mx.array([ids]))
-
     def _models(self):
         return [*self._text_encoders(), self.unet, self.autoencoder]
 
@@ -526,8 +712,8 @@ class StableDiffusion(_Pipeline):
     its keys cannot tell, and ``config_dir`` names a diffusers folder whose configs to use.
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, float16: bool = False, sampler: Optional[str] = None, **source_options):
-        super().__init__(model, float16, sampler, **source_options)
+    def __init__(self, model: str = DEFAULT_MODEL, float16: bool = False, sampler: Optional[str] = None, schedule: Optional[str] = None, sampler_rules: str = "diffusers", **source_options):
+        super().__init__(model, float16, sampler, schedule, sampler_rules, **source_options)
 
     def _load_tokenizers(self):
         self.tokenizer = self.source.tokenizer("tokenizer")
@@ -538,15 +724,8 @@ class StableDiffusion(_Pipeline):
     def _text_encoders(self):
         return [self.text_encoder]
 
-    def _condition(self, text, negative_text, n_images, cfg_weight, image_size):
-        """(context (B, 77, D), None); B = 2 n_images with guidance, unconditional first."""
-        context = self._encode_text(self.tokenizer, self.text_encoder, text).last_hidden_state
-        if cfg_weight > 1:
-            uncond = self._encode_text(self.tokenizer, self.text_encoder, negative_text).last_hidden_state
-            context = mx.concatenate([_repeat(uncond, n_images), _repeat(context, n_images)])
-        else:
-            context = _repeat(context, n_images)
-        return context, None
+    def _tokenizers(self):
+        return [self.tokenizer]
 
 
 class StableDiffusionXL(_Pipeline):
@@ -560,8 +739,8 @@ class StableDiffusionXL(_Pipeline):
     # (pipeline_stable_diffusion_xl_img2img.py, prepare_latents).
     honours_force_upcast = True
 
-    def __init__(self, model: str = "stabilityai/sdxl-turbo", float16: bool = False, sampler: Optional[str] = None, **source_options):
-        super().__init__(model, float16, sampler, **source_options)
+    def __init__(self, model: str = "stabilityai/sdxl-turbo", float16: bool = False, sampler: Optional[str] = None, schedule: Optional[str] = None, sampler_rules: str = "diffusers", **source_options):
+        super().__init__(model, float16, sampler, schedule, sampler_rules, **source_options)
         self.force_zeros_for_empty_prompt = self.model_index.get("force_zeros_for_empty_prompt", True)
 
     def _load_tokenizers(self):
@@ -575,32 +754,25 @@ class StableDiffusionXL(_Pipeline):
     def _text_encoders(self):
         return [self.text_encoder, self.text_encoder_2]
 
-    def _encode_both(self, text):
-        """Penultimate hidden states of both encoders side by side, and the second's projected pooled output."""
-        out_1 = self._encode_text(self.tokenizer, self.text_encoder, text)
-        out_2 = self._encode_text(self.tokenizer_2, self.text_encoder_2, text)
-        context = mx.concatenate([out_1.hidden_states[-2], out_2.hidden_states[-2].astype(out_1.hidden_states[-2].dtype)], axis=-1)
-        return context, out_2.text_embeds
+    def _tokenizers(self):
+        return [self.tokenizer, self.tokenizer_2]
 
-    def _condition(self, text, negative_text, n_images, cfg_weight, image_size):
-        context, pooled = self._encode_both(text)
+    def _zero_negative(self, negative_text):
+        return negative_text == "" and self.force_zeros_for_empty_prompt
+
+    def _text_time(self, image_size):
         # original size, crop top-left, target size: (h, w, 0, 0, h, w), as diffusers builds add_time_ids.
         time_ids = mx.array([[*image_size, 0, 0, *image_size]], dtype=mx.float32)
-        context, pooled = _repeat(context, n_images), _repeat(pooled, n_images)
-        if cfg_weight > 1:
-            if negative_text == "" and self.force_zeros_for_empty_prompt:
-                uncond, uncond_pooled = mx.zeros_like(context), mx.zeros_like(pooled)
-            else:
-                uncond, uncond_pooled = self._encode_both(negative_text)
-                uncond, uncond_pooled = _repeat(uncond, n_images), _repeat(uncond_pooled, n_images)
-            context = mx.concatenate([uncond, context])
-            pooled = mx.concatenate([uncond_pooled, pooled])
-        time_ids = _repeat(time_ids, pooled.shape[0]).astype(self.dtype)
-        return context, (pooled.astype(self.dtype), time_ids)
+        return lambda pooled, n: (pooled.astype(self.dtype), _repeat(time_ids, n).astype(self.dtype))
 
 
-def load_model(model: str = DEFAULT_MODEL, float16: bool = False, sampler: Optional[str] = None, **source_options):
+def load_model(model: str = DEFAULT_MODEL, float16: bool = False, sampler: Optional[str] = None, schedule: Optional[str] = None, sampler_rules: str = "diffusers", **source_options):
     """The right facade for a preset name, repo id, diffusers folder or single-file checkpoint.
+
+    ``sampler``: an A1111 name ("DPM++ 2M", "Euler a", the legacy "DPM++ 2M Karras"), our id
+    ("dpm++2m") or None for the model's own scheduler class; ``schedule``: "karras", "exponential",
+    ... (sampler_names.SCHEDULES); ``sampler_rules``: "diffusers" (its classes' sigma schedules) or
+    "a1111" (k-diffusion's, so that an A1111 infotext reproduces).
 
     ``source_options``: ``prediction_type=`` and ``config_dir=`` for a single-file checkpoint.
     """
@@ -609,7 +781,7 @@ def load_model(model: str = DEFAULT_MODEL, float16: bool = False, sampler: Optio
     index = source.model_index()
     is_xl = "XL" in index.get("_class_name", "") or source.has("text_encoder_2")
     cls = StableDiffusionXL if is_xl else StableDiffusion
-    return cls(name, float16=float16, sampler=sampler, **source_options)
+    return cls(name, float16=float16, sampler=sampler, schedule=schedule, sampler_rules=sampler_rules, **source_options)
 
 
 def _model_name(model) -> str:
@@ -629,9 +801,9 @@ def _key(seed: Optional[int]) -> mx.array:
     return mx.random.key(int(seed))
 
 
-def _seeded_noise(key: mx.array, num_steps: int) -> StepNoise:
-    """Step i's noise from the i-th of num_steps keys split from the run's key (the same for any start)."""
-    keys = mx.random.split(key, num_steps)
+def _seeded_noise(key: mx.array, n_calls: int) -> StepNoise:
+    """UNet call i's noise from the i-th of n_calls (the sampler's timesteps) keys split from the run's key (the same for any start)."""
+    keys = mx.random.split(key, n_calls)
     return lambda i, shape: mx.random.normal(shape, key=keys[i])
 
 
@@ -683,6 +855,24 @@ def _check_text(text, negative_text):
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string, got {type(value).__name__}")
     return text, negative_text
+
+
+def _check_pad_conds(pad_conds):
+    if not isinstance(pad_conds, bool):
+        raise ValueError(f"pad_conds must be True or False, got {pad_conds!r}")
+
+
+def prompt_lora_file(name: str, weight: float, lora_dir) -> str:
+    """The file of a prompt's ``<lora:NAME:W>``: ``lora_dir/NAME.safetensors``; a ValueError names what is missing."""
+    tag = f"<lora:{name}:{weight:g}>"
+    if lora_dir is None:
+        raise ValueError(f"{tag} in the prompt: give lora_dir= (--lora-dir) the folder of {name}.safetensors, or remove the tag")
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"{tag} in the prompt: NAME must be a file name in the LoRA folder, without a path")
+    path = os.path.join(os.path.expanduser(os.fspath(lora_dir)), f"{name}.safetensors")
+    if not os.path.isfile(path):
+        raise ValueError(f"{tag} in the prompt: no file {path!r}")
+    return path
 
 
 def _repeat(x: mx.array, n: int) -> mx.array:

@@ -4,7 +4,8 @@
     sd-image2image --steps 200 -sd 20 -gt original.png 'A lit fireplace'   # then: sd-triangle out.png
 
 Interim images are written beside the output as ``<base>_<limit>_<count>.<ext>``: ``limit`` is the
-number of steps the run makes (``int(steps * strength)``) and ``count`` the steps done so far, so
+number of UNet calls the run makes (its ``int(steps * strength)`` steps; a 2nd-order sampler such
+as Heun makes about two calls a step) and ``count`` the calls done so far, so
 ``<base>_<limit>_<limit>`` is that run's final image and ``<base>_0_0`` the (resized) input.
 """
 
@@ -28,7 +29,7 @@ def parse_args(argv=None, prog: str = PROG):
     parser.add_argument("--images", default=None, metavar="FILE", help="a text file of input images, one path a line: --n_images (or --seeds) images each, saved as <base>_<k>.<ext>")
     parser.add_argument("--strength", type=float, default=None, help=f"how much to change the image, in (0, 1]: int(steps * strength) steps are run (default {DEFAULT_STRENGTH})")
     parser.add_argument("--no-resize", dest="resize", action="store_false", help="refuse an input whose sides are not multiples of the VAE factor (8 px for real models) instead of shrinking it")
-    parser.add_argument("-sd", "--show_denoising", type=int, default=None, metavar="N", help="every N steps, decode the current latent and save the grid as <base>_<limit>_<count>.<ext> (the final step is always saved too)")
+    parser.add_argument("-sd", "--show_denoising", type=int, default=None, metavar="N", help="every N UNet calls (steps, for a 1st-order sampler), decode the current latent and save the grid as <base>_<limit>_<count>.<ext> (the final one is always saved too)")
     parser.add_argument("--save_last_N", type=int, default=0, metavar="N", help="also save the grids of the last N steps before the final one, named as for -sd")
     parser.add_argument("-gt", "--generate_triangle", action="store_true", help="run strengths 0.1, 0.2, ..., 1.0 with the models loaded once, saving each run's interim and final grids (no <base>.<ext>); compose them with TriangularArray.py")
     return parser.parse_args(argv)
@@ -54,8 +55,10 @@ def counts_to_save(limit: int, every: int | None, last_n: int, triangle: bool) -
     return counts
 
 
-def files_to_write(output, args, steps: int, strengths: list[float], n_inputs: int) -> list:
-    """Every file this run will write, so that none is a directory or an input (checked before generating)."""
+def files_to_write(output, args, steps: int, strengths: list[float], n_inputs: int, calls) -> list:
+    """Every file this run will write, so that none is a directory or an input (checked before generating).
+
+    ``calls(steps, strength)``: the UNet calls of a run, which number its interim files."""
     if cli.is_batch(args):
         n = n_inputs * (len(args.seed_list) if args.seed_list else args.n_images)
         return [output, *(images.sibling(output, k) for k in range(1, n + 1))]
@@ -65,7 +68,7 @@ def files_to_write(output, args, steps: int, strengths: list[float], n_inputs: i
     if args.show_denoising or args.save_last_N or args.generate_triangle:
         files.append(images.sibling(output, 0, 0))
         for strength in strengths:
-            limit = img2img_steps(steps, strength)
+            limit = calls(steps, strength)
             for count in sorted(counts_to_save(limit, args.show_denoising, args.save_last_N, args.generate_triangle)):
                 files.append(images.sibling(output, limit, count))
                 if args.generate_triangle and args.save_individual and count == limit:
@@ -101,14 +104,17 @@ def main(argv=None, prog: str = PROG):
     except ValueError as e:
         raise UsageError(str(e)) from None
     originals = [cli.read_image(path) for path in paths]
+    cli.check_prompt_loras([args.prompt], args)
     # The configs only: size, steps, memory and every file name are checked before any weight is read or downloaded.
     largest = max(originals, key=lambda picture: picture.size[0] * picture.size[1])
     model, _ = cli.check_before_loading(args, picture_size=largest.size, n_sources=len(paths), one_batch=interim)
-    cli.check_written_paths(files_to_write(output, args, model.steps(args), strengths, len(paths)), inputs=paths)
+    cli.check_written_paths(files_to_write(output, args, model.steps(args), strengths, len(paths), model.calls), inputs=paths)
 
     sd = cli.load(args)
     steps, cfg = cli.steps_and_cfg(args, sd)
     check_steps(steps, strengths, args.generate_triangle)
+    if group.rank == 0:
+        cli.report_prompt(args, sd, args.prompt, steps, cfg)
     resized = []
     for path, picture in zip(paths, originals):
         try:
@@ -136,7 +142,7 @@ def main(argv=None, prog: str = PROG):
         written.append(path)
 
     for strength in strengths:
-        limit = img2img_steps(steps, strength)
+        limit = sd.denoising_calls(steps, strength)
         keep = counts_to_save(limit, args.show_denoising, args.save_last_N, args.generate_triangle)
         params = lambda count: cli.parameters(  # noqa: E731
             args,
@@ -158,7 +164,8 @@ def main(argv=None, prog: str = PROG):
             cfg_weight=cfg,
             negative_text=args.negative_prompt,
             noise=distributed.initial_noise(seeds, noise_shape),  # image j: seed + j, as in a run without -sd/-gt
-            step_noise=distributed.step_noise(seeds, steps),
+            step_noise=distributed.step_noise(seeds, sd.denoising_calls(steps)),
+            **cli.prompt_options(args),
         )
         pictures = None
         for count, x_t in cli.denoise(latents, limit, desc=f"strength {strength:g}"):
@@ -212,7 +219,8 @@ def run_job(args, group, sd, output, pictures, seeds, steps, cfg, strength, prog
             cfg_weight=cfg,
             negative_text=args.negative_prompt,
             noise=distributed.initial_noise(seeds, (h // f, w // f, sd.autoencoder.config.latent_channels)),
-            step_noise=distributed.step_noise(seeds, steps),
+            step_noise=distributed.step_noise(seeds, sd.denoising_calls(steps)),
+            **cli.prompt_options(args),
         )
         return interruptible.steps(latents)  # Ctrl-C and SIGTERM act within a step
 
@@ -226,7 +234,7 @@ def run_job(args, group, sd, output, pictures, seeds, steps, cfg, strength, prog
         batch_size=args.batch_size,
         output=output,
         generate=generate,
-        steps=img2img_steps(steps, strength),
+        steps=sd.denoising_calls(steps, strength),
         decode=lambda x: cli.decode(sd, x, args.decoding_batch_size),
         parameters=parameters,
         individual=batch or args.save_individual,

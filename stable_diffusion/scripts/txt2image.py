@@ -32,6 +32,7 @@ def main(argv=None, prog: str = PROG):
         prompts = [args.prompt] if args.prompts is None else distributed.read_list(args.prompts, "--prompts")
     except ValueError as e:
         raise UsageError(str(e)) from None
+    cli.check_prompt_loras(prompts, args)
     for flag in ("width", "height"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -46,6 +47,10 @@ def main(argv=None, prog: str = PROG):
 
     sd = cli.load(args)
     steps, cfg = cli.steps_and_cfg(args, sd)
+    calls = sd.denoising_calls(steps)  # the latents the generator yields: more than steps for a 2nd-order sampler
+    if group.rank == 0:
+        for prompt in dict.fromkeys(prompts):
+            cli.report_prompt(args, sd, prompt, steps, cfg)
     f = sd.latent_factor
     default_h, default_w = (s * f for s in sd.defaults.latent_size)
     width = default_w if args.width is None else args.width
@@ -69,7 +74,8 @@ def main(argv=None, prog: str = PROG):
             cfg_weight=cfg,
             negative_text=args.negative_prompt,
             latents=distributed.initial_noise(seeds, latent_shape),
-            step_noise=distributed.step_noise(seeds, steps),
+            step_noise=distributed.step_noise(seeds, calls),
+            **cli.prompt_options(args),
         )
         return interruptible.steps(latents)  # Ctrl-C and SIGTERM act within a step
 
@@ -83,7 +89,7 @@ def main(argv=None, prog: str = PROG):
         batch_size=args.batch_size,
         output=output,
         generate=generate,
-        steps=steps,
+        steps=calls,
         decode=lambda x: cli.decode(sd, x, args.decoding_batch_size),
         parameters=parameters,
         individual=batch or args.save_individual,
