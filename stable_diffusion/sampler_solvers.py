@@ -70,13 +70,15 @@ def unipc_coefficients(h: np.float32, order: int, variant: str):
     """UniPC's h phi_1(h), B(h) and the right-hand side b of its order conditions (predict_x0: hh = -h), float32."""
     hh = -h
     h_phi_1 = np.expm1(hh)
-    h_phi_k = h_phi_1 / hh - F32(1)
     b_h = hh if variant == "bh1" else np.expm1(hh)
     b, factorial = [], 1
-    for k in range(1, order + 1):
-        b.append(h_phi_k * F32(factorial) / b_h)
-        factorial *= k + 1
-        h_phi_k = h_phi_k / hh - F32(1 / factorial)
+    # h = 0 (a last step from sigma_min to itself) makes b 0/0, which a first-order step does not use.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h_phi_k = h_phi_1 / hh - F32(1)
+        for k in range(1, order + 1):
+            b.append(h_phi_k * F32(factorial) / b_h)
+            factorial *= k + 1
+            h_phi_k = h_phi_k / hh - F32(1 / factorial)
     return h_phi_1, b_h, np.array(b, dtype=F32)
 
 

@@ -26,6 +26,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -47,6 +48,7 @@ CONFIGS = {"sd1": tiny_models.SD1_SCHEDULER, "sd2": tiny_models.SD2_SCHEDULER}
 SHAPE = (1, 4, 6, 6)
 STEP_COUNTS = (1, 2, 7, 30)
 RTOL = 1e-5  # see the module docstring
+SCHEDULES = ("karras", "exponential", "beta")
 
 SLOPE = 0.3  # d(model output) / d(scaled input) of the stand-in denoiser
 
@@ -162,7 +164,9 @@ def run_dpmpp_2s_ancestral(config: dict, num_steps: int, start: int = 0):
     Returns (ours, ref) at the start of each step after the first, and at the end. k-diffusion's noise
     for step k is our call 2k + 1's (the call that adds it).
     """
-    schedule = EulerAncestralDiscreteScheduler.from_config(dict(config))
+    # diffusers' Euler ancestral has no schedule flags: with one, the sigmas are Euler's (ours follow Euler).
+    flagged = any(config.get(f"use_{kind}_sigmas") for kind in SCHEDULES)
+    schedule = (EulerDiscreteScheduler if flagged else EulerAncestralDiscreteScheduler).from_config(dict(config))
     schedule.set_timesteps(num_steps)
     ours = make_solver("dpm++2s_a", dict(config))
     ours.set_timesteps(num_steps)
@@ -218,3 +222,59 @@ def test_dpmpp_2s_ancestral_img2img_start_matches_kdiffusion(strength):
     start = num_steps - min(int(num_steps * strength), num_steps)
     for x, x_ref in run_dpmpp_2s_ancestral(CONFIGS["sd2"], num_steps, start):
         assert relative_error(x, x_ref) <= RTOL
+
+
+def with_schedule(config: dict, schedule: str) -> dict:
+    """``config`` with a schedule type: a sigma flag, or trailing spacing (A1111's "SGM Uniform")."""
+    if schedule == "trailing":
+        return dict(config, timestep_spacing="trailing")
+    return dict(config, **{f"use_{schedule}_sigmas": True})
+
+
+@pytest.mark.parametrize("schedule", [*SCHEDULES, "trailing"])
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_schedule_types_match_diffusers(name, schedule):
+    config = with_schedule(CONFIGS["sd1"], schedule)
+    for num_steps in (2, 7, 30):
+        ref, ours = build(name, config)
+        for x, x_ref in run_both(ref, ours, num_steps):
+            assert relative_error(x, x_ref) <= RTOL
+
+
+@pytest.mark.parametrize("schedule", [*SCHEDULES, "trailing"])
+def test_dpmpp_2s_ancestral_schedule_types_match_kdiffusion(schedule):
+    config = with_schedule(CONFIGS["sd2"], schedule)
+    for num_steps in (2, 7, 30):
+        for x, x_ref in run_dpmpp_2s_ancestral(config, num_steps):
+            assert relative_error(x, x_ref) <= RTOL
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("dpm++2m_sde", dict(solver_type="heun")),
+        ("dpm++2m_sde", dict(final_sigmas_type="sigma_min")),
+        ("dpm++2m_sde", dict(final_sigmas_type="sigma_min", lower_order_final=False)),
+        ("dpm++2m_sde", dict(final_sigmas_type="sigma_min", euler_at_final=True)),
+        ("dpm++2m_sde", dict(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)),  # Karras timesteps unrounded
+        ("dpm++2m_sde", dict(rescale_betas_zero_snr=True, timestep_spacing="trailing")),
+        # bh1 ending at sigma 0 is NaN in diffusers (its last predictor step multiplies B(h) = -inf by 0).
+        ("unipc", dict(solver_type="bh1", final_sigmas_type="sigma_min")),
+        ("unipc", dict(solver_order=1)),
+        ("unipc", dict(final_sigmas_type="sigma_min", lower_order_final=False)),
+        ("unipc", dict(final_sigmas_type="sigma_min", use_karras_sigmas=True)),
+        ("unipc", dict(solver_type="midpoint")),  # a DPM-Solver config's: UniPC takes it as bh2
+        ("unipc", dict(rescale_betas_zero_snr=True, timestep_spacing="trailing")),
+        ("deis", dict(solver_order=1)),
+        ("deis", dict(lower_order_final=False)),
+        ("deis", dict(algorithm_type="dpmsolver++", solver_type="midpoint")),  # DEIS takes them as deis, logrho
+        ("deis", dict(rescale_betas_zero_snr=True, final_sigmas_type="sigma_min")),  # not DEIS settings: ignored
+        ("dpm++_sde", dict(rescale_betas_zero_snr=True)),  # not a DPMSolverSDEScheduler setting: ignored
+        ("dpm++_sde", dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)),
+    ],
+)
+def test_solver_options_match_diffusers(name, options):
+    for num_steps in (5, 20):  # the multistep solvers' last step is second order from 15 steps on
+        ref, ours = build(name, dict(CONFIGS["sd1"], **options))
+        for x, x_ref in run_both(ref, ours, num_steps):
+            assert relative_error(x, x_ref) <= RTOL
