@@ -323,6 +323,30 @@ def test_full_size_key_list_converts_strictly_into_our_models(family):
         model_io.load_weights_strict(model, model.sanitize(weights), f"{family} {component}")
 
 
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_full_size_inpainting_unet_key_list_converts_strictly_into_our_unet(family):
+    """The 9-channel UNet of each family's inpainting model, as its configs are derived here."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    config = checkpoint.InpaintingConfigs(family).config("unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    lpb = config["layers_per_block"]
+    state = ldm_layout.unet_to_ldm(unet.state_dict(), lpb[0] if isinstance(lpb, list) else lpb)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert shapes["model.diffusion_model.input_blocks.0.0.weight"] == (320, 9, 3, 3)
+    assert checkpoint.is_inpainting(shapes)
+    expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in sfu.convert_ldm_unet_checkpoint(state, config).items()} == expected
+
+    arrays = {k[len(ldm_keys.UNET_PREFIX) :]: mx.zeros(s, dtype=mx.float16) for k, s in shapes.items()}
+    weights, unknown = ldm_keys.convert_unet(arrays, config)
+    assert not unknown and {k: tuple(v.shape) for k, v in weights.items()} == expected
+    model = UNetModel(UNetConfig.from_dict(config))
+    model_io.load_weights_strict(model, model.sanitize(weights), f"{family} inpainting unet")
+
+
 # ---------------------------------------------------------------------------------------------
 # Families, configs and refusals, on small files holding only the telling keys
 

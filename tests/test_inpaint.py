@@ -369,29 +369,60 @@ def test_a_9_channel_unet_from_a_diffusers_folder_matches_diffusers(tiny_sd1_inp
     assert relative_error(ours, reference_unet_output(tiny_sd1_inpaint / "unet", x, 517.3, context)) <= 1e-5
 
 
-def test_a_9_channel_ldm_single_file_loads_as_diffusers_from_single_file_and_matches(tiny_sd1_inpaint, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_inpaint(tmp_path_factory, clip_vocab_dir, tiny_sd1_inpaint):
+    """family -> a tiny 9-channel diffusers folder of that family."""
+    folders = {"sd1": tiny_sd1_inpaint}
+
+    def get(family):
+        if family not in folders:
+            root = tmp_path_factory.mktemp(f"tiny_{family}_inpaint")
+            folders[family] = (
+                tiny_models.build_sdxl(root, clip_vocab_dir, inpaint=True) if family == "sdxl" else tiny_models.build_sd(root, clip_vocab_dir, family, inpaint=True)
+            )
+        return folders[family]
+
+    return get
+
+
+def write_ldm_file(folder, family, path):
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd1_inpaint / "unet")
-    vae = AutoencoderKL.from_pretrained(tiny_sd1_inpaint / "vae")
-    text_encoder = CLIPTextModel.from_pretrained(tiny_sd1_inpaint / "text_encoder")
-    state = ldm_layout.pipeline_to_ldm("sd1", unet, vae, text_encoder)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2") if family == "sdxl" else None
+    state = ldm_layout.pipeline_to_ldm(family, unet, vae, text_encoder, text_encoder_2)
     assert tuple(state["model.diffusion_model.input_blocks.0.0.weight"].shape)[1] == 9
-    path = tmp_path / "tiny_inpainting.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
 
-    src = SingleFileSource(path, configs=model_io.FolderSource(tiny_sd1_inpaint))
-    assert (src.family, src.inpainting) == ("sd1", True)
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_a_9_channel_ldm_single_file_converts_as_diffusers_from_single_file(tiny_inpaint, tmp_path, family):
+    import diffusers
+
+    folder = tiny_inpaint(family)
+    path = write_ldm_file(folder, family, tmp_path / f"tiny_{family}_inpainting.safetensors")
+    src = SingleFileSource(path, configs=model_io.FolderSource(folder))
+    assert (src.family, src.inpainting) == (family, True)
     # The same tensors diffusers' own single-file loader reads for its inpainting pipeline.
-    pipe = StableDiffusionInpaintPipeline.from_single_file(str(path), config=str(tiny_sd1_inpaint), local_files_only=True, safety_checker=None)
+    cls = diffusers.StableDiffusionXLInpaintPipeline if family == "sdxl" else diffusers.StableDiffusionInpaintPipeline
+    options = {} if family == "sdxl" else {"safety_checker": None}
+    pipe = cls.from_single_file(str(path), config=str(folder), local_files_only=True, **options)
     assert pipe.unet.config.in_channels == 9
     weights, _ = src.weights("unet")
     theirs = dict(pipe.unet.named_parameters())
     assert sorted(weights) == sorted(theirs)
     for key, value in theirs.items():
         np.testing.assert_array_equal(np.array(weights[key]), value.detach().numpy(), err_msg=key)
+    model = load_component(SingleFileSource(path, configs=model_io.FolderSource(folder)), "unet", UNetModel, UNetConfig)
+    assert model.conv_in.weight.shape[-1] == 9
 
+
+def test_a_9_channel_unet_from_an_ldm_single_file_matches_diffusers(tiny_sd1_inpaint, tmp_path):
+    path = write_ldm_file(tiny_sd1_inpaint, "sd1", tmp_path / "tiny_inpainting.safetensors")
     model = load_component(SingleFileSource(path, configs=model_io.FolderSource(tiny_sd1_inpaint)), "unet", UNetModel, UNetConfig)
     x, context = unet_inputs(1)
     ours = np.array(model(mx.array(x), mx.array(20.7), mx.array(context)))
