@@ -101,8 +101,8 @@ class MultistepSampler(Sampler):
 
     ``set_timesteps`` computes the schedule of diffusers' DPM-Solver/UniPC/DEIS classes (integer
     timesteps, n + 1 sigmas) and hands it to ``set_sigmas``. The history of model outputs belongs to
-    the run under way: a step whose predecessor was not the step before (a new run, an img2img
-    start) begins it again with a first-order step, as diffusers' ``lower_order_nums = 0`` does.
+    the run under way: ``set_sigmas`` empties it, so a run's first step (an img2img start included)
+    is first order, as diffusers' ``lower_order_nums = 0`` makes it.
     """
 
     def set_timesteps(self, num_steps: int) -> None:
@@ -142,8 +142,7 @@ class MultistepSampler(Sampler):
         self.init_noise_sigma = 1.0
         self._alpha, self._sigma, self._lambda = vp_coefficients(sigmas)
         self._num_steps = len(timesteps)
-        self._outputs: list = []
-        self._last_i: Optional[int] = None
+        self._outputs: list = []  # the model outputs of this run's steps so far (an img2img run starts empty)
 
     def _denoised(self, model_output: mx.array, i: int, x: mx.array) -> mx.array:
         alpha_t, sigma_t = float(self._alpha[i]), float(self._sigma[i])
@@ -154,11 +153,10 @@ class MultistepSampler(Sampler):
             return alpha_t * x - sigma_t * model_output
         return model_output
 
-    def _history(self, i: int, output: mx.array) -> list:
-        """The outputs of this run's steps before ``i`` (newest last, at most solver_order); records ``output``."""
-        history = self._outputs if self._last_i == i - 1 else []
+    def _history(self, output: mx.array) -> list:
+        """The outputs of this run's earlier steps (newest last, at most solver_order); records ``output``."""
+        history = self._outputs
         self._outputs = (history + [output])[-self.config.solver_order :]
-        self._last_i = i
         return history
 
     def add_noise(self, x0: mx.array, noise: mx.array, i: int) -> mx.array:
@@ -188,7 +186,7 @@ class DPMPP2MSDESampler(MultistepSampler):
         # The last step is first order when the final sigma is 0 (the 2nd-order term would be inf * 0).
         first_order = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero")
         denoised = self._denoised(model_output, i, x)
-        history = self._history(i, denoised)
+        history = self._history(denoised)
         x = x.astype(mx.float32)
 
         t, s0 = i + 1, i
@@ -229,7 +227,7 @@ class UniPCSampler(MultistepSampler):
     def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
         cfg = self.config
         m = self._denoised(model_output, i, x)
-        history = self._history(i, m)
+        history = self._history(m)
         if history:
             x = self._corrected(m, i, x, history)
         order = min(cfg.solver_order, self._num_steps - i) if cfg.lower_order_final else cfg.solver_order
@@ -285,7 +283,7 @@ class DEISSampler(MultistepSampler):
         alpha, sigma = self._alpha, self._sigma
         x0 = self._denoised(model_output, i, x)
         eps = (x - float(alpha[i]) * x0) / float(sigma[i])
-        history = self._history(i, eps)
+        history = self._history(eps)
         t, s0 = i + 1, i
         if cfg.solver_order == 1 or not history or (i == n - 1 and cfg.lower_order_final and n < 15):
             h = self._lambda[t] - self._lambda[s0]

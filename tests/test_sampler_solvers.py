@@ -278,3 +278,63 @@ def test_solver_options_match_diffusers(name, options):
         ref, ours = build(name, dict(CONFIGS["sd1"], **options))
         for x, x_ref in run_both(ref, ours, num_steps):
             assert relative_error(x, x_ref) <= RTOL
+
+
+CONFIG_CLASSES = {
+    **{name: (cls, overrides) for name, (cls, overrides) in REFERENCE.items()},
+    "dpm++2s_a": (EulerAncestralDiscreteScheduler, {}),  # the schedule's class
+}
+DPM_CONFIG = dict(tiny_models.SD1_SCHEDULER, _class_name="DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_type="midpoint")
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("config", [{}, tiny_models.SD1_SCHEDULER, tiny_models.SD2_SCHEDULER, DPM_CONFIG], ids=["empty", "sd1", "sd2", "dpm"])
+def test_solver_settings_are_what_diffusers_from_config_holds(name, config):
+    cls, overrides = CONFIG_CLASSES[name]
+    ref = cls.from_config(dict(config), **overrides).config
+    ours = make_solver(name, dict(config)).config
+    compared = [field for field in ref if hasattr(ours, field)]
+    assert {"beta_start", "beta_end", "timestep_spacing", "prediction_type"} <= set(compared)
+    for field in compared:
+        assert getattr(ours, field) == ref[field], field
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("unipc", dict(disable_corrector=[1]), "disable_corrector"),
+        ("unipc", dict(predict_x0=False), "predict_x0"),
+        ("unipc", dict(solver_order=3), "solver_order"),
+        ("deis", dict(solver_order=3), "solver_order"),
+        ("dpm++_sde", dict(prediction_type="sample"), "prediction_type"),
+        ("dpm++2s_a", dict(prediction_type="sample"), "prediction_type"),
+        ("dpm++2m_sde", dict(use_karras_sigmas=True, use_beta_sigmas=True), "at most one"),
+    ],
+)
+def test_unsupported_solver_settings_raise(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        make_solver(name, dict(tiny_models.SD1_SCHEDULER, **options))
+
+
+def test_unknown_solver_name_lists_the_valid_names():
+    with pytest.raises(ValueError, match="dpm\\+\\+2m_sde, dpm\\+\\+_sde, dpm\\+\\+2s_a, unipc, deis"):
+        make_solver("heun", tiny_models.SD1_SCHEDULER)
+
+
+@pytest.mark.parametrize("name", [name for name, cls in SOLVERS.items() if cls.needs_noise])
+def test_stochastic_solver_step_without_noise_raises(name):
+    sampler = make_solver(name, tiny_models.SD1_SCHEDULER)
+    sampler.set_timesteps(3)
+    x = mx.zeros(SHAPE)
+    with pytest.raises(ValueError, match="noise"):
+        for i in range(len(sampler.timesteps)):
+            x = sampler.step(x, i, x)
+
+
+@pytest.mark.parametrize("name", ["dpm++_sde", "dpm++2s_a"])
+def test_second_call_of_a_step_without_its_first_raises(name):
+    sampler = make_solver(name, tiny_models.SD1_SCHEDULER)
+    sampler.set_timesteps(3)
+    x = mx.zeros(SHAPE)
+    with pytest.raises(ValueError, match="call step\\(2\\) first"):
+        sampler.step(x, 3, x, x)
