@@ -464,6 +464,43 @@ class UpBlock(nn.Module):
         return x
 
 
+def build_down_blocks(config: UNetConfig, temb_channels: int) -> list[DownBlock]:
+    """The down blocks of a UNet (and of a ControlNet, which copies them)."""
+    channels = config.block_out_channels
+    return [DownBlock(config, i, channels[max(i - 1, 0)], temb_channels) for i in range(len(channels))]
+
+
+def embed_time(model: nn.Module, timestep, batch: int, text_time: tuple[mx.array, mx.array] | None) -> mx.array:
+    """The (B, 4 * C0) embedding the resnets project: diffusers' time_proj + time_embedding, plus
+    SDXL's add_embedding of text_time. ``model`` is a UNetModel or a ControlNetModel (same names)."""
+    config = model.config
+    dtype = model.conv_in.weight.dtype
+    t = timestep if isinstance(timestep, mx.array) else mx.array(timestep)
+    t = mx.broadcast_to(t.astype(mx.float32).reshape(-1), (batch,))
+    t_emb = timestep_embedding(t, config.block_out_channels[0], config.flip_sin_to_cos, config.freq_shift)
+    emb = model.time_embedding(t_emb.astype(dtype))
+    if config.addition_embed_type == "text_time":
+        if text_time is None:
+            raise ValueError(f"this {type(model).__name__} (SDXL) needs text_time=(text_embeds, time_ids)")
+        text_embeds, time_ids = text_time
+        time_embeds = timestep_embedding(
+            time_ids.reshape(-1), config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift
+        ).reshape(batch, -1)  # (B, 6 * addition_time_embed_dim)
+        add_embeds = mx.concatenate([text_embeds.astype(mx.float32), time_embeds], axis=-1).astype(dtype)
+        emb = emb + model.add_embedding(add_embeds)
+    return emb
+
+
+def run_down_blocks(blocks: list[DownBlock], h: mx.array, tembs: Iterator[mx.array], context: mx.array) -> tuple[mx.array, list[mx.array]]:
+    """The down blocks on conv_in's output: (the last block's output, every skip in diffusers' order,
+    conv_in's output first)."""
+    skips = [h]
+    for block in blocks:
+        h, block_skips = block(h, tembs, context)
+        skips += block_skips
+    return h, skips
+
+
 class UNetModel(nn.Module):
     """diffusers ``UNet2DConditionModel`` for SD 1.x / 2.x / SDXL, NHWC in and out."""
 
@@ -480,9 +517,7 @@ class UNetModel(nn.Module):
         if config.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, time_embed_dim)
 
-        self.down_blocks = [
-            DownBlock(config, i, channels[max(i - 1, 0)], time_embed_dim) for i in range(len(channels))
-        ]
+        self.down_blocks = build_down_blocks(config, time_embed_dim)
         if config.mid_block_type == "UNetMidBlock2DCrossAttn":
             self.mid_block = UNetMidBlock2DCrossAttn(config, time_embed_dim)
         self.up_blocks = [
@@ -510,38 +545,35 @@ class UNetModel(nn.Module):
         timestep: mx.array,
         encoder_x: mx.array,
         text_time: tuple[mx.array, mx.array] | None = None,
+        down_block_additional_residuals: list[mx.array] | None = None,
+        mid_block_additional_residual: mx.array | None = None,
     ) -> mx.array:
         """x (B, H, W, C_in); timestep scalar or (B,); encoder_x (B, L, D); SDXL's text_time =
-        (pooled text embeds (B, P), time ids (B, 6)). Returns (B, H, W, C_out)."""
-        config = self.config
+        (pooled text embeds (B, P), time ids (B, 6)). Returns (B, H, W, C_out).
+
+        A ControlNet's residuals (``ControlNetModel``'s outputs), given together as diffusers takes
+        them: one per skip, added to the skips once the down blocks have run, and one added to the
+        mid block's output.
+        """
         dtype = self.conv_in.weight.dtype
-        B = x.shape[0]
         x = x.astype(dtype)
         encoder_x = encoder_x.astype(dtype)
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError("give both down_block_additional_residuals and mid_block_additional_residual (a ControlNet's outputs), or neither")
 
-        t = timestep if isinstance(timestep, mx.array) else mx.array(timestep)
-        t = mx.broadcast_to(t.astype(mx.float32).reshape(-1), (B,))
-        t_emb = timestep_embedding(t, config.block_out_channels[0], config.flip_sin_to_cos, config.freq_shift)
-        emb = self.time_embedding(t_emb.astype(dtype))
-        if config.addition_embed_type == "text_time":
-            if text_time is None:
-                raise ValueError("this UNet (SDXL) needs text_time=(text_embeds, time_ids)")
-            text_embeds, time_ids = text_time
-            time_embeds = timestep_embedding(
-                time_ids.reshape(-1), config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift
-            ).reshape(B, -1)  # (B, 6 * addition_time_embed_dim)
-            add_embeds = mx.concatenate([text_embeds.astype(mx.float32), time_embeds], axis=-1).astype(dtype)
-            emb = emb + self.add_embedding(add_embeds)
+        emb = embed_time(self, timestep, x.shape[0], text_time)
         tembs = iter(self._time_projections(nn.silu(emb)))  # each resnet's time_emb_proj, in call order
 
-        h = self.conv_in(x)
-        skips = [h]
-        for block in self.down_blocks:
-            h, block_skips = block(h, tembs, encoder_x)
-            skips += block_skips
+        h, skips = run_down_blocks(self.down_blocks, self.conv_in(x), tembs, encoder_x)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals: {len(down_block_additional_residuals)} arrays for this UNet's {len(skips)} skips")
+            skips = [s + r.astype(dtype) for s, r in zip(skips, down_block_additional_residuals)]
 
         if "mid_block" in self:
             h = self.mid_block(h, tembs, encoder_x)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual.astype(dtype)
 
         for block in self.up_blocks:
             block_skips = skips[-len(block.resnets) :]

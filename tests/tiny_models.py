@@ -259,3 +259,18 @@ def build_sdxl(folder: Path, vocab_dir: Path, turbo: bool = False, seed: int = 0
         dict(SDXL_TURBO_SCHEDULER if turbo else SDXL_SCHEDULER),
         {"_class_name": "StableDiffusionXLInpaintPipeline" if inpaint else "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True},
     )
+
+
+def build_controlnet(folder: Path, unet_config: dict, seed: int = 0, global_pool_conditions: bool = False, **controlnet_options):
+    """Save a tiny ControlNet folder built as diffusers' ``ControlNetModel.from_unet`` builds one from
+    a UNet of ``unet_config``, every parameter random (its zero-initialised convs would hide bugs).
+    Returns the diffusers model."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel(**unet_config), **controlnet_options)
+    controlnet.register_to_config(global_pool_conditions=global_pool_conditions)  # not a from_unet option
+    _randomize(controlnet)
+    controlnet.save_pretrained(folder)
+    return controlnet.eval()

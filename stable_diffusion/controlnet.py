@@ -1,0 +1,336 @@
+"""ControlNet (Zhang et al. 2023, "Adding Conditional Control to Text-to-Image Diffusion Models"), in NHWC.
+
+Follows diffusers' ``ControlNetModel`` (models/controlnets/controlnet.py): a copy of the UNet's
+``conv_in``, time embedding (SDXL: and ``add_embedding``), down blocks and mid block, built from
+unet.py's own blocks; the control image enters through ``controlnet_cond_embedding`` (a small
+conv stack down to the latent size), added to ``conv_in``'s output; every skip and the mid block's
+output leave through a 1x1 conv (``controlnet_down_blocks``, ``controlnet_mid_block``) as the
+residuals ``UNetModel`` adds to its own skips and mid block.
+
+Loads a diffusers folder or Hub repo (``config.json`` + ``diffusion_pytorch_model.safetensors``)
+and a single file in the original layout (``control_model.input_hint_block.*``, ``zero_convs.*``,
+``middle_block_out.*`` and the LDM UNet's ``input_blocks``/``middle_block``), as diffusers'
+``convert_controlnet_checkpoint`` reads it. Safetensors only.
+"""
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import model_io, safetensors_io
+from .config import UNetConfig
+from .errors import ModelLoadError, one_line
+from .hub_configs import FAMILY_FOLDERS, HubModel, offline
+from .ldm_keys import convert_unet
+from .unet import LinearGroup, TimestepEmbedding, UNetMidBlock2DCrossAttn, UNetModel, build_down_blocks, embed_time, run_down_blocks
+
+CHANNEL_ORDERS = ("rgb", "bgr")
+
+
+@dataclass
+class ControlNetConfig(UNetConfig):
+    """The UNet fields a ControlNet copies, plus its own (diffusers' ``ControlNetModel`` arguments)."""
+
+    conditioning_channels: int = 3
+    conditioning_embedding_out_channels: Tuple[int, ...] = (16, 32, 96, 256)
+    controlnet_conditioning_channel_order: str = "rgb"
+    # Each residual is averaged over H and W (the "shuffle" ControlNet).
+    global_pool_conditions: bool = False
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ControlNetConfig":
+        what = "controlnet"
+        if not isinstance(config, dict):
+            raise ValueError(f"{what}: expected a JSON object, got a {type(config).__name__}")
+        # A ControlNet has no up blocks: UNetConfig checks the shared fields given the mirror of
+        # the down blocks, which nothing builds.
+        mirror = ["CrossAttnUpBlock2D" if t == "CrossAttnDownBlock2D" else "UpBlock2D" for t in config.get("down_block_types", ())[::-1]]
+        unet = UNetConfig.from_dict({**config, "up_block_types": mirror})
+        channels = config.get("conditioning_channels", 3)
+        embedding = config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+        order = config.get("controlnet_conditioning_channel_order", "rgb")
+        pool = config.get("global_pool_conditions", False)
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"{what}: conditioning_channels={channels!r} must be a whole number >= 1")
+        if not isinstance(embedding, (list, tuple)) or not embedding or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in embedding):
+            raise ValueError(f"{what}: conditioning_embedding_out_channels={embedding!r} must be a list of whole numbers >= 1")
+        if order not in CHANNEL_ORDERS:
+            raise ValueError(f"{what}: controlnet_conditioning_channel_order={order!r} is not supported (supported: {list(CHANNEL_ORDERS)})")
+        if not isinstance(pool, bool):
+            raise ValueError(f"{what}: global_pool_conditions={pool!r} must be true or false")
+        return cls(
+            **{f.name: getattr(unet, f.name) for f in fields(UNetConfig)},
+            conditioning_channels=channels,
+            conditioning_embedding_out_channels=tuple(embedding),
+            controlnet_conditioning_channel_order=order,
+            global_pool_conditions=pool,
+        )
+
+
+class ControlNetConditioningEmbedding(nn.Module):
+    """conv_in, then (3x3 conv, stride-2 3x3 conv) per step of ``channels``, each followed by SiLU, then conv_out."""
+
+    def __init__(self, out_channels: int, in_channels: int, channels: Tuple[int, ...]):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1)
+        self.blocks = []
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            self.blocks.append(nn.Conv2d(c_in, c_in, kernel_size=3, padding=1))
+            self.blocks.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, stride=2))
+        self.conv_out = nn.Conv2d(channels[-1], out_channels, kernel_size=3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = nn.silu(self.conv_in(x))
+        for block in self.blocks:
+            x = nn.silu(block(x))
+        return self.conv_out(x)
+
+
+class ControlNetModel(nn.Module):
+    """diffusers ``ControlNetModel``: latents, timestep, text and a control image -> the UNet's residuals."""
+
+    def __init__(self, config: ControlNetConfig):
+        super().__init__()
+        self.config = config  # ControlNetConfig.from_dict refused what is not implemented
+        channels = config.block_out_channels
+        time_embed_dim = 4 * channels[0]
+
+        self.conv_in = nn.Conv2d(
+            config.in_channels, channels[0], config.conv_in_kernel, padding=(config.conv_in_kernel - 1) // 2
+        )
+        self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim)
+        if config.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, time_embed_dim)
+        self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
+            channels[0], config.conditioning_channels, config.conditioning_embedding_out_channels
+        )
+
+        self.down_blocks = build_down_blocks(config, time_embed_dim)
+        if config.mid_block_type == "UNetMidBlock2DCrossAttn":
+            self.mid_block = UNetMidBlock2DCrossAttn(config, time_embed_dim)
+        # One 1x1 conv per skip: conv_in's output, each resnet's, each downsampler's.
+        skip_channels = [channels[0]]
+        for i, c in enumerate(channels):
+            skip_channels += [c] * (config.layers_per_block[i] + (i < len(channels) - 1))
+        self.controlnet_down_blocks = [nn.Conv2d(c, c, kernel_size=1) for c in skip_channels]
+        self.controlnet_mid_block = nn.Conv2d(channels[-1], channels[-1], kernel_size=1)
+
+        blocks = [*self.down_blocks, *([self.mid_block] if "mid_block" in self else [])]
+        self._time_projections = LinearGroup([(resnet, "time_emb_proj") for block in blocks for resnet in block.resnets])
+
+    # The same groups as the UNet's: every time_emb_proj, and each attention's projections.
+    fuse_projections = UNetModel.fuse_projections
+    sanitize = UNetModel.sanitize
+
+    def __call__(
+        self,
+        x: mx.array,
+        timestep,
+        encoder_x: mx.array,
+        controlnet_cond: mx.array,
+        conditioning_scale: float = 1.0,
+        text_time: tuple[mx.array, mx.array] | None = None,
+        guess_mode: bool = False,
+    ) -> tuple[list[mx.array], mx.array]:
+        """x (B, H, W, C_in) latents; timestep scalar or (B,); encoder_x (B, L, D); controlnet_cond
+        (B or 1, 8H, 8W, conditioning_channels), RGB in [0, 1]; SDXL's text_time as for the UNet.
+
+        Returns (one residual per UNet skip, the mid block's residual), scaled by
+        ``conditioning_scale`` (guess mode: also by 10^-1 ... 10^0 from the first skip to the mid block).
+        """
+        config = self.config
+        dtype = self.conv_in.weight.dtype
+        x = x.astype(dtype)
+        encoder_x = encoder_x.astype(dtype)
+        cond = controlnet_cond.astype(dtype)
+        if config.controlnet_conditioning_channel_order == "bgr":
+            cond = cond[..., ::-1]
+
+        emb = embed_time(self, timestep, x.shape[0], text_time)
+        tembs = iter(self._time_projections(nn.silu(emb)))
+
+        h = self.conv_in(x)
+        hint = self.controlnet_cond_embedding(cond)
+        if hint.shape[1:3] != h.shape[1:3]:
+            raise ValueError(
+                f"controlnet_cond of size {controlnet_cond.shape[1]}x{controlnet_cond.shape[2]} does not match latents of "
+                f"size {x.shape[1]}x{x.shape[2]}; give the control image at the picture's size (8x the latents')"
+            )
+        h, skips = run_down_blocks(self.down_blocks, h + hint, tembs, encoder_x)
+        if "mid_block" in self:
+            h = self.mid_block(h, tembs, encoder_x)
+
+        down = [conv(skip) for conv, skip in zip(self.controlnet_down_blocks, skips)]
+        mid = self.controlnet_mid_block(h)
+        scales = [conditioning_scale] * (len(down) + 1)
+        if guess_mode and not config.global_pool_conditions:
+            # torch.logspace(-1, 0, n) (float32), times the scale, as diffusers.
+            scales = (np.logspace(-1, 0, len(down) + 1).astype(np.float32) * np.float32(conditioning_scale)).tolist()
+        down = [d * s for d, s in zip(down, scales)]
+        mid = mid * scales[-1]
+        if config.global_pool_conditions:
+            down = [d.mean(axis=(1, 2), keepdims=True) for d in down]
+            mid = mid.mean(axis=(1, 2), keepdims=True)
+        return down, mid
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+LDM_PREFIX = "control_model."
+_DIFFUSERS_KEY = "controlnet_cond_embedding.conv_in.weight"
+_LDM_KEY = "input_hint_block.0.weight"
+
+
+class _SingleFile:
+    """A single ControlNet file's config and weights, read the way ``model_io.load_component`` reads a component."""
+
+    def __init__(self, name: str, config: dict, weights: dict):
+        self.name = name
+        self._config = config
+        self._weights = weights
+
+    def config(self, component: str) -> dict:
+        return self._config
+
+    def weights(self, component: str, float16: bool) -> tuple[dict, str]:
+        return self._weights, self.name
+
+
+def load_controlnet(model: str, float16: bool = False, config_dir: Optional[str] = None) -> ControlNetModel:
+    """A ControlNet from a diffusers folder, a Hub repo id or a single ``.safetensors`` file.
+
+    float16: the model's dtype (and the folder's ``fp16`` weights when it has them). ``config_dir``
+    (a folder holding the ControlNet's ``config.json``) applies to single files, whose keys
+    cannot tell every setting; without it a single file is read as a ControlNet of the SD family
+    its tensors show (SD 1.x, SD 2.x, SDXL), as ``ControlNetModel.from_unet`` builds one from
+    that family's reference UNet.
+    """
+    path = Path(model).expanduser()
+    dtype = mx.float16 if float16 else mx.float32
+    if path.is_file():
+        return model_io.load_component(_single_file(path, config_dir), "controlnet", ControlNetModel, ControlNetConfig, dtype)
+    if config_dir is not None:
+        raise ModelLoadError(f"controlnet {model!r}: config_dir applies to single .safetensors files only")
+    root = path if path.is_dir() else _hub_folder(model, float16)
+    # A diffusers ControlNet folder is one component: config.json and the weights at its top
+    # (component ""); a pipeline folder holds it in controlnet/.
+    component = "controlnet" if not (root / "config.json").exists() and (root / "controlnet").is_dir() else ""
+    return model_io.load_component(model_io.FolderSource(root), component, ControlNetModel, ControlNetConfig, dtype, float16_files=float16)
+
+
+def _hub_folder(repo: str, float16: bool) -> Path:
+    """The HF cache snapshot of a ControlNet repo, with its config and one variant of its weights.
+
+    As ``model_io.resolve``: the cache is used offline or when the Hub cannot be reached.
+    """
+    if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
+        raise ModelLoadError(f"controlnet {repo!r}: no such file or folder, and not a Hugging Face repo id (owner/name)")
+    from huggingface_hub import model_info, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    def cached(why: str) -> Path:
+        try:
+            return Path(snapshot_download(repo, local_files_only=True))
+        except LocalEntryNotFoundError:
+            raise ModelLoadError(
+                f"controlnet {repo!r} is not in the Hugging Face cache and cannot be downloaded ({why}); "
+                "download it while online, or pass a local folder or a .safetensors file"
+            ) from None
+        except HFValidationError as e:
+            raise ModelLoadError(f"controlnet {repo!r}: not a valid Hugging Face repo id ({one_line(e)})") from None
+
+    if offline():
+        return cached("HF_HUB_OFFLINE is set")
+    try:
+        files = [s.rfilename for s in model_info(repo).siblings or []]
+    except GatedRepoError:
+        raise ModelLoadError(f"controlnet {repo!r} is gated: accept its licence on the Hub and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"controlnet {repo!r}: no such repository on the Hugging Face Hub") from None
+    except HFValidationError as e:
+        raise ModelLoadError(f"controlnet {repo!r}: not a valid Hugging Face repo id ({one_line(e)})") from None
+    except Exception as e:  # the Hub is unreachable: use the cache
+        return cached(f"the Hugging Face Hub cannot be reached: {type(e).__name__}: {one_line(e)}")
+    top = [f for f in files if "/" not in f]
+    if "config.json" not in top:
+        raise ModelLoadError(f"controlnet {repo!r}: the repo has no config.json at its top; pass one of its .safetensors files instead")
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["config.json", *model_io.select_weight_files(top, float16)]))
+    except Exception as e:
+        raise ModelLoadError(
+            f"controlnet {repo!r}: downloading failed ({type(e).__name__}: {one_line(e)}); "
+            "check the network and run again (finished files are kept in the HF cache)"
+        ) from None
+
+
+def _single_file(path: Path, config_dir: Optional[str]) -> _SingleFile:
+    if path.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"{path}: only .safetensors ControlNet files are loaded (never pickles); convert it first")
+    arrays, _ = safetensors_io.load(path)
+    if config_dir is not None:
+        config = model_io.read_config(Path(config_dir).expanduser(), "")
+        weights = to_diffusers_names(arrays, str(path), config)
+    else:
+        weights = to_diffusers_names(arrays, str(path))
+        config = derived_config({k: tuple(v.shape) for k, v in weights.items()})
+    return _SingleFile(str(path), config, weights)
+
+
+def to_diffusers_names(arrays: dict, where: str, config: Optional[dict] = None) -> dict:
+    """A single ControlNet file's tensors under diffusers' names.
+
+    The original layout (diffusers' ``convert_controlnet_checkpoint``): ``control_model.*`` (or
+    unprefixed, as some SD 2 files); the v1.0 files also carry the SD model they were trained
+    with, which is not read. The hint block's convs are ``input_hint_block.{0,2,...,14}``
+    (SiLUs between), ``zero_convs.i.0`` follows skip i, ``middle_block_out.0`` the mid block;
+    everything else is the LDM UNet's names (ldm_keys), numbered by the config's
+    layers_per_block (without a config: 2, as every SD family's). A file already in diffusers'
+    names is taken as it is.
+    """
+    if _DIFFUSERS_KEY in arrays:
+        return dict(arrays)
+    if any(k.startswith(LDM_PREFIX) for k in arrays):
+        arrays = {k[len(LDM_PREFIX) :]: v for k, v in arrays.items() if k.startswith(LDM_PREFIX)}
+    if _LDM_KEY not in arrays:
+        sample = ", ".join(repr(k) for k in list(arrays)[:3])
+        raise ModelLoadError(f"{where}: not a ControlNet (no {LDM_PREFIX}{_LDM_KEY} or {_DIFFUSERS_KEY}; keys: {sample}, ...)")
+    hint = sorted({int(k.split(".")[1]) for k in arrays if k.startswith("input_hint_block.")})
+    last = hint[-1]
+    out, unet = {}, {}
+    for key, value in arrays.items():
+        module, _, param = key.rpartition(".")
+        parts = module.split(".")
+        if parts[0] == "input_hint_block":
+            i = int(parts[1])
+            name = "conv_in" if i == 0 else "conv_out" if i == last else f"blocks.{i // 2 - 1}"
+            out[f"controlnet_cond_embedding.{name}.{param}"] = value
+        elif parts[0] == "zero_convs" and parts[2:] == ["0"]:
+            out[f"controlnet_down_blocks.{parts[1]}.{param}"] = value
+        elif module == "middle_block_out.0":
+            out[f"controlnet_mid_block.{param}"] = value
+        else:
+            unet[key] = value
+    converted, unknown = convert_unet(unet, config or {"layers_per_block": 2})
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise ModelLoadError(f"{where}: unknown keys {[k.removeprefix('model.diffusion_model.') for k in unknown[:5]]}{more} in this ControlNet file")
+    return out | converted
+
+
+def derived_config(shapes: dict) -> dict:
+    """The config.json of a single ControlNet file (diffusers names -> shapes): its SD family's
+    reference UNet config (``ControlNetModel.from_unet``), with the hint block's channels read
+    from its convs. The family: SDXL when it has ``add_embedding``, SD 2.x when its first
+    cross-attention reads 1024-wide text, else SD 1.x."""
+    context = shapes.get("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight")
+    family = "sdxl" if "add_embedding.linear_1.weight" in shapes else "sd2" if context and context[-1] == 1024 else "sd1"
+    config = HubModel(FAMILY_FOLDERS[family]).config("unet")
+    conv_in = shapes["controlnet_cond_embedding.conv_in.weight"]  # PyTorch layout (out, in, kh, kw)
+    strided = sorted(int(k.split(".")[2]) for k in shapes if k.startswith("controlnet_cond_embedding.blocks.") and k.endswith(".weight"))[1::2]
+    config["conditioning_channels"] = conv_in[1]
+    config["conditioning_embedding_out_channels"] = [conv_in[0]] + [shapes[f"controlnet_cond_embedding.blocks.{i}.weight"][0] for i in strided]
+    return config
