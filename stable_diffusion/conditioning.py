@@ -56,7 +56,7 @@ import numpy as np
 from .clip import CLIPTextModel
 from .embeddings import Embedding, check_fits
 from .prompts import EMPHASES, SYNTAXES, parse_prompt_attention
-from .tokenizer import Tokenizer
+from .tokenizer import MAX_TEXT_CHARS, Tokenizer
 
 CHUNK_LENGTH = 75  # tokens of the prompt per chunk: the 77 positions less BOS and EOS
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
@@ -231,6 +231,8 @@ class PromptEncoder:
 
     def chunks(self, text: str, options: TextOptions = TextOptions()) -> tuple[list, int, str]:
         """(the chunks for each text encoder, A1111's token count, what was dropped) of one text."""
+        if len(text) > MAX_TEXT_CHARS:  # before the parser: each piece alone may be shorter
+            raise ValueError(f"the prompt is {len(text)} characters long; at most {MAX_TEXT_CHARS} are accepted")
         per_encoder = []
         for e, tokenizer in enumerate(self.tokenizers):
             lookup = _Lookup(tokenizer, options.embeddings, e)

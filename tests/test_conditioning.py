@@ -18,7 +18,7 @@ from stable_diffusion.clip import CLIPTextModel
 from stable_diffusion.conditioning import PromptEncoder, TextOptions
 from stable_diffusion.config import CLIPTextModelConfig
 from stable_diffusion.embeddings import Embedding
-from stable_diffusion.tokenizer import Tokenizer
+from stable_diffusion.tokenizer import MAX_TEXT_CHARS, Tokenizer
 
 # The encoder itself is held to 1e-5 relative to transformers in float32 (test_clip.py); here the
 # chunks go through it as one batch, and a weighted chunk's values are multiplied by w and by the
@@ -214,12 +214,16 @@ def test_embedding_chunks_and_vectors_match_the_reference(models, text, fixes):
 
 
 def test_the_longest_embedding_name_wins_and_unused_ones_are_not_listed(sd1):
-    short, long = sd1.embedding(2, "wombat", seed=1), sd1.embedding(1, "wombatstyle", seed=2)
+    # Names that share their first tokens: "wombat" is a prefix of "wombat v2" token for token.
+    short, long = sd1.embedding(2, "wombat", seed=1), sd1.embedding(1, "wombat v2", seed=2)
     unused = sd1.embedding(1, "platypus", seed=3)
     options = TextOptions(embeddings=(short, long, unused))
-    out = sd1.ours.encode("a wombatstyle and a wombat", options)
-    assert out.embeddings_used == ("wombatstyle", "wombat")
-    ref, _ = sd1.reference("a wombatstyle and a wombat", embeddings=[short, long, unused])
+    text = "a wombat v2 and a wombat"
+    out = sd1.ours.encode(text, options)
+    assert out.embeddings_used == ("wombat v2", "wombat")
+    ((chunk,),), _, _ = sd1.ours.chunks(text, options)
+    assert chunk.fixes == ((2, 1), (5, 0))
+    ref, _ = sd1.reference(text, embeddings=[short, long, unused])
     assert relative_error(out.context, ref) <= ENCODER_TOLERANCE
 
 
@@ -290,3 +294,9 @@ def test_an_embedding_for_another_model_is_refused(sd1):
     wrong = Embedding("xl", (np.zeros((1, 768), np.float32), np.zeros((1, 1280), np.float32)), "", "xl.safetensors")
     with pytest.raises(ValueError, match="xl.safetensors"):
         sd1.ours.encode("a cat", TextOptions(embeddings=(wrong,)))
+
+
+def test_a_text_over_max_text_chars_is_refused_before_parsing(sd1):
+    text = "(a:1.1) " * (MAX_TEXT_CHARS // 8 + 1)  # every piece short, the whole too long
+    with pytest.raises(ValueError, match=f"at most {MAX_TEXT_CHARS}"):
+        sd1.ours.encode(text)
