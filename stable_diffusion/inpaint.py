@@ -42,7 +42,8 @@ def load_mask(mask, image_size=None, blur: float = 0):
     """The mask as diffusers' pipelines take ``mask_image``: a PIL picture or a float array, checked.
 
     ``mask``: a path, a PIL image or an (H, W) / (H, W, 1) floating array in [0, 1]. A file is read
-    as diffusers' ``load_image`` reads it (EXIF orientation, RGB). ``image_size``: the input
+    as diffusers' ``load_image`` reads it (EXIF orientation, RGB; 16-bit greyscale is scaled to 8
+    bits, where a plain RGB conversion would clip it). ``image_size``: the input
     image's (width, height), which the mask must have. ``blur``: the Gaussian radius of
     ``VaeImageProcessor.blur`` (0: none). Raises one ValueError line for: an unreadable file, a
     picture with transparency (A1111 reads transparent pixels as the mask, other tools read the
@@ -198,16 +199,14 @@ def latent_mask(mask: np.ndarray, vae_scale_factor: int = 8) -> np.ndarray:
 def crop_region(mask, width: int, height: int, padding: int) -> tuple[int, int, int, int]:
     """(x1, y1, x2, y2): the box of the mask's non-black pixels, grown by ``padding`` and to the aspect of width x height.
 
-    diffusers' ``VaeImageProcessor.get_crop_region`` on ``load_mask``'s mask.
+    diffusers' ``VaeImageProcessor.get_crop_region``. ``mask``: anything ``load_mask`` takes,
+    blurred already when the mask is blurred (load_mask's).
     """
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"the inpainting crop padding must be a whole number of pixels >= 0, got {padding!r}")
-    picture = _picture(mask)
-    nonzero = np.asarray(picture.convert("L")) != 0
+    nonzero = np.asarray(_picture(load_mask(mask)).convert("L")) != 0  # load_mask leaves some pixel white
     h, w = nonzero.shape
     cols, rows = np.flatnonzero(nonzero.any(axis=0)), np.flatnonzero(nonzero.any(axis=1))
-    if len(cols) == 0:
-        raise ValueError("the mask is all black: nothing to repaint (white marks the region to repaint)")
     x1, y1 = max(int(cols[0]) - padding, 0), max(int(rows[0]) - padding, 0)
     x2, y2 = min(int(cols[-1]) + 1 + padding, w), min(int(rows[-1]) + 1 + padding, h)
 
@@ -263,11 +262,11 @@ def apply_overlay(mask, init_image: Image.Image, image: Image.Image, crop=None) 
     diffusers' ``VaeImageProcessor.apply_overlay``: with ``crop``, ``image`` (the generated full-size
     picture of the crop) is first resized into the crop box (``resize_mode="crop"``); then the
     original, with the inverted (unbinarised) mask as its alpha, is composited on top. ``mask``:
-    load_mask's, at the original's size.
+    anything ``load_mask`` takes, at the original's size, blurred already when the mask is blurred.
     """
     width, height = init_image.size
     kept = Image.new("RGBa", (width, height))
-    kept.paste(init_image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(_picture(mask).convert("L")))
+    kept.paste(init_image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(_picture(load_mask(mask)).convert("L")))
     kept = kept.convert("RGBA")
     if crop is not None:
         x, y, x2, y2 = crop
@@ -300,8 +299,9 @@ def blend_known(latents, image_latents, noise, mask, sampler, i: int):
     diffusers' inpainting loop for ``unet.config.in_channels == 4``: the image latents re-noised to
     the next timestep with the run's starting noise (``sampler.add_noise(image_latents, noise, i +
     1)``), the clean image latents after the last call; ``(1 - mask) * known + mask * latents``.
-    ``mask``: latent_mask's, broadcast over the batch and channels.
+    ``mask``: latent_mask's (numpy or mx), broadcast over the batch and channels.
     """
     last = i == len(sampler.timesteps) - 1
     known = image_latents if last else sampler.add_noise(image_latents, noise, i + 1)
-    return (1 - mask) * known + mask * latents
+    # The arrays on the left keep an mx result for a numpy mask; the products are diffusers' own.
+    return known * (1 - mask) + latents * mask
