@@ -405,17 +405,13 @@ class LMSSampler(SigmaSampler):
         # run that starts at index s weighs its first derivative as the newest of min(s + 1, 4).
         n = len(self._sigmas) - 1
         self._weights = [lms_coefficients(self._sigmas, i, min(i + 1, self.lms_order)) for i in range(n)]
-        self._derivatives: list = []
-        self._last_i: Optional[int] = None
+        self._derivatives: list = []  # the run's latest derivatives, newest last
 
     def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
         x = x.astype(mx.float32)
         sigma = self._sigmas[i]
         derivative = (x - self._denoised(model_output, x, sigma)) / float(sigma)
-        # The history belongs to the run under way: a new start (a new run, img2img) begins it again.
-        history = self._derivatives if self._last_i == i - 1 else []
-        self._derivatives = (history + [derivative])[-self.lms_order :]
-        self._last_i = i
+        self._derivatives = (self._derivatives + [derivative])[-self.lms_order :]
         for weight, d in zip(self._weights[i], reversed(self._derivatives)):
             x = x + weight * d
         return x.astype(model_output.dtype)
@@ -435,22 +431,19 @@ class HeunSampler(SigmaSampler):
     def _set_run(self, sigmas: np.ndarray, timesteps: np.ndarray) -> None:
         calls = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
         super()._set_run(calls, np.concatenate([timesteps[:1], np.repeat(timesteps[1:], 2)]))
-        self._held: Optional[tuple] = None  # (i, x, derivative, dt) of a first-order call awaiting its second
-
-    def _second_order(self, i: int) -> bool:
-        return self._held is not None and self._held[0] == i - 1
+        self._held: Optional[tuple] = None  # (x, derivative, dt) of a first-order call awaiting its second
 
     def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
         x = x.astype(mx.float32)
         sigmas = self._call_sigmas
-        if not self._second_order(i):
+        if self._held is None:
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             derivative = (x - self._clipped(self._denoised(model_output, x, sigma))) / float(sigma)
             dt = sigma_next - sigma
-            self._held = (i, x, derivative, dt)
+            self._held = (x, derivative, dt)
         else:
             sigma_next = sigmas[i]
-            _, start, first, dt = self._held
+            start, first, dt = self._held
             derivative = (x - self._clipped(self._denoised(model_output, x, sigma_next))) / float(sigma_next)
             derivative = (first + derivative) / 2
             x = start
@@ -496,28 +489,24 @@ class DPM2Sampler(SigmaSampler):
         calls_t = np.concatenate([timesteps[:1], np.stack([mid_t, timesteps[1:]], axis=-1).reshape(-1)])
         super()._set_run(doubled(sigmas), calls_t)
         self._midpoints = doubled(midpoints.astype(np.float32))
-        self._held: Optional[tuple] = None  # (i, x) of a first-order call awaiting its second
-
-    def _second_order(self, i: int) -> bool:
-        return self._held is not None and self._held[0] == i - 1
+        self._held: Optional[mx.array] = None  # x of a first-order call awaiting its second
 
     def _input_sigma(self, i: int) -> np.float32:
-        return self._midpoints[i] if self._second_order(i) else self._call_sigmas[i]
+        return self._call_sigmas[i] if self._held is None else self._midpoints[i]
 
     def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
         x = x.astype(mx.float32)
         sigmas, mids = self._call_sigmas, self._midpoints
-        if not self._second_order(i):
+        if self._held is None:
             sigma, mid = sigmas[i], mids[i + 1]
             derivative = (x - self._denoised(model_output, x, sigma)) / float(sigma)
             dt = mid - sigma
-            self._held = (i, x)
+            self._held = x
         else:
             sigma, mid, sigma_next = sigmas[i - 1], mids[i], sigmas[i]
             derivative = (x - self._denoised(model_output, x, mid)) / float(mid)
             dt = sigma_next - sigma
-            x = self._held[1]
-            self._held = None
+            x, self._held = self._held, None
         return (x + derivative * float(dt)).astype(model_output.dtype)
 
 
@@ -544,21 +533,20 @@ class DPM2AncestralSampler(DPM2Sampler):
         self._set_interleaved(sigmas, midpoints, timesteps, midpoints[:-2])
 
     def _input_sigma(self, i: int) -> np.float32:
-        return self._midpoints[i - 1] if self._second_order(i) else self._call_sigmas[i]
+        return self._call_sigmas[i] if self._held is None else self._midpoints[i - 1]
 
     def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
         x = x.astype(mx.float32)
-        if not self._second_order(i):
+        if self._held is None:
             sigma, mid = self._call_sigmas[i], self._midpoints[i]
             derivative = (x - self._denoised(model_output, x, sigma)) / float(sigma)
-            self._held = (i, x)
+            self._held = x
             return (x + derivative * float(mid - sigma)).astype(model_output.dtype)
         self._check_noise(noise)
         sigma, mid = self._call_sigmas[i - 1], self._midpoints[i - 1]
         up, down = self._up[i - 1], self._down[i - 1]
         derivative = (x - self._denoised(model_output, x, mid)) / float(mid)
-        x = self._held[1] + derivative * float(down - sigma)
-        self._held = None
+        x, self._held = self._held + derivative * float(down - sigma), None
         return (x + noise * float(up)).astype(model_output.dtype)
 
 
@@ -639,14 +627,10 @@ class PNDMSampler(Sampler):
         self.timesteps = mx.array(calls.astype(np.float32))
         self.init_noise_sigma = 1.0
         self._outputs: list = []  # diffusers' ets: past model outputs, newest last
-        self._counter = 0
+        self._counter = 0  # steps taken in this run (an img2img run starts at 0 too)
         self._first_x: Optional[mx.array] = None
-        self._last_i: Optional[int] = None
 
     def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
-        if self._last_i != i - 1:  # a new run (or img2img start): diffusers' counter starts at 0
-            self._outputs, self._counter, self._first_x = [], 0, None
-        self._last_i = i
         t = int(self._timesteps[i])
         t_prev = t - self._stride
         if self._counter != 1:
