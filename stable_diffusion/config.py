@@ -441,8 +441,6 @@ class SchedulerConfig:
             raise ValueError(f"{what}: {flags[0]}=True is not supported (its diffusers class has no such schedule); use a sigma-based sampler such as 'euler'")
         if len(flags) > 1:
             raise ValueError(f"{what}: {' and '.join(flags)} are both set; set at most one of {', '.join(SCHEDULE_FLAGS)}")
-        if self.class_name == "PNDMScheduler" and not self.skip_prk_steps:
-            raise ValueError(f"{what}: skip_prk_steps=False (the Runge-Kutta warm-up) is not supported; set skip_prk_steps=true as the SD configs do")
         if self.num_train_timesteps < 1 or not 0 < self.beta_start <= self.beta_end < 1:
             raise ValueError(f"{what}: need num_train_timesteps >= 1 and 0 < beta_start <= beta_end < 1")
 
