@@ -94,7 +94,7 @@ def test_txt2image_stores_a1111_parameters_and_prints_them(txt_run, tiny_sd1):
     assert p["Prompt"] == "a red, round: apple"
     assert p["Negative prompt"] == "blurry"
     assert (p["Steps"], p["Seed"], p["Size"], p["CFG scale"], p["Model"]) == ("2", "7", "32x64", "7.5", str(tiny_sd1))
-    assert p["Sampler"]  # the tiny SD1 model carries a PNDM config, run with Euler
+    assert (p["Sampler"], p["Schedule type"]) == ("PLMS", "Automatic")  # the tiny SD1 model's own PNDM, A1111's "PLMS"
     assert images.read_parameters(out) in result.stdout
 
 
