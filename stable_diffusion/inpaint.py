@@ -24,12 +24,13 @@ The order a pipeline calls these in::
     picture = apply_overlay(mask, original, decoded, crop)  # only with a crop, as diffusers
 """
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from .images import open_regular, to_rgb
+from .images import _oriented, open_regular, to_rgb
 
 MASK_KINDS = "a picture file, a PIL image or an (H, W) / (H, W, 1) float array in [0, 1]"
 
@@ -72,12 +73,15 @@ def load_mask(mask, image_size=None, blur: float = 0):
 
 
 def _read_picture(path) -> Image.Image:
+    """images.load_image's reading, with the transparency checked before it is flattened."""
     name = repr(str(path))
     with open_regular(path, "mask") as f:
         try:
-            with Image.open(f) as image:
-                image.load()
-                image = ImageOps.exif_transpose(image)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only PIL's error stops, as there
+                with Image.open(f) as image:
+                    image.load()
+                    image = _oriented(image)
         except Image.DecompressionBombError as e:
             raise ValueError(f"mask {name} is too large to open safely ({e})") from None
         except UnidentifiedImageError:

@@ -103,6 +103,17 @@ def test_a_mask_file_reads_as_diffusers_load_image_reads_it(tmp_path, mode):
     np.testing.assert_array_equal(inpaint.prepare_mask(path, H, W, blur=2), reference_mask(load_image(str(path)), blur=2))
 
 
+def test_a_mask_file_with_exif_orientation_is_turned_as_load_image_turns_it(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the picture is stored W0 tall
+    path = tmp_path / "rotated.png"
+    Image.fromarray(np.rint(field(W0, H0, 5) * 255).astype(np.uint8), "L").save(path, exif=exif)
+    assert load_image(str(path)).size == (W0, H0)
+    assert inpaint.load_mask(str(path), (W0, H0)).size == (W0, H0)
+    theirs = MASK_PROCESSOR.preprocess(load_image(str(path)), height=H, width=W)[0, 0].numpy()
+    np.testing.assert_array_equal(inpaint.prepare_mask(str(path), H, W), theirs)
+
+
 def test_nearest_resize_picks_the_pixels_torch_interpolate_picks():
     sizes = [(53, 48), (77, 64), (48, 6), (64, 8), (7, 3), (3, 7), (5, 10), (16, 16), (999, 1000), (1000, 999), (480, 60), (100, 33), (33, 100)]
     sizes += [(26, 22), (45, 39), (52, 46), (2, 82), (3, 123)]  # where a float64 scale picks other pixels than torch's float32 one
