@@ -4,7 +4,8 @@ Follows diffusers' ``from_single_file`` (``diffusers/loaders/single_file_utils.p
 from the tensor names and shapes, as ``infer_diffusers_model_type``; the key names of each
 component converted to a diffusers folder's (ldm_keys.py), so the models' own ``sanitize()`` and the
 strict loader do the rest; the configs and tokenizers of the family's reference repo, shipped
-verbatim (hub_configs.py) unless a diffusers folder is given for them (diffusers' ``config=``).
+verbatim (hub_configs.py) unless a diffusers folder is given for them (diffusers' ``config=``);
+for an inpainting checkpoint (9 input channels) derived from those (``InpaintingConfigs``).
 
 The file is validated by the safetensors library, then read lazily (safetensors_io.py: ``mx.load``
 reads a tensor only when it is first evaluated) and a component's arrays are handed out once, so
@@ -185,9 +186,9 @@ class SingleFileSource:
             self.family = "sdxl" if xl else ("sd2" if any(k.startswith("cond_stage_model.model.") for k in shapes) else "sd1")
         known = SDXL_TURBO_FILES.get(self.path.stat().st_size)
         self.is_sdxl_turbo = self.family == "sdxl" and known is not None and model_hash(self.path) == known
-        if configs is None:
-            configs = InpaintingConfigs(self.family) if self.inpainting else HubModel(SDXL_TURBO_FOLDER if self.is_sdxl_turbo else FAMILY_FOLDERS[self.family])
-        self.configs = configs
+        if configs is None and self.inpainting:
+            configs = InpaintingConfigs(self.family)
+        self.configs = configs or HubModel(SDXL_TURBO_FOLDER if self.is_sdxl_turbo else FAMILY_FOLDERS[self.family])
         # Converted (still lazy) tensors; each component's are handed out once, then re-read.
         self._pending = self._convert(arrays)
         self._components = set(self._pending)
