@@ -198,3 +198,51 @@ def test_a_prompt_lora_is_merged_for_its_generation_only(tiny_sd1, tmp_path):
     lora_files.merge_into_torch(pipe.text_encoder, lora, "text_encoder", 0.8)
     ref = pipe("a cat", num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE, latents=init.clone(), output_type="latent").images
     assert relative_error(ours, nhwc(ref)) <= 1e-4
+
+
+def test_the_cli_writes_clip_skip_ti_and_lora_hashes_as_a1111_does(tiny_sd1, tmp_path, capsys):
+    """A1111's infotext: ``Clip skip: 2``, ``TI hashes: "name: sha256[:12] of the file"``, ``Lora hashes:
+    "name: addnet hash[:12]"`` (the sha256 of the safetensors data after its header); -v counts the tokens."""
+    import hashlib
+    import json
+    import struct
+
+    import ti_files
+    from transformers import CLIPTokenizer
+
+    from stable_diffusion import images
+    from stable_diffusion.scripts import txt2image
+
+    dims = json.loads((tiny_sd1 / "text_encoder" / "config.json").read_text())["hidden_size"]
+    embedding = ti_files.write_a1111_sd(tmp_path / "EasyNegative.safetensors", ti_files.random_vectors(2, dims))
+    pipe = reference_pipeline(tiny_sd1)
+    (tmp_path / "loras").mkdir()
+    lora = lora_files.write_kohya(tmp_path / "loras" / "style.safetensors", lora_files.random_lora({"unet": pipe.unet}, seed=6))
+    out = tmp_path / "out.png"
+    prompt = "a (cat:1.2) <lora:style:0.5>"
+    txt2image.main(
+        [prompt, "--model", str(tiny_sd1), "--negative_prompt", "EasyNegative, blurry", "--cfg", "5", "--embedding", str(embedding),
+         "--lora-dir", str(tmp_path / "loras"), "--clip-skip", "2", "--steps", "2", "--width", "32", "--height", "32", "--seed", "1",
+         "--no-float16", "--sampler", "euler", "-v", "-o", str(out)]
+    )  # fmt: skip
+    p = images.parse_parameters(images.read_parameters(out))
+    data = lora.read_bytes()
+    header = struct.unpack("<Q", data[:8])[0]
+    assert p["Prompt"] == prompt and p["Negative prompt"] == "EasyNegative, blurry"
+    assert p["Clip skip"] == "2"
+    assert p["TI hashes"] == f"EasyNegative: {hashlib.sha256(embedding.read_bytes()).hexdigest()[:12]}"
+    assert p["Lora hashes"] == f"style: {hashlib.sha256(data[8 + header :]).hexdigest()[:12]}"
+    tokens = len(CLIPTokenizer.from_pretrained(tiny_sd1 / "tokenizer")("a cat", add_special_tokens=False).input_ids)
+    assert f"prompt: {tokens} tokens in 1 chunk(s)" in capsys.readouterr().err
+
+
+def test_a_missing_prompt_lora_stops_the_cli_before_loading(tiny_sd1, tmp_path, capsys):
+    from stable_diffusion import cli
+    from stable_diffusion.scripts import txt2image
+
+    with pytest.raises(SystemExit) as exit:
+        cli.run_cli(lambda: txt2image.main(["a cat <lora:gone:1>", "--model", str(tiny_sd1), "--lora-dir", str(tmp_path), "-o", str(tmp_path / "x.png")]), "sd-txt2image")
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "<lora:gone:1>" in err and "gone.safetensors" in err
+    assert not (tmp_path / "x.png").exists()
