@@ -188,14 +188,17 @@ def run_dpmpp_2s_ancestral(config: dict, num_steps: int, start: int = 0):
         x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
         x_ref = x0 + noise * sigmas[start]
         x = ours.add_noise(mx.array(x0.numpy()), mx.array(noise.numpy()), 2 * start)
-    steps = iter(range(start, num_steps))
-    starts = []
+    starts, noised = [], []  # x at each step's start; the calls whose noise k-diffusion draws
+
+    def noise_sampler(sigma, sigma_next):
+        noised.append(2 * (start + len(starts) - 1) + 1)
+        return call_noise(noised[-1])
+
     x_ref = sampling.sample_dpmpp_2s_ancestral(
-        model, x_ref, sigmas[start:], disable=True,
-        noise_sampler=lambda sigma, sigma_next: call_noise(2 * next(steps) + 1),
-        callback=lambda info: starts.append(info["x"].clone()),
+        model, x_ref, sigmas[start:], disable=True, noise_sampler=noise_sampler, callback=lambda info: starts.append(info["x"].clone())
     )
     ref = starts[1:] + [x_ref]
+    assert [i for i in range(2 * start, len(ours.timesteps)) if ours.noise_used(i)] == noised
 
     got = []
     for i in range(2 * start, len(ours.timesteps)):
