@@ -213,8 +213,9 @@ def prompt_schedules(prompt: str, steps: int) -> list[tuple[int, str]]:
 def _parse_schedule_syntax(prompt: str, steps: int) -> Optional[tuple[list, list]]:
     """The prompt as a tree of text, groups, edits and alternations, and a list of its edits and alternations.
 
-    None when the prompt has no edit and no alternation, or no parse. One pass, no recursion:
-    groups wait on a stack until their closing bracket comes.
+    None when the prompt has no parse. One pass, no recursion: groups wait on a stack until their
+    closing bracket comes. The tree holds every character of the prompt but the brackets, colons
+    and spaces that edits and alternations take up, so without them it gives the prompt back.
     """
     top: list = []  # what lies outside every group
     groups: list[_OpenGroup] = []
@@ -241,7 +242,7 @@ def _parse_schedule_syntax(prompt: str, steps: int) -> Optional[tuple[list, list
             return None
         else:
             (groups[-1].segments[-1] if groups else top).append(token)
-    if not _flatten_open_groups(groups, top) or not nodes:
+    if not _flatten_open_groups(groups, top):
         return None
     return top, nodes
 

@@ -67,6 +67,8 @@ def test_attention_weights_are_bit_identical_to_a1111s_products():
     pieces = dict(parse_prompt_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))))."))
     assert pieces["house"] == 1.5730000000000004
     assert pieces["sky"] == 1.4641000000000006
+    # Brackets left open: all round ones, then the square one: ((1.1 * 1.1) * 1.1) / 1.1.
+    assert parse_prompt_attention("[(((x") == [("x", 1.2100000000000004)]
 
 
 ATTENTION_EDGES = [
@@ -220,6 +222,7 @@ SCHEDULE_EDGES = [
     ("", 10, [[10, ""]]),
     # a backslash escaping nothing leaves no parse: the prompt whole
     ("[a:b:3] \\", 10, [[10, "[a:b:3] \\"]]),
+    ("\\\n[a:b:3]", 10, [[10, "\\\n[a:b:3]"]]),
     # nested editing: every edit's step is listed, even where the text does not change
     ("[[a:b:3]:c:6]", 10, [[3, "a"], [6, "b"], [10, "c"]]),
     ("[a:[b:c:8]:3]", 10, [[3, "a"], [8, "b"], [10, "c"]]),
@@ -248,6 +251,12 @@ SCHEDULE_EDGES = [
     # not an edit: the last part is no number, or more than two colons
     ("[a:b:c] [d:e:f:3]", 10, [[10, "[a:b:c] [d:e:f:3]"]]),
     ("[a:b:3x]", 10, [[10, "[a:b:3x]"]]),
+    ("[a:(1)]", 10, [[10, "[a:(1)]"]]),
+    ("[a:b:(3)] [c:2]", 10, [[2, "[a:b:(3)] "], [10, "[a:b:(3)] c"]]),
+    # a group that is not well formed may hold no "|" nor be part of an edit
+    ("[a|b:1] [c:2]", 10, [[10, "[a|b:1] [c:2]"]]),
+    ("(a|b) [c:2]", 10, [[10, "(a|b) [c:2]"]]),
+    ("[(a:b:c):2]", 10, [[10, "[(a:b:c):2]"]]),
     # a malformed group makes the groups around it text, its own inner groups still count
     ("(x:y:[a:b:3] z)", 10, [[3, "(x:y:a z)"], [10, "(x:y:b z)"]]),
     ("([a:b:3] z]", 10, [[3, "(a z]"], [10, "(b z]"]]),
@@ -313,6 +322,7 @@ LORA_CASES = [
     ("<lora:film:te=0.4>", ("", [("film", 0.4)])),
     ("<lora:film:0.6:0.6>", ("", [("film", 0.6)])),
     ("<lora:film:0.6:unet=0.6>", ("", [("film", 0.6)])),
+    ("<lora:x=y=z:0.5>", ("", [("x=y=z", 0.5)])),  # split("=", 2) gives 3 parts: positional
     # other kinds are removed and not returned (A1111 removes them, then skips unknown ones)
     ("a <hypernet:anime:1> b <LORA:x:1> <foo:bar>", ("a  b  ", [])),
     # no tag: the text unchanged
@@ -330,6 +340,7 @@ def test_extract_loras_follows_a1111s_extra_network_syntax(text, expected):
     [
         ("a <lora:film:strong>", "'strong' is not a number"),
         ("<lora:film:nan>", "not a number"),
+        ("<lora:film:-inf>", "not a number"),
         ("<lora::0.5>", "has no name"),
         ("<lora:te=0.5>", "has no name"),
         ("<lora:film:0.6:0.3>", "UNet weight"),
