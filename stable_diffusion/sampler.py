@@ -605,11 +605,12 @@ def noised(alpha_bar: np.float32, x0: mx.array, noise: mx.array) -> mx.array:
 
 
 class PNDMSampler(Sampler):
-    """PLMS, the pseudo linear multistep method of Liu et al. 2022: diffusers' PNDMScheduler, skip_prk_steps=True.
+    """Pseudo numerical methods (Liu et al. 2022): diffusers' PNDMScheduler.
 
-    n steps make n + 1 UNet calls (one for n = 1): the second-highest timestep comes twice, its
-    second call closing a 2nd-order first step; later steps combine up to 4 past model outputs with
-    the Adams-Bashforth weights. Each update is the paper's transfer formula (9).
+    With skip_prk_steps (the SD configs), PLMS: n steps make n + 1 UNet calls (one for n = 1), the
+    second-highest timestep twice, its second call closing a 2nd-order first step; later steps combine
+    up to 4 past model outputs with the Adams-Bashforth weights. Without, the first 3 steps are
+    4-call Runge-Kutta steps (n + 9 calls). Each update is the paper's transfer formula (9).
     """
 
     name = "pndm"
@@ -620,18 +621,50 @@ class PNDMSampler(Sampler):
         cfg = self.config
         ascending = spaced_timesteps(self.timestep_spacing, num_steps, cfg.num_train_timesteps, cfg.steps_offset)
         ascending = ascending[::-1].round().astype(np.int64)
-        calls = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
-        self._timesteps = calls
+        self._half = cfg.num_train_timesteps // num_steps // 2
+        if cfg.skip_prk_steps:
+            prk = ascending[:0]
+            plms = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
+        elif num_steps < 4:
+            raise ValueError(f"PNDM's Runge-Kutta warm-up (skip_prk_steps=False) needs num_steps >= 4, got {num_steps}")
+        else:
+            # Each of the 3 highest steps at t, t - stride/2 (twice) and t - stride, as diffusers lists them.
+            prk = np.repeat(ascending[-4:], 2) + np.tile([0, self._half], 4)
+            prk = np.repeat(prk[:-1], 2)[1:-1][::-1]
+            plms = ascending[:-3][::-1]
+        self._prk = prk
+        self._timesteps = np.concatenate([prk, plms])
         self._stride = cfg.num_train_timesteps // num_steps
         self._final_alpha = np.float32(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
-        self.timesteps = mx.array(calls.astype(np.float32))
+        self.timesteps = mx.array(self._timesteps.astype(np.float32))
         self.init_noise_sigma = 1.0
         self._outputs: list = []  # diffusers' ets: past model outputs, newest last
-        self._counter = 0  # steps taken in this run (an img2img run starts at 0 too)
-        self._first_x: Optional[mx.array] = None
+        self._counter = 0  # calls made in this run (an img2img run starts at 0 too)
+        self._start_x: Optional[mx.array] = None  # x where the step under way started
+        self._rk_sum: Optional[mx.array] = None  # the Runge-Kutta step's weighted outputs so far
 
     def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
-        t = int(self._timesteps[i])
+        step = self._runge_kutta if self._counter < len(self._prk) else self._linear_multistep
+        x = step(model_output, int(self._timesteps[i]), x)
+        self._counter += 1
+        return x
+
+    def _runge_kutta(self, model_output: mx.array, t: int, x: mx.array) -> mx.array:
+        """One of the 4 calls of a classical Runge-Kutta step (weights 1/6, 1/3, 1/3, 1/6), diffusers' step_prk."""
+        phase = self._counter % 4
+        t_prev = t - (0 if self._counter % 2 else self._half)
+        if phase == 0:
+            self._rk_sum = (1 / 6) * model_output
+            self._outputs.append(model_output)
+            self._start_x = x
+        elif phase < 3:
+            self._rk_sum = self._rk_sum + (1 / 3) * model_output
+        else:
+            model_output = self._rk_sum + (1 / 6) * model_output
+        return self._transfer(self._start_x, int(self._prk[self._counter // 4 * 4]), t_prev, model_output)
+
+    def _linear_multistep(self, model_output: mx.array, t: int, x: mx.array) -> mx.array:
+        """diffusers' step_plms."""
         t_prev = t - self._stride
         if self._counter != 1:
             self._outputs = self._outputs[-3:] + [model_output]
@@ -639,17 +672,16 @@ class PNDMSampler(Sampler):
             t_prev, t = t, t + self._stride
         e = self._outputs
         if len(e) == 1 and self._counter == 0:
-            self._first_x = x
+            self._start_x = x
         elif len(e) == 1 and self._counter == 1:
             model_output = (model_output + e[-1]) / 2
-            x, self._first_x = self._first_x, None
+            x, self._start_x = self._start_x, None
         elif len(e) == 2:
             model_output = (3 * e[-1] - e[-2]) / 2
         elif len(e) == 3:
             model_output = (23 * e[-1] - 16 * e[-2] + 5 * e[-3]) / 12
         else:
             model_output = (1 / 24) * (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4])
-        self._counter += 1
         return self._transfer(x, t, t_prev, model_output)
 
     def _transfer(self, x: mx.array, t: int, t_prev: int, model_output: mx.array) -> mx.array:

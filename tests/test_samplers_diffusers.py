@@ -261,9 +261,19 @@ def test_stochastic_step_without_noise_raises(name):
         sampler.step(x, 1, x)
 
 
-def test_pndm_without_skip_prk_steps_raises_one_line():
-    with pytest.raises(ValueError, match="skip_prk_steps"):
-        make_sampler("pndm", tiny_models.SD2_SCHEDULER)
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_pndm_runge_kutta_warm_up_matches_diffusers(config_name):
+    """skip_prk_steps=False (PNDMScheduler's default): 3 Runge-Kutta steps of 4 calls, then PLMS."""
+    config = dict(CONFIGS[config_name], skip_prk_steps=False)
+    for num_steps in (4, 7, 30):
+        ref, ours = build("pndm", config)
+        ref.set_timesteps(num_steps)
+        ours.set_timesteps(num_steps)
+        assert_same_schedule(ref, ours)
+        assert len(ours.timesteps) == num_steps + 9
+        assert max(run_both(ref, ours, num_steps)) <= RTOL
+    with pytest.raises(ValueError, match="num_steps >= 4"):  # diffusers fails on a shape mismatch there
+        ours.set_timesteps(3)
 
 
 # Whole pipeline --------------------------------------------------------------------------------
@@ -294,16 +304,17 @@ def pipelines(request):
     return get
 
 
-# PNDM on SD 1 only: the tiny SD 2's config is no PNDM one (v-prediction PNDM is checked above).
-@pytest.mark.parametrize("name, flavour", [(n, f) for n in NEW for f in ("sd1", "sd2") if (n, f) != ("pndm", "sd2")])
+@pytest.mark.parametrize("flavour", ["sd1", "sd2"])
+@pytest.mark.parametrize("name", list(NEW))
 def test_txt2img_with_each_new_sampler_matches_diffusers(pipelines, name, flavour):
     sd, pipe, own_scheduler = pipelines(flavour)
     steps = 4
     init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(5))
     step_noise = dpm2_a_step_noise(11, steps) if name == "dpm2_a" else torch_step_noise(seed=11)
 
-    # pndm: no sampler named on either side, so SD 1's own PNDMScheduler, as DiffusionPipeline.from_pretrained builds it.
-    default = name == "pndm"
+    # pndm on SD 1: no sampler named on either side, so the folder's own PNDMScheduler (skip_prk_steps), as
+    # DiffusionPipeline.from_pretrained builds it. The tiny SD 2's config (Euler's) has no skip_prk_steps: PRK.
+    default = (name, flavour) == ("pndm", "sd1")
     latents = run_latents(
         sd.generate_latents(PROMPT, num_steps=steps, latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init), step_noise=step_noise, sampler=None if default else name)
     )
