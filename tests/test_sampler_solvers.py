@@ -32,7 +32,9 @@ from diffusers import (
 
 import tiny_models
 from kdiffusion_ref import external, sampling
-from parity import relative_error
+from parity import nhwc, reference_pipeline, relative_error, run_latents, torch_step_noise
+from stable_diffusion import StableDiffusion
+import stable_diffusion.pipeline
 from stable_diffusion.sampler_solvers import SOLVERS, make_solver
 
 # diffusers' schedulers call np.array() on torch tensors, which numpy 2 warns about.
@@ -341,3 +343,97 @@ def test_second_call_of_a_step_without_its_first_raises(name):
     x = mx.zeros(SHAPE)
     with pytest.raises(ValueError, match="call step\\(2\\) first"):
         sampler.step(x, 3, x, x)
+
+
+# Whole pipeline: our facade with each solver vs diffusers' pipeline with its class ---------------
+
+SIZE = 32  # pixels; the tiny VAE downsamples 4x, so latents are 8x8
+PROMPT = "A photo of an astronaut riding a horse on Mars."
+PIPELINE_STEPS = 5
+
+
+@pytest.fixture
+def solvers_in_pipeline(monkeypatch):
+    """The facade builds its samplers with make_sampler: let it build the solvers too."""
+    make_sampler = stable_diffusion.pipeline.make_sampler
+
+    def make(name, scheduler_config, *args, **kwargs):
+        if name in SOLVERS:
+            return make_solver(name, scheduler_config)
+        return make_sampler(name, scheduler_config, *args, **kwargs)
+
+    monkeypatch.setattr(stable_diffusion.pipeline, "make_sampler", make)
+
+
+@pytest.fixture
+def sequential_brownian_noise(monkeypatch):
+    """diffusers' DPMSolverSDEScheduler draws from a Brownian tree; make it draw unit normals from
+    torch.Generator(11) in call order, as ``torch_step_noise(11)`` gives ours."""
+    import diffusers.schedulers.scheduling_dpmsolver_sde as module
+
+    class NoiseSampler:
+        def __init__(self, x, *args, **kwargs):
+            self.shape, self.generator = x.shape, torch.Generator().manual_seed(11)
+
+        def __call__(self, sigma, sigma_next):
+            return torch.randn(self.shape, generator=self.generator)
+
+    monkeypatch.setattr(module, "BrownianTreeNoiseSampler", NoiseSampler)
+
+
+def our_latents(folder, name: str, init: torch.Tensor, step_noise):
+    sd = StableDiffusion(str(folder), sampler=name)
+    latent_size = (SIZE // 4, SIZE // 4)
+    latents = run_latents(
+        sd.generate_latents(PROMPT, num_steps=PIPELINE_STEPS, latent_size=latent_size, latents=nhwc(init), step_noise=step_noise)
+    )
+    assert len(latents) == len(sd._new_sampler(PIPELINE_STEPS, None).timesteps)
+    return latents[-1]
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+@pytest.mark.parametrize("flavour", ["sd1", "sd2"])
+def test_txt2img_with_each_solver_matches_diffusers(request, solvers_in_pipeline, sequential_brownian_noise, flavour, name):
+    folder = request.getfixturevalue(f"tiny_{flavour}")
+    init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(5))
+    latents = our_latents(folder, name, init, torch_step_noise(seed=11))
+
+    cls, overrides = REFERENCE[name]
+    pipe = reference_pipeline(folder)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+    ref = pipe(
+        PROMPT, num_inference_steps=PIPELINE_STEPS, height=SIZE, width=SIZE, latents=init.clone(),
+        generator=torch.Generator().manual_seed(11), output_type="latent",
+    ).images
+    assert relative_error(latents, nhwc(ref)) <= 1e-4
+
+
+@pytest.mark.parametrize("flavour", ["sd1", "sd2"])
+def test_txt2img_with_dpmpp_2s_ancestral_matches_kdiffusion(request, solvers_in_pipeline, flavour):
+    """k-diffusion's sampler on diffusers' UNet and text encoder, with classifier-free guidance (7.5)."""
+    folder = request.getfixturevalue(f"tiny_{flavour}")
+    init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(5))
+    noise = lambda i: torch.randn(init.shape, generator=torch.Generator().manual_seed(100 + i))  # noqa: E731
+    latents = our_latents(folder, "dpm++2s_a", init, lambda i, shape: nhwc(noise(i)))
+
+    pipe = reference_pipeline(folder)
+    schedule = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    schedule.set_timesteps(PIPELINE_STEPS)
+    with torch.no_grad():
+        text, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+        context = torch.cat([uncond, text])
+
+        def guided(x, t):
+            out = pipe.unet(torch.cat([x, x]), t.expand(2), encoder_hidden_states=context).sample
+            out_uncond, out_text = out.chunk(2)
+            return out_uncond + 7.5 * (out_text - out_uncond)
+
+        timesteps = {float(s): float(t) for s, t in zip(schedule.sigmas[:-1], schedule.timesteps)}
+        model = kdiffusion_denoiser(schedule.alphas_cumprod, pipe.scheduler.config.prediction_type, timesteps)
+        model.inner_model = guided
+        steps = iter(range(PIPELINE_STEPS))
+        ref = sampling.sample_dpmpp_2s_ancestral(
+            model, init * schedule.init_noise_sigma, schedule.sigmas, disable=True,
+            noise_sampler=lambda sigma, sigma_next: noise(2 * next(steps) + 1),
+        )
+    assert relative_error(latents, nhwc(ref)) <= 1e-4
