@@ -233,18 +233,16 @@ class PromptEncoder:
         """(the chunks for each text encoder, A1111's token count, what was dropped) of one text."""
         if len(text) > MAX_TEXT_CHARS:  # before the parser: each piece alone may be shorter
             raise ValueError(f"the prompt is {len(text)} characters long; at most {MAX_TEXT_CHARS} are accepted")
-        per_encoder = []
-        for e, tokenizer in enumerate(self.tokenizers):
-            lookup = _Lookup(tokenizer, options.embeddings, e)
-            if options.syntax == "none":
-                chunks, count, dropped = _literal_chunk(tokenizer, lookup, text)
-            else:
-                chunks, count = _a1111_chunks(tokenizer, lookup, text, options.emphasis)
-                dropped = ""
-            per_encoder.append(chunks)
-            if e == 0:
-                token_count, first_dropped = count, dropped
-        return per_encoder, token_count, first_dropped
+        per_encoder = [self._encoder_chunks(e, text, options) for e in range(len(self.tokenizers))]
+        _, count, dropped = per_encoder[0]  # the encoders' counts agree: they share CLIP's vocabulary
+        return [chunks for chunks, _, _ in per_encoder], count, dropped
+
+    def _encoder_chunks(self, e: int, text: str, options: TextOptions) -> tuple[list, int, str]:
+        tokenizer = self.tokenizers[e]
+        lookup = _Lookup(tokenizer, options.embeddings, e)
+        if options.syntax == "none":
+            return _literal_chunk(tokenizer, lookup, text)
+        return (*_a1111_chunks(tokenizer, lookup, text, options.emphasis), "")
 
     def _check(self, options: TextOptions):
         if options.syntax not in SYNTAXES:

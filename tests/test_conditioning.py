@@ -302,3 +302,19 @@ def test_a_text_over_max_text_chars_is_refused_before_parsing(sd1):
     text = "(a:1.1) " * (MAX_TEXT_CHARS // 8 + 1)  # every piece short, the whole too long
     with pytest.raises(ValueError, match=f"at most {MAX_TEXT_CHARS}"):
         sd1.ours.encode(text)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_float16_encoders_give_float16_contexts_close_to_the_float32_reference(family, request):
+    root = request.getfixturevalue(f"tiny_{family}")
+    m = _models(root, family)
+    names = ["text_encoder"] + (["text_encoder_2"] if m.xl else [])
+    encoders = [model_io.load_component(root, name, CLIPTextModel, CLIPTextModelConfig, mx.float16) for name in names]
+    half = PromptEncoder(m.tokenizers, encoders, m.xl)
+    embedding = m.embedding(3)
+    for emphasis in ("Original", "No norm"):
+        out = half.encode(LONG + ", " + EMB, TextOptions(emphasis=emphasis, embeddings=(embedding,)))
+        assert out.context.dtype == mx.float16 and mx.all(mx.isfinite(out.context)).item()
+    ref, _ = m.reference(LONG + ", " + EMB, emphasis="No norm", embeddings=[embedding])
+    # The float16 encoder is held to 1e-2 of the float32 reference (test_clip.py); w multiplies once more.
+    assert relative_error(out.context, ref) <= 2e-2
