@@ -323,14 +323,25 @@ def to_diffusers_names(arrays: dict, where: str, config: Optional[dict] = None) 
 
 def derived_config(shapes: dict) -> dict:
     """The config.json of a single ControlNet file (diffusers names -> shapes): its SD family's
-    reference UNet config (``ControlNetModel.from_unet``), with the hint block's channels read
-    from its convs. The family: SDXL when it has ``add_embedding``, SD 2.x when its first
-    cross-attention reads 1024-wide text, else SD 1.x."""
+    reference UNet config (``ControlNetModel.from_unet``), with the transformer depth of each
+    attending level and the hint block's channels read from the tensors (the SDXL "mid" and
+    "small" ControlNets keep fewer transformer blocks than the UNet). The family: SDXL when it has
+    ``add_embedding``, SD 2.x when its first cross-attention reads 1024-wide text, else SD 1.x."""
     context = shapes.get("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight")
     family = "sdxl" if "add_embedding.linear_1.weight" in shapes else "sd2" if context and context[-1] == 1024 else "sd1"
     config = HubModel(FAMILY_FOLDERS[family]).config("unet")
+    depths = list(_as_list(config.get("transformer_layers_per_block", 1), len(config["down_block_types"])))
+    for i in range(len(depths)):
+        if any(k.startswith(f"down_blocks.{i}.attentions.0.") for k in shapes):
+            blocks = [int(k.split(".")[5]) for k in shapes if k.startswith(f"down_blocks.{i}.attentions.0.transformer_blocks.")]
+            depths[i] = max(blocks, default=-1) + 1
+    config["transformer_layers_per_block"] = depths
     conv_in = shapes["controlnet_cond_embedding.conv_in.weight"]  # PyTorch layout (out, in, kh, kw)
     strided = sorted(int(k.split(".")[2]) for k in shapes if k.startswith("controlnet_cond_embedding.blocks.") and k.endswith(".weight"))[1::2]
     config["conditioning_channels"] = conv_in[1]
     config["conditioning_embedding_out_channels"] = [conv_in[0]] + [shapes[f"controlnet_cond_embedding.blocks.{i}.weight"][0] for i in strided]
     return config
+
+
+def _as_list(value, n: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n

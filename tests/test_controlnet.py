@@ -7,6 +7,7 @@ blocks, the same op order) plus a few convs, so float32 rounding (2^-24 per op) 
 ops stays two orders of magnitude below it; a wrong scale, channel order or pooling is an O(1) error.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -40,6 +41,8 @@ FLAVOURS = {
     "sd1_pool": (tiny_models.SD1_UNET, {"global_pool_conditions": True}),
     "sd2": (tiny_models.SD2_UNET, {}),
     "sdxl": (tiny_models.SDXL_UNET, {}),
+    # diffusers/controlnet-canny-sdxl-1.0-mid's layout: transformers without blocks at the upper levels
+    "sdxl_mid": (dict(tiny_models.SDXL_UNET, transformer_layers_per_block=(0, 0, 1)), {}),
 }
 
 
@@ -75,7 +78,7 @@ def _inputs(flavour: str, batch=2, latent=(8, 8), seed=0):
     context = rng.standard_normal((batch, 7, context_dim)).astype(np.float32)
     image = rng.random((batch, 8 * latent[0], 8 * latent[1], 3)).astype(np.float32)
     text_time = None
-    if flavour == "sdxl":
+    if flavour.startswith("sdxl"):
         text_time = (
             rng.standard_normal((batch, POOLED_DIM)).astype(np.float32),
             np.array([[1024, 1024, 0, 0, 1024, 1024], [768, 1344, 32, 16, 1024, 1024]], np.float32)[:batch],
@@ -131,6 +134,7 @@ TIMESTEPS = [517.3, np.array([517.3, 20.7], np.float32)]
         ("sd2", 0.7, True),
         ("sdxl", 1.0, False),
         ("sdxl", 0.7, True),
+        ("sdxl_mid", 0.7, False),
     ],
 )
 def test_controlnet_residuals_match_diffusers(controlnets, flavour, scale, guess_mode):
@@ -283,18 +287,31 @@ def test_single_file_in_diffusers_names_loads(controlnets, tmp_path):
     _assert_residuals_match(_ours(model, x, 517.3, context, image, None), _reference(reference, x, 517.3, context, image, None))
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
-def test_single_file_config_is_the_families_controlnet_config(family):
+def _shaping(config: ControlNetConfig) -> ControlNetConfig:
+    """The config with the transformer depth of levels that have no attention (unused) set to 0."""
+    depths = tuple(d if t == "CrossAttnDownBlock2D" else 0 for d, t in zip(config.transformer_layers_per_block, config.down_block_types))
+    return dataclasses.replace(config, transformer_layers_per_block=depths)
+
+
+@pytest.mark.parametrize(
+    "family, depths",
+    [("sd1", None), ("sd2", None), ("sdxl", None), ("sdxl", [0, 0, 1]), ("sdxl", [0, 0, 0])],
+    ids=["sd1", "sd2", "sdxl", "sdxl-mid", "sdxl-small"],
+)
+def test_single_file_config_is_the_families_controlnet_config(family, depths):
     """Without config_dir, a full-size file's config is that of the ControlNet diffusers'
-    ``from_unet`` builds from the family's reference UNet (shapes only: built on the meta device)."""
+    ``from_unet`` builds from the family's reference UNet (shapes only: built on the meta device),
+    also with the fewer transformer blocks of SDXL's mid and small ControlNets."""
     unet_config = HubModel(FAMILY_FOLDERS[family]).config("unet")
+    if depths is not None:
+        unet_config["transformer_layers_per_block"] = depths
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
         reference = DiffusersControlNet.from_unet(unet, load_weights_from_unet=False)
     ldm = controlnet_to_ldm(reference.state_dict(), reference.config.layers_per_block)
     shapes = {k: tuple(v.shape) for k, v in to_diffusers_names(ldm, "test").items()}
     assert shapes == {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    assert ControlNetConfig.from_dict(derived_config(shapes)) == ControlNetConfig.from_dict(dict(reference.config))
+    assert _shaping(ControlNetConfig.from_dict(derived_config(shapes))) == _shaping(ControlNetConfig.from_dict(dict(reference.config)))
 
 
 def test_fp16_variant_is_read_when_float16(controlnets, tmp_path):
