@@ -270,8 +270,8 @@ class _Pipeline:
         def encode_batch(texts: list) -> list:
             results = []
             for encoded in encoder.encode_batch(texts, options):
-                if encoded.dropped:
-                    warnings.warn(encoded.dropped)
+                if encoded.dropped:  # only prompt_syntax="none" drops anything: A1111 syntax reads it all, in chunks
+                    warnings.warn(f"the prompt is longer than CLIP reads at once: {encoded.dropped} were dropped (prompt_syntax='a1111' reads it all)")
                 results.append(guidance.Text(encoded.context, encoded.pooled))
             return results
 

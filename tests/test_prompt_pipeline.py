@@ -246,3 +246,12 @@ def test_a_missing_prompt_lora_stops_the_cli_before_loading(tiny_sd1, tmp_path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "<lora:gone:1>" in err and "gone.safetensors" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_only_literal_syntax_drops_words_and_says_so(tiny_sd1, recwarn):
+    sd = StableDiffusion(str(tiny_sd1), sampler="euler")
+    long = "cat, " * 60  # 120 tokens: 2 chunks read whole with A1111 syntax
+    run_latents(sd.generate_latents(long, num_steps=1, cfg_weight=0, latent_size=(8, 8), seed=0))
+    assert not [w for w in recwarn if "dropped" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"the last 45 of 120 tokens .* were dropped"):
+        run_latents(sd.generate_latents(long, num_steps=1, cfg_weight=0, latent_size=(8, 8), seed=0, prompt_syntax="none"))
