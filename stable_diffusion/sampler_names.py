@@ -18,6 +18,7 @@ Two rules for the noise levels:
 """
 
 import functools
+import warnings
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
@@ -26,11 +27,7 @@ import numpy as np
 from . import sampler as _sampler
 from .config import SCHEDULE_FLAGS, SchedulerConfig
 from .sampler import Sampler, beta_sigmas, linspace_float32, sigma_to_t
-
-try:
-    from .sampler_solvers import SOLVERS
-except ImportError:  # sampler_solvers.py is being written in parallel; its rows say "not implemented yet"
-    SOLVERS = {}
+from .sampler_solvers import SOLVERS, make_solver
 
 SAMPLERS: dict[str, type[Sampler]] = {**_sampler.SAMPLERS, **SOLVERS}
 
@@ -281,13 +278,13 @@ class _A1111Rules:
 
     a1111_schedule: str  # the schedule run ("Automatic" resolved)
     a1111_requested: Optional[str]  # the schedule asked for (None: "Automatic")
-    a1111_sigmas: np.ndarray  # the model's training sigmas as A1111 holds them
+    a1111_model_sigmas: np.ndarray  # the model's training sigmas as A1111 holds them
 
     def set_timesteps(self, num_steps: int) -> None:
         self._check_steps(num_steps)
         row = ROWS[self.name]
-        sigmas = a1111_sigmas(self.a1111_schedule, num_steps, self.a1111_sigmas, row.discard_penultimate)
-        self.set_sigmas(sigmas, a1111_timesteps(sigmas, self.a1111_sigmas))
+        sigmas = a1111_sigmas(self.a1111_schedule, num_steps, self.a1111_model_sigmas, row.discard_penultimate)
+        self.set_sigmas(sigmas, a1111_timesteps(sigmas, self.a1111_model_sigmas))
         # A1111 starts from noise * sigmas[0] (KDiffusionSampler.sample): that is x0 = 0 noised to the
         # first step, in this sampler's own variable (x0 + sigma eps, or the VP form alpha x0 + sigma_t eps).
         self.init_noise_sigma = float(self.add_noise(mx.zeros((1,)), mx.ones((1,)), 0).item())
@@ -301,13 +298,32 @@ def _with_a1111_rules(cls: type) -> type:
 # Building samplers ----------------------------------------------------------------------------------
 
 
-def _own_id(scheduler_config: dict) -> str:
-    """The sampler of the config's own class ("euler" when we do not implement it)."""
+# A1111's sampler when none is named (sd_samplers.samplers[0]).
+A1111_DEFAULT = "dpm++2m"
+
+
+def a1111_img2img_start(num_steps: int, strength: float) -> int:
+    """The step A1111's img2img starts at (sd_samplers_common.setup_img2img_steps, KDiffusionSampler.sample_img2img).
+
+    It runs int(min(strength, 0.999) * steps) + 1 of the steps' sigmas: one step more than diffusers'
+    get_timesteps, from sigmas[steps - t_enc - 1].
+    """
+    return num_steps - int(min(strength, 0.999) * num_steps) - 1
+
+
+def _own_id(scheduler_config: dict, rules: str) -> str:
+    """The sampler of the config's own class; Euler (A1111's rules: DPM++ 2M) when we have none of it."""
     own = scheduler_config.get("_class_name")
     if own == _DPM_SOLVER:
-        sde = scheduler_config.get("algorithm_type") == "sde-dpmsolver++"
-        return "dpm++2m_sde" if sde and "dpm++2m_sde" in SAMPLERS else "dpm++2m"
-    return next((id for id, cls in SAMPLERS.items() if cls.diffusers_class == own), "euler")
+        id = "dpm++2m_sde" if scheduler_config.get("algorithm_type") == "sde-dpmsolver++" else "dpm++2m"
+    else:
+        id = next((id for id, cls in SAMPLERS.items() if cls.diffusers_class == own), None)
+    if rules == "a1111" and (id is None or ROWS[id].k_diffusion == "-"):
+        return A1111_DEFAULT
+    if id is None:
+        warnings.warn(f"the model's scheduler {own!r} is not implemented; sampling with Euler (pass a sampler to choose another)")
+        return "euler"
+    return id
 
 
 def _is_sigma_based(cls: type) -> bool:
@@ -330,14 +346,15 @@ def make_sampler(name: Optional[str], scheduler_config: dict, schedule: Optional
     """A new sampler for one run, on the model's ``scheduler_config.json`` dict.
 
     ``name``: see ``resolve`` (None: the config's own class; a class we do not implement falls back to
-    Euler). ``schedule``: a schedule type (SCHEDULES or A1111's label), for sigma-based samplers.
+    Euler with a warning; under A1111's rules a class that is not an A1111 k-diffusion sampler gives
+    A1111's default, DPM++ 2M). ``schedule``: a schedule type (SCHEDULES or A1111's label), for sigma-based samplers.
     ``rules``: "diffusers" (the class's ``from_config`` with the schedule as a config override) or
     "a1111" (A1111's sigmas and timesteps, for A1111's k-diffusion samplers).
     """
     if rules not in RULES:
         raise ValueError(f"unknown sampler rules {rules!r} (valid: {', '.join(RULES)})")
     id, schedule = resolve(name, schedule)
-    id = id or _own_id(scheduler_config)
+    id = id or _own_id(scheduler_config, rules)
     row, cls = ROWS[id], SAMPLERS[id]
     sigma_based = _is_sigma_based(cls)
     if schedule is not None and not sigma_based:
@@ -345,21 +362,20 @@ def make_sampler(name: Optional[str], scheduler_config: dict, schedule: Optional
     if rules == "a1111" and row.k_diffusion == "-":
         raise ValueError(f"rules='a1111' applies to A1111's k-diffusion samplers; {row.a1111!r} is not one of them: use rules='diffusers'")
     config = dict(scheduler_config)
-    if name is not None:
-        config.update(row.overrides)
     if not sigma_based or rules == "a1111":
         # diffusers' classes without these flags ignore them; under A1111's rules the schedule is A1111's.
         config = {k: v for k, v in config.items() if k not in SCHEDULE_FLAGS}
     if rules == "diffusers":
         config = _diffusers_schedule(config, schedule)
-    config_class = getattr(cls, "config_class", "") or cls.diffusers_class
-    parsed = SchedulerConfig.from_dict(config, config_class)
+    # The modules' own builders apply each row's overrides (DPM++ 2M SDE's algorithm_type...).
+    sampler = make_solver(id, config) if id in SOLVERS else _sampler.make_sampler(id, config)
     if rules == "diffusers":
-        return cls(parsed)
-    sampler = _with_a1111_rules(cls)(parsed)
+        return sampler
+    # The same sampler with A1111's set_timesteps (a subclass that adds no state of its own).
+    sampler.__class__ = _with_a1111_rules(cls)
     sampler.a1111_requested = schedule
     sampler.a1111_schedule = schedule or row.automatic or "uniform"
-    sampler.a1111_sigmas = model_sigmas(ldm_alphas_cumprod(parsed))
+    sampler.a1111_model_sigmas = model_sigmas(ldm_alphas_cumprod(sampler.config))
     return sampler
 
 

@@ -68,6 +68,7 @@ DIFFUSERS_CLASS = {
     "DEIS": "DEISMultistepScheduler",
 }
 ROWS = {row.a1111: row for row in TABLE}
+_DPM = "DPMSolverMultistepScheduler"
 
 
 # Names -----------------------------------------------------------------------------------------
@@ -166,7 +167,25 @@ def test_the_model_config_picks_its_own_sampler():
     dpm = dict(SD15, _class_name="DPMSolverMultistepScheduler")
     assert make_sampler(None, dpm).name == "dpm++2m"
     assert make_sampler(None, dict(dpm, algorithm_type="sde-dpmsolver++")).name == "dpm++2m_sde"
-    assert make_sampler(None, dict(SD15, _class_name="KarrasVeScheduler")).name == "euler"
+    with pytest.warns(UserWarning, match="the model's scheduler 'KarrasVeScheduler' is not implemented; sampling with Euler"):
+        assert make_sampler(None, dict(SD15, _class_name="KarrasVeScheduler")).name == "euler"
+    # Under A1111's rules a model's own PLMS is not one of A1111's k-diffusion samplers: A1111's default.
+    assert make_sampler(None, SD15, rules="a1111").name == "dpm++2m"
+    assert make_sampler(None, dict(SD15, _class_name="EulerDiscreteScheduler"), rules="a1111").name == "euler"
+
+
+def test_the_row_overrides_are_what_the_sampler_runs():
+    for row in TABLE:
+        config = make_sampler(row.id, dict(SD15, _class_name=_DPM, algorithm_type="dpmsolver++")).config
+        for key, value in row.overrides:
+            assert getattr(config, key) == value, (row.id, key)
+
+
+def test_a1111_img2img_starts_one_step_before_diffusers():
+    """sd_samplers_common.setup_img2img_steps: t_enc = int(min(strength, 0.999) * steps); the run is
+    sigmas[steps - t_enc - 1:], t_enc + 1 steps."""
+    for steps, strength, start in ((20, 0.75, 4), (20, 1.0, 0), (30, 0.3, 20), (10, 0.05, 9), (7, 0.5, 3)):
+        assert sampler_names.a1111_img2img_start(steps, strength) == start
 
 
 # Infotext --------------------------------------------------------------------------------------
