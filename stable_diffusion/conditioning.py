@@ -204,6 +204,8 @@ class PromptEncoder:
         (the others padded with empty chunks), and "Original" emphasis rescales chunk i by the mean
         over all the texts, each counted as often as it appears in ``texts``.
         """
+        if not texts:
+            raise ValueError("encode_batch: no texts to encode")
         self._check(options)
         counts = Counter(texts)
         unique = list(counts)

@@ -318,3 +318,8 @@ def test_float16_encoders_give_float16_contexts_close_to_the_float32_reference(f
     ref, _ = m.reference(LONG + ", " + EMB, emphasis="No norm", embeddings=[embedding])
     # The float16 encoder is held to 1e-2 of the float32 reference (test_clip.py); w multiplies once more.
     assert relative_error(out.context, ref) <= 2e-2
+
+
+def test_an_empty_batch_is_refused(sd1):
+    with pytest.raises(ValueError, match="no texts"):
+        sd1.ours.encode_batch([])
