@@ -31,10 +31,13 @@ PICTURES = {
     "noise": np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8),
     "one_row": np.random.default_rng(4).integers(0, 256, (1, 40, 3), dtype=np.uint8),
     "flat": np.full((16, 16, 3), 77, np.uint8),
+    # Grey steps of 25: the Sobel magnitude at each step is exactly 100, so the floored thresholds
+    # of (99.5, 99.9) keep those edges, where 100 would not.
+    "steps": np.repeat(np.repeat((np.arange(8) * 25).astype(np.uint8)[None], 4, 1), 16, 0),
 }
 
 
-@pytest.mark.parametrize("thresholds", [(100, 200), (50, 150), (20, 40), (0, 10), (200, 100), (100.7, 200.2)])
+@pytest.mark.parametrize("thresholds", [(100, 200), (50, 150), (20, 40), (0, 10), (200, 100), (100.7, 200.2), (99.5, 99.9)])
 @pytest.mark.parametrize("name", PICTURES)
 def test_canny_equals_opencv(name, thresholds):
     image = PICTURES[name]
@@ -48,6 +51,7 @@ def test_the_pictures_have_edges_to_compare():
     # Guards the test above against comparing empty maps: the shapes give edges at every threshold pair.
     for thresholds in [(100, 200), (50, 150), (20, 40)]:
         assert 0.01 < (cv2.Canny(PICTURES["shapes"], *thresholds) > 0).mean() < 0.5
+    assert (cv2.Canny(PICTURES["steps"], 99.5, 99.9) > 0).any() and not (cv2.Canny(PICTURES["steps"], 100, 100) > 0).any()
 
 
 @pytest.mark.parametrize(
