@@ -395,7 +395,9 @@ def a1111_label(sampler: Sampler) -> tuple[str, Optional[str]]:
     """The ``Sampler:`` and ``Schedule type:`` values A1111 (>= 1.9) writes for this sampler's run.
 
     A1111 writes the schedule it ran; "Automatic" only where that is the sampler's k-diffusion
-    default (Euler, Euler a, LMS, Heun) or for samplers that take no schedule (DDIM, PLMS, UniPC, LCM).
+    default (Euler, Euler a, LMS, Heun) or for samplers that take no schedule (DDIM, PLMS, LCM).
+    Under diffusers' rules the schedule is read from the config: a spacing A1111 does not have
+    ("leading") is written "Uniform", its nearest.
     """
     row = ROWS[sampler.name]
     if isinstance(sampler, _A1111Rules):
@@ -413,13 +415,16 @@ def parse_infotext_sampler(sampler_field: Optional[str], schedule_field: Optiona
     As A1111 reads them (sd_samplers.get_sampler_and_scheduler, infotext_utils): a missing schedule is
     "Automatic"; a legacy name's suffix ("DPM++ 2M Karras") names the schedule and wins over the field;
     "Automatic" is A1111's default schedule for the sampler (Karras for DPM++ 2M), uniform for its
-    other k-diffusion samplers, and None (no schedule) for the rest.
+    other k-diffusion samplers, and None (the model config's) for the rest. Samplers without
+    schedule types (DDIM, PLMS, LCM) get None whatever the field says.
     """
     if sampler_field is None:
         return None, schedule_id(schedule_field)
     key = _key(sampler_field)
     base, legacy = (key, None) if key in _NAMES else _split_legacy(key)
     id, _ = resolve(base)
+    if not _is_sigma_based(SAMPLERS[id]):
+        return id, None  # A1111 writes a schedule type for these too, and ignores it
     schedule = legacy if legacy not in (None, "automatic") else schedule_id(schedule_field)
     if schedule is None and ROWS[id].k_diffusion != "-":
         schedule = ROWS[id].automatic or "uniform"

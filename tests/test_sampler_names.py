@@ -236,6 +236,8 @@ def test_parse_reads_as_a1111_does():
     assert parse_infotext_sampler("Euler a", None) == ("euler_a", "uniform")
     assert parse_infotext_sampler("Euler", "SGM Uniform") == ("euler", "sgm_uniform")
     assert parse_infotext_sampler("DDIM", "Automatic") == ("ddim", None)
+    assert parse_infotext_sampler("PLMS", "Karras") == ("pndm", None)  # A1111 ignores it
+    assert parse_infotext_sampler("UniPC", None) == ("unipc", None)  # not a k-diffusion sampler: the config's
     assert parse_infotext_sampler("k_lms", "karras") == ("lms", "karras")
 
 
