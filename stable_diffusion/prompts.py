@@ -230,21 +230,27 @@ def _parse_schedule_syntax(prompt: str, steps: int) -> Optional[tuple[list, list
         elif token in (")", "]") and groups:
             node = _close(groups[-1], token, steps)
             if node is None:
+                # This group, and every group around it, is plain text after all.
                 if not _flatten_open_groups(groups, top):
                     return None
                 top.append(token)
-                continue
-            groups.pop()
-            (groups[-1].segments[-1] if groups else top).append(node)
-            if not isinstance(node, list):
-                nodes.append(node)
+            else:
+                groups.pop()
+                _innermost(groups, top).append(node)
+                if not isinstance(node, list):
+                    nodes.append(node)
         elif token == "|":
             return None
         else:
-            (groups[-1].segments[-1] if groups else top).append(token)
+            _innermost(groups, top).append(token)
     if not _flatten_open_groups(groups, top):
         return None
     return top, nodes
+
+
+def _innermost(groups: list[_OpenGroup], top: list) -> list:
+    """Where the next item goes: the innermost open group's current segment, or the top level."""
+    return groups[-1].segments[-1] if groups else top
 
 
 def _close(group: _OpenGroup, closer: str, steps: int) -> Optional[Item]:
