@@ -417,12 +417,6 @@ class _Pipeline:
             raise ValueError(f"cfg_weight {cfg_weight:g} is above {MAX_CFG_WEIGHT:g}: guidance that strong overflows to a black image")
         return num_steps, float(cfg_weight)
 
-    def _prepare_text(self, text, negative_text, prompt_syntax, emphasis, clip_skip, lora_dir):
-        """``_read_text``, and the prompt's LoRAs merged: (text, negative, TextOptions, release);
-        ``release`` unmerges them (None when there were none)."""
-        text, negative_text, options, loras = self._read_text(text, negative_text, prompt_syntax, emphasis, clip_skip)
-        return text, negative_text, options, self._merge_prompt_loras(loras, lora_dir)
-
     def _read_text(self, text, negative_text, prompt_syntax, emphasis, clip_skip):
         """Check the prompt options; take the prompt's ``<lora:NAME:W>`` tags out: (text, negative, TextOptions, loras)."""
         text, negative_text = _check_text(text, negative_text)
@@ -439,11 +433,10 @@ class _Pipeline:
             text, loras = prompts.extract_loras(text)
         return text, negative_text, options, loras
 
-    def _merge_prompt_loras(self, loras: list, lora_dir):
-        """Merge a prompt's LoRAs (NAME.safetensors in ``lora_dir``) for one generation; returns the unmerge, run once."""
-        if not loras:
+    def _merge_prompt_loras(self, paths: list):
+        """Merge a prompt's LoRA files ((path, weight) pairs) for one generation; returns the unmerge, run once."""
+        if not paths:
             return None
-        paths = [(prompt_lora_file(name, weight, lora_dir), weight) for name, weight in loras]
         self._check_no_generation("a <lora:...> tag in the prompt")
         if self._quantized:
             raise ValueError("a <lora:...> tag in the prompt: LoRAs cannot be merged into a quantized model; load them before quantize()")
@@ -559,6 +552,8 @@ class _Pipeline:
         pads the shorter with the empty prompt's chunks and makes one batched call (A1111's option).
         """
         num_steps, cfg_weight = self._resolve(num_steps, cfg_weight, n_images)
+        text, negative_text, options, loras = self._read_text(text, negative_text, prompt_syntax, emphasis, clip_skip)
+        lora_files = [(prompt_lora_file(name, weight, lora_dir), weight) for name, weight in loras]
         _check_pad_conds(pad_conds)
         step_noise = _checked_step_noise(step_noise)
         sampler = self._new_sampler(num_steps, sampler, schedule)
@@ -576,7 +571,7 @@ class _Pipeline:
         if latents is None:
             latents = mx.random.normal((n_images, h, w, self.unet.config.in_channels), key=key_latents)
         f = self.latent_factor
-        text, negative_text, options, release = self._prepare_text(text, negative_text, prompt_syntax, emphasis, clip_skip, lora_dir)
+        release = self._merge_prompt_loras(lora_files)  # last: from here on a failure must release them
         conditioning = self._guarded(release, self._condition, text, negative_text, n_images, cfg_weight, (h * f, w * f), num_steps * sampler.order, options, pad_conds)
         x = latents.astype(mx.float32) * sampler.init_noise_sigma
         return self._run(sampler, x, conditioning, cfg_weight, 0, step_noise or _seeded_noise(key_steps, len(sampler.timesteps)), release)
@@ -609,7 +604,8 @@ class _Pipeline:
         ``image`` is (H, W, 3) in [-1, 1] (mx or numpy; sides multiples of the VAE factor).
         """
         num_steps, cfg_weight = self._resolve(num_steps, cfg_weight, n_images)
-        _check_text(text, negative_text)
+        text, negative_text, options, loras = self._read_text(text, negative_text, prompt_syntax, emphasis, clip_skip)
+        lora_files = [(prompt_lora_file(name, weight, lora_dir), weight) for name, weight in loras]
         _check_pad_conds(pad_conds)
         step_noise = _checked_step_noise(step_noise)
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
@@ -623,8 +619,6 @@ class _Pipeline:
         sampler = self._new_sampler(num_steps, sampler, schedule)
         start = img2img_start(sampler, num_steps, strength)
         key_noise, key_steps = mx.random.split(_key(seed))
-        text, negative_text, options, release = self._prepare_text(text, negative_text, prompt_syntax, emphasis, clip_skip, lora_dir)
-        conditioning = self._guarded(release, self._condition, text, negative_text, n_images, cfg_weight, (H, W), num_steps * sampler.order, options, pad_conds)
 
         tile = tile_size(self.autoencoder.config, 1, H, W, self.vae_dtype.size, None)
         mean, _ = self.autoencoder.encode(image[None].astype(self.vae_dtype), tile)
@@ -635,6 +629,8 @@ class _Pipeline:
         else:
             noise = _checked_noise("noise", noise, x0.shape)
         x = sampler.add_noise(x0, noise.astype(mx.float32), start)
+        release = self._merge_prompt_loras(lora_files)  # last: from here on a failure must release them
+        conditioning = self._guarded(release, self._condition, text, negative_text, n_images, cfg_weight, (H, W), num_steps * sampler.order, options, pad_conds)
         return self._run(sampler, x, conditioning, cfg_weight, start, step_noise or _seeded_noise(key_steps, len(sampler.timesteps)), release)
 
     def _check_memory(self, n_images: int, h: int, w: int, guided: bool):

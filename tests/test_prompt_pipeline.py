@@ -255,3 +255,16 @@ def test_only_literal_syntax_drops_words_and_says_so(tiny_sd1, recwarn):
     assert not [w for w in recwarn if "dropped" in str(w.message)]
     with pytest.warns(UserWarning, match=r"the last 45 of 120 tokens .* were dropped"):
         run_latents(sd.generate_latents(long, num_steps=1, cfg_weight=0, latent_size=(8, 8), seed=0, prompt_syntax="none"))
+
+
+def test_a_refused_call_with_a_prompt_lora_leaves_the_model_as_it_was(tiny_sd1, tmp_path):
+    """A bad argument found with a <lora:...> tag in the prompt: nothing merged, nothing held (load_lora still works)."""
+    pipe = reference_pipeline(tiny_sd1)
+    lora_files.write_kohya(tmp_path / "style.safetensors", lora_files.random_lora({"unet": pipe.unet}, seed=7))
+    sd = StableDiffusion(str(tiny_sd1))
+    before = {k: np.array(v) for k, v in tree_flatten(sd.unet.parameters())}
+    image = np.zeros((SIZE, SIZE, 3), np.float32)
+    with pytest.raises(ValueError, match="noise has shape"):
+        sd.generate_latents_from_image(image, "a cat <lora:style:1>", num_steps=2, noise=mx.zeros((1, 3, 3, 4)), lora_dir=str(tmp_path))
+    assert all(np.array_equal(before[k], np.array(v)) for k, v in tree_flatten(sd.unet.parameters()))
+    sd.load_lora(tmp_path / "style.safetensors")  # no generation holds the weights
