@@ -423,3 +423,33 @@ def test_txt2img_with_dpmpp_2s_ancestral_matches_kdiffusion(request, flavour):
             noise_sampler=lambda sigma, sigma_next: noise(2 * next(steps) + 1),
         )
     assert relative_error(latents, nhwc(ref)) <= 1e-4
+
+
+@pytest.fixture
+def posterior_mean_img2img(monkeypatch):
+    """diffusers' img2img samples the VAE posterior; we start from its mean. Make diffusers do the same."""
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as module
+
+    retrieve = module.retrieve_latents
+    monkeypatch.setattr(module, "retrieve_latents", lambda out, generator=None, sample_mode="sample": retrieve(out, generator, "argmax"))
+
+
+@pytest.mark.parametrize("name", ["dpm++_sde", "unipc"])  # order 2 (two calls a step) and order 1
+def test_img2img_with_a_solver_starts_where_diffusers_does(tiny_sd2, posterior_mean_img2img, sequential_brownian_noise, name):
+    steps, strength = 8, 0.75  # diffusers runs the last 6 steps: from call 2 * 2 = 4 (DPM++ SDE), from step 2 (UniPC)
+    image = np.random.default_rng(0).uniform(0, 1, (SIZE, SIZE, 3)).astype(np.float32)
+    noise = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(7))
+    sd = StableDiffusion(str(tiny_sd2), sampler=name)
+    latents = run_latents(
+        sd.generate_latents_from_image(
+            mx.array(image * 2 - 1), PROMPT, strength=strength, num_steps=steps, noise=nhwc(noise), step_noise=torch_step_noise(seed=11)
+        )
+    )
+    cls, overrides = REFERENCE[name]
+    pipe = reference_pipeline(tiny_sd2, img2img=True)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+    ref = pipe(
+        PROMPT, image=image[None], strength=strength, num_inference_steps=steps, generator=torch.Generator().manual_seed(7), output_type="latent"
+    ).images
+    assert len(latents) == 6 * SOLVERS[name].order - (SOLVERS[name].order - 1)  # DPM++ SDE's last step is one call
+    assert relative_error(latents[-1], nhwc(ref)) <= 1e-4
