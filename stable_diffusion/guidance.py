@@ -40,12 +40,17 @@ def schedule(text: str, steps: int, syntax: str, encode_batch: Callable[[list], 
     """The prompt's (end_step, Text) schedule over ``steps``. Its texts are encoded in one batch, as
     A1111 encodes one prompt's schedule (``conditioning.PromptEncoder.encode_batch``: each distinct
     text once, all padded to the same chunks). ``syntax="none"``: the text as is."""
-    pieces = prompts.prompt_schedules(text, steps) if syntax != "none" else [(steps, text)]
+    pieces = _pieces(text, steps, syntax)
     encoded = encode_batch([piece for _, piece in pieces])
     texts = {}  # one Text per distinct text, so that Guidance builds its batches once per text
     for (_, piece), e in zip(pieces, encoded):
         texts.setdefault(piece, e)
     return [(end, texts[piece]) for end, piece in pieces]
+
+
+def _pieces(text: str, steps: int, syntax: str) -> list:
+    """(end_step, text) pairs: A1111's prompt schedule, or the text whole for ``syntax="none"``."""
+    return prompts.prompt_schedules(text, steps) if syntax != "none" else [(steps, text)]
 
 
 def at(entries: Schedule, k: int) -> Text:
@@ -124,7 +129,7 @@ class PromptInfo:
 def describe(encoder, text: str, steps: int, options, loras: tuple = ()) -> PromptInfo:
     """Tokenize and chunk a prompt's scheduled texts as ``schedule`` will encode them (``encoder``: a
     conditioning.PromptEncoder), without running a text encoder."""
-    pieces = prompts.prompt_schedules(text, steps) if options.syntax != "none" else [(steps, text)]
+    pieces = _pieces(text, steps, options.syntax)
     tokens = chunks = 0
     names = {}
     for piece in dict.fromkeys(piece for _, piece in pieces):
