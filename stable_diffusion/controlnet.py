@@ -153,11 +153,15 @@ class ControlNetModel(nn.Module):
         emb = embed_time(self, timestep, x.shape[0], text_time)
         tembs = iter(self._time_projections(nn.silu(emb)))
 
+        if cond.ndim != 4 or cond.shape[0] not in (1, x.shape[0]) or cond.shape[-1] != config.conditioning_channels:
+            raise ValueError(
+                f"controlnet_cond of shape {tuple(cond.shape)}: expected (1 or {x.shape[0]}, height, width, {config.conditioning_channels})"
+            )
         h = self.conv_in(x)
         hint = self.controlnet_cond_embedding(cond)
         if hint.shape[1:3] != h.shape[1:3]:
             raise ValueError(
-                f"controlnet_cond of size {controlnet_cond.shape[1]}x{controlnet_cond.shape[2]} does not match latents of "
+                f"controlnet_cond of size {cond.shape[1]}x{cond.shape[2]} does not match latents of "
                 f"size {x.shape[1]}x{x.shape[2]}; give the control image at the picture's size (8x the latents')"
             )
         h, skips = run_down_blocks(self.down_blocks, h + hint, tembs, encoder_x)

@@ -174,8 +174,13 @@ def test_one_control_image_is_broadcast_over_the_batch(controlnets):
 def test_control_image_of_the_wrong_size_is_refused(controlnets):
     model = load_controlnet(str(controlnets["sd1"][0]))
     x, context, image, _ = _inputs("sd1")
+    args = (mx.array(x), mx.array(517.3), mx.array(context))
     with pytest.raises(ValueError, match="does not match latents"):
-        model(mx.array(x), mx.array(517.3), mx.array(context), mx.array(image[:, :32, :32]))
+        model(*args, mx.array(image[:, :32, :32]))
+    with pytest.raises(ValueError, match=r"expected \(1 or 2, height, width, 3\)"):
+        model(*args, mx.array(np.concatenate([image] * 2)))
+    with pytest.raises(ValueError, match=r"expected \(1 or 2, height, width, 3\)"):
+        model(*args, mx.array(image[..., :1]))
 
 
 # ---- the UNet's residual inputs ------------------------------------------------------------------
