@@ -323,19 +323,17 @@ class DPMPPSDESampler(SigmaSampler):
     order = 2
 
     def _set_run(self, sigmas: np.ndarray, timesteps: np.ndarray) -> None:
-        t = -np.log(sigmas[:-1])
-        with np.errstate(divide="ignore"):  # -log 0 = inf at the end, where the step is Euler
-            t_next = -np.log(sigmas[1:])
-        t_mid = t + (t_next - t) * F32(0.5)
-        mids = np.exp(-t_mid)
-        self._steps = []  # per step: (coefficients to the midpoint, coefficients from the midpoint), or None (Euler)
-        for k in range(len(t)):
-            if sigmas[k + 1] == 0:
-                self._steps.append(None)
-            else:
-                to_mid = _ancestral_dpm_coefficients(sigmas[k], mids[k])
-                self._steps.append((to_mid, _ancestral_dpm_coefficients(sigmas[k], np.exp(-t_next[k]))))
-        mid_t = sigma_to_t(mids[: len(t) - 1].astype(np.float64), np.log(self.train_sigmas))
+        if sigmas[-1] != 0 or (sigmas[:-1] <= 0).any():
+            raise ValueError(f"{type(self).__name__} needs positive sigmas that end at 0, got {sigmas.tolist()}")
+        n = len(timesteps)
+        t, t_next = -np.log(sigmas[:-2]), -np.log(sigmas[1:-1])
+        mids = np.exp(-(t + (t_next - t) * F32(0.5)))
+        # Per step: the coefficients to the midpoint and from it; the last step is Euler (None).
+        self._steps = [
+            (_ancestral_dpm_coefficients(sigmas[k], mids[k]), _ancestral_dpm_coefficients(sigmas[k], np.exp(-t_next[k])))
+            for k in range(n - 1)
+        ] + [None]
+        mid_t = sigma_to_t(mids.astype(np.float64), np.log(self.train_sigmas))
         calls_t = np.concatenate([timesteps[:1], np.stack([mid_t, timesteps[1:]], axis=-1).reshape(-1)])
         super()._set_run(np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]]), calls_t)
         self._mids = mids

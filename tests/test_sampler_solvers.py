@@ -453,3 +453,9 @@ def test_img2img_with_a_solver_starts_where_diffusers_does(tiny_sd2, posterior_m
     ).images
     assert len(latents) == 6 * SOLVERS[name].order - (SOLVERS[name].order - 1)  # DPM++ SDE's last step is one call
     assert relative_error(latents[-1], nhwc(ref)) <= 1e-4
+
+
+def test_dpmpp_sde_refuses_sigmas_that_do_not_end_at_zero():
+    sampler = make_solver("dpm++_sde", tiny_models.SD1_SCHEDULER)
+    with pytest.raises(ValueError, match="end at 0"):
+        sampler.set_sigmas(np.array([14.6, 1.0, 0.03]), np.array([999.0, 500.0]))
