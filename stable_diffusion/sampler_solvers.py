@@ -26,7 +26,6 @@ import numpy as np
 from .config import SchedulerConfig
 from .sampler import (
     SCHEDULE_SIGMAS,
-    DPMPP2MSampler,
     Sampler,
     SigmaSampler,
     final_sigma,
