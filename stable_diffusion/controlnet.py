@@ -182,6 +182,66 @@ class ControlNetModel(nn.Module):
         return down, mid
 
 
+# ---- several ControlNets in one denoising step --------------------------------------------------
+
+
+@dataclass
+class Control:
+    """One ControlNet's guidance of a generation: its control image (1 or N, H, W, C) in [0, 1] at
+    the picture's size, its weight, and the fraction of the steps it acts on (diffusers'
+    ``controlnet_conditioning_scale``, ``control_guidance_start``/``end``)."""
+
+    model: ControlNetModel
+    image: mx.array
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def keeps(self, step: int, num_steps: int) -> bool:
+        """diffusers' ``controlnet_keep[step]`` (num_steps: the length of the scheduler's timesteps)."""
+        return not (step / num_steps < self.start or (step + 1) / num_steps > self.end)
+
+
+def control_residuals(
+    controls: list[Control],
+    x: mx.array,
+    timestep,
+    context: mx.array,
+    text_time: tuple[mx.array, mx.array] | None,
+    step: int,
+    num_steps: int,
+    uncond_rows: int = 0,
+    guess_mode: bool = False,
+) -> tuple[list[mx.array], mx.array] | None:
+    """The summed residuals of ``controls`` for one UNet call on ``x``, as diffusers' ControlNet
+    pipelines and ``MultiControlNetModel`` compute them; None when no ControlNet acts on this step.
+
+    ``uncond_rows``: how many leading rows of this batch are classifier-free guidance's
+    unconditional half. In guess mode (also whenever the first ControlNet pools its conditions,
+    as diffusers decides) the ControlNets see only the other rows and the unconditional rows get
+    zero residuals. A ControlNet outside its start/end span contributes nothing: diffusers runs
+    it at scale 0, which adds zeros.
+    """
+    guess_mode = guess_mode or controls[0].model.config.global_pool_conditions
+    first = uncond_rows if guess_mode else 0
+    rows = x.shape[0] - first
+    active = [c for c in controls if c.keeps(step, num_steps)]
+    if not active or rows == 0:
+        return None
+    t = timestep if isinstance(timestep, mx.array) else mx.array(timestep)
+    t = mx.broadcast_to(t.reshape(-1), (x.shape[0],))[first:]
+    text_time = None if text_time is None else tuple(a[first:] for a in text_time)
+    down, mid = None, None
+    for c in active:
+        image = c.image if c.image.shape[0] == 1 else mx.concatenate([c.image] * (rows // c.image.shape[0]))
+        d, m = c.model(x[first:], t, context[first:], image, c.scale, text_time, guess_mode)
+        down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
+    if first:
+        down = [mx.concatenate([mx.zeros((first, *d.shape[1:]), d.dtype), d]) for d in down]
+        mid = mx.concatenate([mx.zeros((first, *mid.shape[1:]), mid.dtype), mid])
+    return down, mid
+
+
 # ---- loading -------------------------------------------------------------------------------------
 
 LDM_PREFIX = "control_model."

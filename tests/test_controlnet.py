@@ -375,3 +375,71 @@ def test_bad_files_give_one_clear_error(controlnets, tmp_path):
         load_controlnet(str(tmp_path / "cn"))
     with pytest.raises(ModelLoadError, match="config_dir applies to single"):
         load_controlnet(str(controlnets["sd1"][0]), config_dir=str(controlnets["sd1"][0]))
+
+
+# ---- several ControlNets in one step -------------------------------------------------------------
+
+
+def _multi_reference(nets, x, t, context, images, scales, keeps, uncond_rows, guess_mode):
+    """What diffusers' StableDiffusionControlNetPipeline's loop hands its UNet: MultiControlNetModel
+    at scale * keep, in guess mode on the conditional rows only, with zeros for the others."""
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    first = uncond_rows if guess_mode else 0
+    cond = [_nchw(np.concatenate([im] * ((x.shape[0] - first) // im.shape[0]))) for im in images]
+    with torch.no_grad():
+        down, mid = MultiControlNetModel(nets)(
+            _nchw(x[first:]), torch.tensor(t), torch.from_numpy(context[first:]), cond,
+            [s * k for s, k in zip(scales, keeps)], guess_mode=guess_mode, return_dict=False,
+        )  # fmt: skip
+    if first:
+        down = [torch.cat([torch.zeros_like(d[:first]), d]) for d in down]
+        mid = torch.cat([torch.zeros_like(mid[:first]), mid])
+    return [d.numpy().transpose(0, 2, 3, 1) for d in down], mid.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize(
+    "first, step, guess_mode, n_images",
+    [
+        ("sd1", 0, False, 1),
+        ("sd1", 0, True, 1),
+        ("sd1", 4, False, 1),  # the last step inside the second ControlNet's span
+        ("sd1", 5, False, 1),  # its span (to 0.5) is over
+        ("sd1", 5, True, 2),
+        ("sd1", 0, False, 2),
+        ("sd1_pool", 0, False, 1),  # pooled conditions: diffusers' pipelines switch guess mode on
+    ],
+)
+def test_control_residuals_sum_controlnets_as_diffusers_pipelines(controlnets, first, step, guess_mode, n_images):
+    from stable_diffusion.controlnet import Control, control_residuals
+
+    # diffusers' MultiControlNetModel cannot add a pooled mid residual to a full one: pooled with pooled
+    names = (first, "sd1_pool" if first == "sd1_pool" else "sd1_bgr")
+    scales, spans = (0.8, 0.6), ((0.0, 1.0), (0.0, 0.5))
+    num_steps = 10
+    x, context, image, _ = _inputs("sd1", batch=2 * n_images)  # [unconditional rows; conditional rows]
+    images = [image[:n_images], image[::-1][:n_images].copy()]
+    controls = [
+        Control(load_controlnet(str(controlnets[n][0])), mx.array(im), s, *span)
+        for n, im, s, span in zip(names, images, scales, spans)
+    ]
+    keeps = [1.0 - float(step / num_steps < a or (step + 1) / num_steps > b) for a, b in spans]
+    assert keeps[1] == (0.0 if step == 5 else 1.0)
+    down, mid = control_residuals(controls, mx.array(x), 517.3, mx.array(context), None, step, num_steps, n_images, guess_mode)
+    ours = [np.array(d) for d in down], np.array(mid)
+    guess_mode = guess_mode or first == "sd1_pool"
+    ref = _multi_reference([controlnets[n][1] for n in names], x, 517.3, context, images, scales, keeps, n_images, guess_mode)
+    _assert_residuals_match(ours, ref)
+
+
+def test_control_residuals_are_none_when_no_controlnet_acts(controlnets):
+    from stable_diffusion.controlnet import Control, control_residuals
+
+    x, context, image, _ = _inputs("sd1")
+    control = Control(load_controlnet(str(controlnets["sd1"][0])), mx.array(image[:1]), 1.0, 0.2, 0.8)
+    args = (mx.array(x), 517.3, mx.array(context), None)
+    assert control_residuals([control], *args, step=1, num_steps=10) is None  # 0.1 < start
+    assert control_residuals([control], *args, step=8, num_steps=10) is None  # 0.9 > end
+    assert control_residuals([control], *args, step=2, num_steps=10) is not None
+    # guess mode on a batch of unconditional rows only (guidance run as two UNet batches): nothing to add
+    assert control_residuals([control], *args, step=2, num_steps=10, uncond_rows=2, guess_mode=True) is None
