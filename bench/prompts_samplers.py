@@ -159,6 +159,7 @@ def sampler_overhead(scheduler_config: dict, calls_steps: int) -> list:
         calls = len(sampler.timesteps)
 
         def ours():
+            sampler.set_timesteps(calls_steps)  # a new run: multistep history and counters start empty
             x = mx.array(x0) * sampler.init_noise_sigma
             for i in range(calls):
                 eps = _null_model_mlx(sampler.scale_model_input(x, i), sampler.timesteps[i])
