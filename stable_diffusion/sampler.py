@@ -282,6 +282,15 @@ def sigma_denoised(prediction_type: str, model_output: mx.array, x: mx.array, si
     return model_output
 
 
+def vp_denoised(prediction_type: str, model_output: mx.array, x: mx.array, alpha: np.float32, sigma: np.float32) -> mx.array:
+    """The model's estimate of x0 from x_t = alpha x0 + sigma eps (the DPM-Solver family's variable)."""
+    if prediction_type == "epsilon":
+        return (x - float(sigma) * model_output) / float(alpha)
+    if prediction_type == "v_prediction":
+        return float(alpha) * x - float(sigma) * model_output
+    return model_output
+
+
 class SigmaSampler(Sampler):
     """A sampler in k-diffusion's variable x = x0 + sigma * eps (diffusers' *DiscreteScheduler classes).
 
@@ -820,13 +829,7 @@ class DPMPP2MSampler(Sampler):
         self._prev_i = None
 
     def _denoised(self, model_output: mx.array, i: int, x: mx.array) -> mx.array:
-        alpha_t, sigma_t = float(self._alpha[i]), float(self._sigma[i])
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            return (x - sigma_t * model_output) / alpha_t
-        if kind == "v_prediction":
-            return alpha_t * x - sigma_t * model_output
-        return model_output
+        return vp_denoised(self.config.prediction_type, model_output, x, self._alpha[i], self._sigma[i])
 
     def step(self, model_output: mx.array, i: int, x: mx.array, noise: Optional[mx.array] = None) -> mx.array:
         cfg = self.config

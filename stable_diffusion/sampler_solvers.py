@@ -32,6 +32,7 @@ from .sampler import (
     schedule_type,
     sigma_to_t,
     spaced_timesteps,
+    vp_denoised,
 )
 
 F32 = np.float32
@@ -144,13 +145,7 @@ class MultistepSampler(Sampler):
         self._outputs: list = []  # the model outputs of this run's steps so far (an img2img run starts empty)
 
     def _denoised(self, model_output: mx.array, i: int, x: mx.array) -> mx.array:
-        alpha_t, sigma_t = float(self._alpha[i]), float(self._sigma[i])
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            return (x - sigma_t * model_output) / alpha_t
-        if kind == "v_prediction":
-            return alpha_t * x - sigma_t * model_output
-        return model_output
+        return vp_denoised(self.config.prediction_type, model_output, x, self._alpha[i], self._sigma[i])
 
     def _history(self, output: mx.array) -> list:
         """The outputs of this run's earlier steps (newest last, at most solver_order); records ``output``."""
