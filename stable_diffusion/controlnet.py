@@ -26,7 +26,7 @@ from .config import UNetConfig
 from .errors import ModelLoadError, one_line
 from .hub_configs import FAMILY_FOLDERS, HubModel, offline
 from .ldm_keys import convert_unet
-from .unet import LinearGroup, TimestepEmbedding, UNetMidBlock2DCrossAttn, UNetModel, build_down_blocks, embed_time, run_down_blocks
+from .unet import LinearGroup, UNetMidBlock2DCrossAttn, UNetModel, add_input_layers, build_down_blocks, embed_time, run_down_blocks
 
 CHANNEL_ORDERS = ("rgb", "bgr")
 
@@ -97,14 +97,7 @@ class ControlNetModel(nn.Module):
         super().__init__()
         self.config = config  # ControlNetConfig.from_dict refused what is not implemented
         channels = config.block_out_channels
-        time_embed_dim = 4 * channels[0]
-
-        self.conv_in = nn.Conv2d(
-            config.in_channels, channels[0], config.conv_in_kernel, padding=(config.conv_in_kernel - 1) // 2
-        )
-        self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim)
-        if config.addition_embed_type == "text_time":
-            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, time_embed_dim)
+        time_embed_dim = add_input_layers(self, config)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             channels[0], config.conditioning_channels, config.conditioning_embedding_out_channels
         )

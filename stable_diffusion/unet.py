@@ -470,6 +470,18 @@ def build_down_blocks(config: UNetConfig, temb_channels: int) -> list[DownBlock]
     return [DownBlock(config, i, channels[max(i - 1, 0)], temb_channels) for i in range(len(channels))]
 
 
+def add_input_layers(model: nn.Module, config: UNetConfig) -> int:
+    """Give ``model`` the UNet's ``conv_in``, time embedding and (SDXL) text_time embedding; the
+    ControlNet starts with the same layers. Returns the time embedding's width."""
+    channels = config.block_out_channels
+    time_embed_dim = 4 * channels[0]
+    model.conv_in = nn.Conv2d(config.in_channels, channels[0], config.conv_in_kernel, padding=(config.conv_in_kernel - 1) // 2)
+    model.time_embedding = TimestepEmbedding(channels[0], time_embed_dim)
+    if config.addition_embed_type == "text_time":
+        model.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, time_embed_dim)
+    return time_embed_dim
+
+
 def embed_time(model: nn.Module, timestep, batch: int, text_time: tuple[mx.array, mx.array] | None) -> mx.array:
     """The (B, 4 * C0) embedding the resnets project: diffusers' time_proj + time_embedding, plus
     SDXL's add_embedding of text_time. ``model`` is a UNetModel or a ControlNetModel (same names)."""
@@ -508,15 +520,7 @@ class UNetModel(nn.Module):
         super().__init__()
         self.config = config  # UNetConfig.from_dict refused what is not implemented
         channels = config.block_out_channels
-        time_embed_dim = 4 * channels[0]
-
-        self.conv_in = nn.Conv2d(
-            config.in_channels, channels[0], config.conv_in_kernel, padding=(config.conv_in_kernel - 1) // 2
-        )
-        self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim)
-        if config.addition_embed_type == "text_time":
-            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, time_embed_dim)
-
+        time_embed_dim = add_input_layers(self, config)
         self.down_blocks = build_down_blocks(config, time_embed_dim)
         if config.mid_block_type == "UNetMidBlock2DCrossAttn":
             self.mid_block = UNetMidBlock2DCrossAttn(config, time_embed_dim)
