@@ -258,8 +258,6 @@ def run_reference(preset: str, folder: Path, init: Path, out: Path):
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(
             folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False, torch_dtype=torch.float32
         )
-    if type(pipe.scheduler).__name__ == "PNDMScheduler":  # we run PNDM configs with Euler (README)
-        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     latents = pipe(
         PROMPT,

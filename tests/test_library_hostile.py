@@ -6,7 +6,9 @@ weight that overflows, sizes no machine holds. LoRAs merged before ``quantize()`
 removed from the quantized weights, and ``unload_loras`` says so instead of reporting success.
 """
 
+import math
 import time
+import warnings
 
 import mlx.core as mx
 import numpy as np
@@ -153,13 +155,16 @@ def test_guidance_above_the_maximum_is_refused_and_the_maximum_is_accepted(sd1):
     assert mx.isfinite(next(steps)).all().item()
 
 
-def test_a_long_prompt_is_tokenized_only_as_far_as_clip_reads(sd1, monkeypatch):
-    words = []
-    bpe = sd1.tokenizer.bpe
-    monkeypatch.setattr(sd1.tokenizer, "bpe", lambda word: words.append(word) or bpe(word))
-    with pytest.warns(UserWarning, match="the prompt is longer than CLIP's 77 tokens; the rest was dropped"):
-        sd1.generate_latents("cat " * 20_000, num_steps=1, cfg_weight=0)
-    assert len(words) == 76  # one token per "cat": one beyond the 75 that fit says the prompt was cut
+def test_a_long_prompt_is_read_whole_in_chunks_or_cut_when_literal(sd1):
+    prompt = "cat " * 20_000  # 20,000 tokens, no commas: A1111 fills ceil(20000 / 75) chunks of 75
+    info, _ = sd1.prompt_info(prompt)
+    assert (info.tokens, info.chunks) == (20_000, math.ceil(20_000 / 75))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is dropped, so nothing is said
+        next(sd1.generate_latents(prompt, num_steps=1, cfg_weight=0))
+    # Read literally (diffusers): one row of 77, the rest cut, and said.
+    with pytest.warns(UserWarning, match=r"the last 19925 of 20000 tokens \(CLIP takes 75\) were dropped"):
+        sd1.generate_latents(prompt, num_steps=1, cfg_weight=0, prompt_syntax="none")
 
 
 def test_a_prompt_over_the_character_limit_is_refused_at_the_call(sd1):

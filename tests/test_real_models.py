@@ -21,6 +21,8 @@ import real_models
 import torch
 from parity import relative_error
 
+from stable_diffusion.sampler_names import SAMPLERS
+
 pytestmark = pytest.mark.fullsize
 
 BUILDER = str(Path(real_models.__file__))
@@ -137,6 +139,9 @@ def test_full_size_preset_matches_diffusers(preset, real_folder, tmp_path):
             _wait(process, log)
 
     ours, reference = np.load(tmp_path / "ours.npz"), np.load(tmp_path / "reference.npz")
+    # issue 19: with no sampler named, both run the folder's own scheduler class (PNDM for SD 1.5 and
+    # SD 2.1-base, Euler for SDXL, Euler ancestral for the turbos).
+    assert SAMPLERS[str(ours["sampler"])].diffusers_class == str(reference["scheduler"])
     # Exactly the files diffusers loads: the non-variant weights, never the fp16 or non_ema variant too.
     assert sorted(ours["loaded"]) == real_models.expected_weight_files(preset, float16=False)
     ref_latents = reference["latents"].transpose(0, 2, 3, 1)
@@ -147,53 +152,3 @@ def test_full_size_preset_matches_diffusers(preset, real_folder, tmp_path):
         errors["images"] = relative_error(ours["images"], reference["images"])
     print(f"{preset}: relative error {errors}, ours {ours['seconds'].round(1).tolist()} s (generate, decode)")
     assert max(errors.values()) <= 1e-4, errors
-
-
-# diffusers' default pipeline on a folder, its scheduler as the folder's config names it: the reference
-# for our default sampler (PNDM for SD 1.5 and SD 2.1-base). real_models.py's reference runner swaps
-# PNDM for Euler, so this one runs on its own. argv: folder, init .npy, out .npz, steps, cfg.
-_DEFAULT_REFERENCE = """
-import sys
-import diffusers, numpy as np, torch
-sys.path.insert(0, {tests!r})
-import real_models
-folder, init, out, steps, cfg = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
-pipe = diffusers.DiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False, torch_dtype=torch.float32)
-latents = pipe(real_models.PROMPT, num_inference_steps=steps, guidance_scale=cfg, height=real_models.LATENT * 8, width=real_models.LATENT * 8,
-               latents=torch.from_numpy(np.load(init)), output_type="latent").images
-np.savez(out, latents=latents.numpy(), scheduler=type(pipe.scheduler).__name__, calls=len(pipe.scheduler.timesteps))
-"""
-
-_OURS_DEFAULT = """
-import sys
-sys.path.insert(0, {root!r})
-import mlx.core as mx, numpy as np
-from stable_diffusion import load_model
-folder, init, out, steps, cfg = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
-sd = load_model(folder)
-latents = list(sd.generate_latents({prompt!r}, num_steps=steps, cfg_weight=cfg, latents=mx.array(np.load(init).transpose(0, 2, 3, 1))))
-np.savez(out, latents=np.array(latents[-1]), sampler=sd.sampler.name, calls=len(latents))
-"""
-
-
-@pytest.mark.parametrize("preset", ["sd-1.5", "sd-2.1-base"])
-def test_full_size_default_sampler_is_diffusers_default_pndm(preset, real_folder, tmp_path):
-    """issue 19: with no sampler, the model's own PNDMScheduler, as DiffusionPipeline.from_pretrained(folder) runs it (3 steps)."""
-    folder, steps, cfg = real_folder(preset), 3, real_models.CFG[preset]
-    init = torch.randn((1, 4, real_models.LATENT, real_models.LATENT), generator=torch.Generator().manual_seed(1))
-    np.save(tmp_path / "init.npy", init.numpy())
-    scripts = {
-        "reference": _DEFAULT_REFERENCE.format(tests=str(Path(real_models.__file__).parent)),
-        "ours": _OURS_DEFAULT.format(root=str(Path(real_models.__file__).parents[1]), prompt=real_models.PROMPT),
-    }
-    processes = []
-    for name, script in scripts.items():  # side by side, as the SD 1/2 parity test runs them
-        log = tmp_path / f"{name}.log"
-        args = [sys.executable, "-c", script, folder, tmp_path / "init.npy", tmp_path / f"{name}.npz", steps, cfg]
-        processes.append((subprocess.Popen(list(map(str, args)), stdout=log.open("w"), stderr=subprocess.STDOUT), log))
-    for process, log in processes:
-        _wait(process, log)
-    ours, reference = np.load(tmp_path / "ours.npz"), np.load(tmp_path / "reference.npz")
-    assert (str(reference["scheduler"]), str(ours["sampler"])) == ("PNDMScheduler", "pndm")
-    assert int(ours["calls"]) == int(reference["calls"]) == steps + 1  # PLMS: the second timestep twice
-    assert relative_error(ours["latents"], reference["latents"].transpose(0, 2, 3, 1)) <= 1e-4
