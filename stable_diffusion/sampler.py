@@ -267,6 +267,17 @@ class Sampler:
         if num_steps < 1 or num_steps > self.config.num_train_timesteps:
             raise ValueError(f"num_steps must be in [1, {self.config.num_train_timesteps}], got {num_steps}")
 
+    def _check_in_schedule(self, timesteps: np.ndarray, num_steps: int) -> None:
+        """Refuse timesteps past the training schedule: "leading" spacing plus steps_offset reaches
+        T at num_steps = T, which the classes that index alphas_cumprod (DDIM, PNDM) cannot run
+        (diffusers fails there with an IndexError)."""
+        cfg = self.config
+        last = cfg.num_train_timesteps - 1
+        if timesteps.max() > last:
+            fits = lambda n: spaced_timesteps(self.timestep_spacing, n, cfg.num_train_timesteps, cfg.steps_offset).round().max() <= last  # noqa: E731
+            most = next(n for n in range(num_steps - 1, 0, -1) if fits(n))
+            raise ValueError(f"{self.name}: {num_steps} steps with steps_offset={cfg.steps_offset} reach timestep {int(timesteps.max())}, past the schedule's last ({last}); use at most {most} steps")
+
     def _check_noise(self, noise: Optional[mx.array]) -> None:
         if noise is None:
             raise ValueError(f"{type(self).__name__}.step needs `noise` (unit normal, same shape as x)")
@@ -575,6 +586,7 @@ class DDIMSampler(Sampler):
         cfg = self.config
         timesteps = spaced_timesteps(self.timestep_spacing, num_steps, cfg.num_train_timesteps, cfg.steps_offset)
         timesteps = timesteps.round().astype(np.int64)
+        self._check_in_schedule(timesteps, num_steps)
         ac = self.alphas_cumprod
         final = np.float32(1.0) if cfg.set_alpha_to_one else ac[0]
         prev = timesteps - cfg.num_train_timesteps // num_steps
@@ -630,6 +642,7 @@ class PNDMSampler(Sampler):
         cfg = self.config
         ascending = spaced_timesteps(self.timestep_spacing, num_steps, cfg.num_train_timesteps, cfg.steps_offset)
         ascending = ascending[::-1].round().astype(np.int64)
+        self._check_in_schedule(ascending, num_steps)
         self._half = cfg.num_train_timesteps // num_steps // 2
         if cfg.skip_prk_steps:
             prk = ascending[:0]

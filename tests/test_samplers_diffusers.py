@@ -13,12 +13,14 @@ are exact integrals on our side and scipy's quad of a float32-evaluated polynomi
 they differ by ~1e-7 relative (float32 evaluation), a term of ~1e-7 * |h * derivative| per step.
 """
 
+import json
 import math
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import scipy.stats
+import diffusers
 import torch
 from diffusers import (
     DPMSolverMultistepScheduler,
@@ -36,7 +38,8 @@ from diffusers.utils.torch_utils import randn_tensor
 import tiny_models
 from parity import nhwc, reference_pipeline, relative_error, run_latents, torch_step_noise
 from stable_diffusion import StableDiffusion
-from stable_diffusion.sampler import beta_ppf, make_sampler
+from stable_diffusion.hub_configs import CONFIGS_DIR
+from stable_diffusion.sampler import SAMPLERS, beta_ppf, make_sampler
 
 # diffusers' schedulers call np.array() on torch tensors, which numpy 2 warns about.
 pytestmark = [
@@ -325,3 +328,18 @@ def test_txt2img_with_each_new_sampler_matches_diffusers(pipelines, name, flavou
     ref = pipe(PROMPT, num_inference_steps=steps, height=SIZE, width=SIZE, latents=init.clone(), generator=torch.Generator().manual_seed(11), output_type="latent").images
     assert len(latents) == len(scheduler.timesteps)
     assert relative_error(latents[-1], nhwc(ref)) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["pndm", "ddim"])
+def test_steps_past_the_schedule_are_refused_in_one_line(name):
+    """SD 1.5's config ("leading", steps_offset 1) at 1000 steps reaches timestep 1000, which diffusers'
+    PNDM and DDIM index out of range (IndexError mid-run); we refuse it at set_timesteps."""
+    config = json.loads((CONFIGS_DIR / "stable-diffusion-v1-5" / "scheduler" / "scheduler_config.json").read_text())
+    reference = getattr(diffusers, SAMPLERS[name].diffusers_class).from_config(config)
+    reference.set_timesteps(1000)
+    assert int(reference.timesteps.max()) == 1000 == reference.config.num_train_timesteps  # past alphas_cumprod[999]
+    sampler = make_sampler(name, config)
+    with pytest.raises(ValueError, match=r"^\S+: 1000 steps with steps_offset=1 reach timestep 1000, past the schedule's last \(999\); use at most 999 steps$"):
+        sampler.set_timesteps(1000)
+    sampler.set_timesteps(999)
+    assert int(np.array(sampler.timesteps).max()) == 999
