@@ -11,6 +11,7 @@ import lora_files
 import mlx.core as mx
 import numpy as np
 import pytest
+import ti_files
 import torch
 from a1111_reference import encode_sd, encode_sdxl
 from mlx.utils import tree_flatten
@@ -26,7 +27,15 @@ LONG = (
     + "BREAK ((tall)) trees, [fog], "
     + "a quiet lake with (small boats:0.8), mountains and clouds, " * 10
 )
-NEGATIVE = "blurry, (low quality:1.2)"
+# A negative embedding, as Civitai prompts use one: its name expands to its vectors (ti_files writes it).
+NEGATIVE = "EasyNegative, blurry, (low quality:1.2)"
+
+
+def _negative_embedding(sd, folder, dims: tuple):
+    """An "EasyNegative" file of 3 random vectors per text encoder, loaded into ``sd``; the Embedding."""
+    vectors = [ti_files.random_vectors(3, d, seed=i) for i, d in enumerate(dims)]
+    write = ti_files.write_a1111_sdxl if len(dims) == 2 else ti_files.write_a1111_sd
+    return sd.load_embedding(write(folder / "EasyNegative.safetensors", *vectors))
 
 
 def _chunks(context) -> int:
@@ -60,14 +69,16 @@ def _init(seed=7):
 
 
 @pytest.mark.parametrize("pad_conds", [False, True])
-def test_sd1_three_chunk_weighted_prompt_matches_the_a1111_reference(tiny_sd1, pad_conds):
+def test_sd1_three_chunk_weighted_prompt_matches_the_a1111_reference(tiny_sd1, pad_conds, tmp_path):
     cfg, init = 6.0, _init()
     sd = StableDiffusion(str(tiny_sd1), sampler="Euler")
+    embedding = _negative_embedding(sd, tmp_path, (sd.text_encoder.config.model_dims,))
     ours = run_latents(sd.generate_latents(LONG, num_steps=STEPS, cfg_weight=cfg, negative_text=NEGATIVE, latents=nhwc(init), pad_conds=pad_conds))
 
     pipe = reference_pipeline(tiny_sd1, "EulerDiscreteScheduler")
     cond = encode_sd(pipe.tokenizer, pipe.text_encoder, LONG)
-    uncond = encode_sd(pipe.tokenizer, pipe.text_encoder, NEGATIVE)
+    uncond = encode_sd(pipe.tokenizer, pipe.text_encoder, NEGATIVE, embeddings=[embedding])
+    assert not torch.equal(uncond, encode_sd(pipe.tokenizer, pipe.text_encoder, NEGATIVE))  # the embedding counts
     empty = encode_sd(pipe.tokenizer, pipe.text_encoder, "")
     assert (_chunks(cond), _chunks(uncond)) == (3, 1)
     two_calls = _reference_loop(pipe, init, cfg, lambda k: cond, uncond, batched=False)
@@ -80,15 +91,16 @@ def test_sd1_three_chunk_weighted_prompt_matches_the_a1111_reference(tiny_sd1, p
 
 
 @pytest.mark.parametrize("pad_conds", [False, True])
-def test_sdxl_three_chunk_weighted_prompt_matches_the_a1111_reference(tiny_sdxl, pad_conds):
+def test_sdxl_three_chunk_weighted_prompt_matches_the_a1111_reference(tiny_sdxl, pad_conds, tmp_path):
     cfg, init = 5.0, _init(8)
     sd = StableDiffusionXL(str(tiny_sdxl), sampler="Euler")
+    embedding = _negative_embedding(sd, tmp_path, tuple(e.config.model_dims for e in sd._text_encoders()))
     ours = run_latents(sd.generate_latents(LONG, num_steps=STEPS, cfg_weight=cfg, negative_text=NEGATIVE, latents=nhwc(init), pad_conds=pad_conds))
 
     pipe = reference_pipeline(tiny_sdxl, "EulerDiscreteScheduler", xl=True)
     tokenizers, encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
     cond, cond_pooled = encode_sdxl(tokenizers, encoders, LONG)
-    uncond, uncond_pooled = encode_sdxl(tokenizers, encoders, NEGATIVE)
+    uncond, uncond_pooled = encode_sdxl(tokenizers, encoders, NEGATIVE, embeddings=[embedding])
     assert (_chunks(cond), _chunks(uncond)) == (3, 1)
     if pad_conds:
         empty, _ = encode_sdxl(tokenizers, encoders, "")
