@@ -21,12 +21,14 @@ The order a pipeline calls these in::
     m = latent_mask(pixels, vae_scale_factor)               # (1, h, w, 1)
     9-channel UNet: concat([scale_model_input(x), m, masked latents]) on the channel axis
     4-channel UNet: x = blend_known(step(...), image_latents, noise, m, sampler, i) after each call
+    (the two as Inpainting.unet_input / Inpainting.after_step, which the facades' loop calls)
     picture = apply_overlay(mask, original, decoded, crop)  # only with a crop, as diffusers
 """
 
 import warnings
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
@@ -309,3 +311,41 @@ def blend_known(latents, image_latents, noise, mask, sampler, i: int):
     known = image_latents if last else sampler.add_noise(image_latents, noise, i + 1)
     # The arrays on the left keep an mx result for a numpy mask; the products are diffusers' own.
     return known * (1 - mask) + latents * mask
+
+
+# ---------------------------------------------------------------------------------------------
+# The denoising loop's part
+
+
+def is_inpainting_unet(unet_config) -> bool:
+    """A UNet that takes the mask and the masked image's latents beside the latents (9 input channels)."""
+    return unet_config.in_channels == 9
+
+
+class Inpainting:
+    """One generation's inpainting, applied by the denoising loop around each UNet call.
+
+    ``mask``: latent_mask's (1, h, w, 1). A 9-channel UNet gets ``masked_latents`` (1, h, w, C)
+    beside its input; a 4-channel one (``masked_latents=None``) has the known region reset after
+    every step from ``image_latents`` and the run's starting ``noise`` (blend_known).
+    """
+
+    def __init__(self, mask, masked_latents=None, image_latents=None, noise=None):
+        self.mask = mx.array(mask, dtype=mx.float32)
+        self.masked_latents, self.image_latents, self.noise = masked_latents, image_latents, noise
+
+    def unet_input(self, x: mx.array) -> mx.array:
+        """``torch.cat([latent_model_input, mask, masked_image_latents], dim=1)`` for a 9-channel UNet,
+        the one mask and masked image repeated over the batch (and its guidance halves)."""
+        if self.masked_latents is None:
+            return x
+        n, h, w, _ = x.shape
+        mask = mx.broadcast_to(self.mask, (n, h, w, 1))
+        masked = mx.broadcast_to(self.masked_latents, (n, h, w, self.masked_latents.shape[-1]))
+        return mx.concatenate([x, mask.astype(x.dtype), masked.astype(x.dtype)], axis=-1)
+
+    def after_step(self, x: mx.array, sampler, i: int) -> mx.array:
+        """The latents after timestep index ``i``: a 4-channel model's known region reset (blend_known)."""
+        if self.masked_latents is not None:
+            return x
+        return blend_known(x, self.image_latents, self.noise, self.mask, sampler, i)

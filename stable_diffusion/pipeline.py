@@ -3,8 +3,10 @@
 Follows diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` and their SDXL
 counterparts step for step: the same tokenization (pad to 77 with the model's own pad token), the
 same classifier-free guidance (``uncond + w * (cond - uncond)``, skipped when ``w <= 1``), the same
-initial-noise scaling and img2img strength rule. One deliberate difference, asked for by our
-issue tracker: img2img starts from the VAE posterior *mean* (diffusers draws a posterior sample).
+initial-noise scaling and img2img strength rule; with a mask, ``StableDiffusion(XL)InpaintPipeline``
+(inpaint.py holds the mask's processing and the loop's part). One deliberate difference, asked for
+by our issue tracker: img2img and inpainting encode the VAE posterior *mean* (diffusers draws a
+posterior sample).
 
 Every generation builds its own sampler, so two generators of one model never share state.
 """
@@ -25,7 +27,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import embeddings as embedding_io
-from . import guidance, memory, model_io, prompts
+from . import guidance, inpaint, memory, model_io, prompts
 from . import lora as lora_io
 from .clip import CLIPTextModel
 from .conditioning import PromptEncoder, TextOptions
@@ -155,6 +157,8 @@ class _Pipeline:
 
     is_xl = False
     pipeline_cfg = 7.5  # diffusers' default guidance_scale for this pipeline
+    img2img_strength = 0.8  # StableDiffusionImg2ImgPipeline's default strength
+    inpaint_strength = 1.0  # StableDiffusionInpaintPipeline's
     # Whether a float16 run keeps the VAE in float32 when its config sets force_upcast. diffusers'
     # SD 1/2 pipelines never read the flag: they decode (pipeline_stable_diffusion.py, __call__:
     # vae.decode) and img2img-encode (pipeline_stable_diffusion_img2img.py, prepare_latents:
@@ -472,21 +476,22 @@ class _Pipeline:
             raise
 
     # The denoising loop shared by txt2img and img2img.
-    def _run(self, sampler, x, conditioning, cfg_weight: float, start: int, step_noise: StepNoise, release) -> Iterator[mx.array]:
-        """The generator of a run; ``release`` (a prompt's LoRAs merged for it) also runs if it is dropped unstarted."""
-        run = self._denoise(sampler, x, conditioning, cfg_weight, start, step_noise, release)
+    def _run(self, sampler, x, conditioning, cfg_weight: float, start: int, step_noise: StepNoise, release, inpainting=None) -> Iterator[mx.array]:
+        """The generator of a run; ``release`` (a prompt's LoRAs merged for it) also runs if it is dropped unstarted.
+        ``inpainting``: an inpaint.Inpainting, applied around each UNet call."""
+        run = self._denoise(sampler, x, conditioning, cfg_weight, start, step_noise, release, inpainting)
         if release is not None:
             weakref.finalize(run, release)
         return run
 
-    def _denoise(self, sampler, x, conditioning, cfg_weight: float, start: int, step_noise: StepNoise, release=None) -> Iterator[mx.array]:
+    def _denoise(self, sampler, x, conditioning, cfg_weight: float, start: int, step_noise: StepNoise, release=None, inpainting=None) -> Iterator[mx.array]:
         if release is None:  # else the generation counts from the call, whose LoRA merge it holds
             with _exclusive():
                 self._generations += 1
         try:
             for i in range(start, len(sampler.timesteps)):
                 with _exclusive():  # one step at a time; yielded evaluated, so no thread evaluates it later
-                    x = self._step(sampler, x, conditioning, cfg_weight, i, i - start, step_noise)
+                    x = self._step(sampler, x, conditioning, cfg_weight, i, i - start, step_noise, inpainting)
                     mx.eval(x)
                 yield x
         finally:
@@ -496,7 +501,7 @@ class _Pipeline:
                 with _exclusive():
                     self._generations -= 1
 
-    def _step(self, sampler, x, conditioning, cfg_weight: float, i: int, k: int, step_noise: StepNoise) -> mx.array:
+    def _step(self, sampler, x, conditioning, cfg_weight: float, i: int, k: int, step_noise: StepNoise, inpainting=None) -> mx.array:
         """Timestep index i, the run's k-th UNet call (prompt schedules count calls): one or two UNet batches."""
         guided = cfg_weight > 1
         self._fuse_unet()
@@ -504,6 +509,8 @@ class _Pipeline:
         eps = []
         for context, text_time in conditioning.batches(k):
             x_b = mx.concatenate([x_in] * (context.shape[0] // x.shape[0])) if context.shape[0] > x.shape[0] else x_in
+            if inpainting is not None:
+                x_b = inpainting.unet_input(x_b)
             t = mx.broadcast_to(sampler.timesteps[i], (x_b.shape[0],))
             eps.append(self.unet(x_b.astype(self.dtype), t, context, text_time))
         # The latents stay float32 between steps, whatever the UNet's dtype.
@@ -512,7 +519,8 @@ class _Pipeline:
             eps_uncond, eps_text = eps.split(2)
             eps = eps_uncond + cfg_weight * (eps_text - eps_uncond)
         noise = step_noise(i, x.shape) if sampler.needs_noise else None
-        return sampler.step(eps, i, x, noise)
+        x = sampler.step(eps, i, x, noise)
+        return x if inpainting is None else inpainting.after_step(x, sampler, i)
 
     @_exclusive_method
     def generate_latents(
@@ -557,10 +565,12 @@ class _Pipeline:
         _check_pad_conds(pad_conds)
         step_noise = _checked_step_noise(step_noise)
         sampler = self._new_sampler(num_steps, sampler, schedule)
+        if inpaint.is_inpainting_unet(self.unet.config):
+            raise ValueError("an inpainting model needs an image and a mask: generate_latents_from_image(..., mask=...)")
         key_latents, key_steps = mx.random.split(_key(seed))
+        channels = self.autoencoder.config.latent_channels
         if latents is not None:
             latents = _as_array("latents", latents)
-            channels = self.unet.config.in_channels
             if latents.ndim != 4 or latents.shape[0] != n_images or latents.shape[-1] != channels or 0 in latents.shape:
                 raise ValueError(f"latents has shape {tuple(latents.shape)}; expected ({n_images}, h, w, {channels}), h and w >= 1")
             _check_floats("latents", latents, "floats (unit normal noise)")
@@ -569,7 +579,7 @@ class _Pipeline:
             h, w = _check_size(latent_size or self.defaults.latent_size)
         self._check_memory(n_images, h, w, cfg_weight > 1)
         if latents is None:
-            latents = mx.random.normal((n_images, h, w, self.unet.config.in_channels), key=key_latents)
+            latents = mx.random.normal((n_images, h, w, channels), key=key_latents)
         f = self.latent_factor
         release = self._merge_prompt_loras(lora_files)  # last: from here on a failure must release them
         conditioning = self._guarded(release, self._condition, text, negative_text, n_images, cfg_weight, (h * f, w * f), num_steps * sampler.order, options, pad_conds)
@@ -582,7 +592,7 @@ class _Pipeline:
         image,
         text: str,
         n_images: int = 1,
-        strength: float = 0.8,
+        strength: Optional[float] = None,
         num_steps: Optional[int] = None,
         cfg_weight: Optional[float] = None,
         negative_text: str = "",
@@ -596,18 +606,33 @@ class _Pipeline:
         clip_skip: int = 1,
         pad_conds: bool = False,
         lora_dir: Optional[str] = None,
+        mask=None,
+        mask_blur: float = 0,
+        masked_image_latents: Optional[mx.array] = None,
     ) -> Iterator[mx.array]:
         """img2img: run the last ``img2img_steps(num_steps, strength)`` steps, yielding the latent after
         each of their UNet calls (``denoising_calls(num_steps, strength)``). The prompt options are
         ``generate_latents``'s.
 
         ``image`` is (H, W, 3) in [-1, 1] (mx or numpy; sides multiples of the VAE factor).
+
+        Inpainting: ``mask`` (white = repaint; a picture file, PIL image or (H, W) / (H, W, 1) floats in
+        [0, 1], the image's size), read as diffusers' inpainting pipelines read it (inpaint.load_mask,
+        prepare_mask; ``mask_blur``: its Gaussian blur radius). An inpainting UNet (9 input channels)
+        sees the mask and the masked image's latents at every call; any other has the unmasked region
+        reset to the image after every step. With a mask, strength 1 starts from pure noise, as
+        diffusers, and ``strength`` defaults to the inpainting pipeline's (``inpaint_strength``).
+        The decoded pictures differ from the image slightly outside the mask too (the VAE's round
+        trip); paste them over the original with inpaint.apply_overlay to keep it exactly.
+        ``masked_image_latents`` (1, h, w, C) replaces the masked image's encoding (as ``noise`` does the noise).
         """
         num_steps, cfg_weight = self._resolve(num_steps, cfg_weight, n_images)
         text, negative_text, options, loras = self._read_text(text, negative_text, prompt_syntax, emphasis, clip_skip)
         lora_files = [(prompt_lora_file(name, weight, lora_dir), weight) for name, weight in loras]
         _check_pad_conds(pad_conds)
         step_noise = _checked_step_noise(step_noise)
+        if strength is None:
+            strength = self.img2img_strength if mask is None else self.inpaint_strength
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength!r}")
         run = img2img_steps(num_steps, strength)
@@ -615,23 +640,62 @@ class _Pipeline:
             raise ValueError(f"num_steps * strength = {num_steps * strength:g} leaves no denoising step; raise either")
         image = self._check_image(image)
         H, W, _ = image.shape
-        self._check_memory(n_images, H // self.latent_factor, W // self.latent_factor, cfg_weight > 1)
+        f = self.latent_factor
+        pixels = self._check_inpainting(mask, mask_blur, masked_image_latents, (H, W))
+        self._check_memory(n_images, H // f, W // f, cfg_weight > 1)
         sampler = self._new_sampler(num_steps, sampler, schedule)
         start = img2img_start(sampler, num_steps, strength)
         key_noise, key_steps = mx.random.split(_key(seed))
 
-        tile = tile_size(self.autoencoder.config, 1, H, W, self.vae_dtype.size, None)
-        mean, _ = self.autoencoder.encode(image[None].astype(self.vae_dtype), tile)
-        x0 = self._scale_latents(mean.astype(mx.float32))
+        # Lazy: an encoding nothing reads (a 9-channel model's image at strength 1) is never computed.
+        x0 = self._encode_image(image)
         x0 = mx.broadcast_to(x0, (n_images, *x0.shape[1:]))
         if noise is None:
             noise = mx.random.normal(x0.shape, key=key_noise)
         else:
             noise = _checked_noise("noise", noise, x0.shape)
-        x = sampler.add_noise(x0, noise.astype(mx.float32), start)
+        noise = noise.astype(mx.float32)
+        if pixels is not None and strength == 1:  # diffusers' is_strength_max: pure noise, not the image noised
+            x = noise * sampler.init_noise_sigma
+        else:
+            x = sampler.add_noise(x0, noise, start)
+        inpainting = None if pixels is None else self._inpainting(image, pixels, x0, noise, masked_image_latents)
         release = self._merge_prompt_loras(lora_files)  # last: from here on a failure must release them
         conditioning = self._guarded(release, self._condition, text, negative_text, n_images, cfg_weight, (H, W), num_steps * sampler.order, options, pad_conds)
-        return self._run(sampler, x, conditioning, cfg_weight, start, step_noise or _seeded_noise(key_steps, len(sampler.timesteps)), release)
+        return self._run(sampler, x, conditioning, cfg_weight, start, step_noise or _seeded_noise(key_steps, len(sampler.timesteps)), release, inpainting)
+
+    def _check_inpainting(self, mask, mask_blur, masked_image_latents, size: tuple):
+        """The binarised (H, W) mask of a run (inpaint.prepare_mask), or None for img2img; bad inputs raise ValueError."""
+        if mask is None:
+            if inpaint.is_inpainting_unet(self.unet.config):
+                raise ValueError("an inpainting model needs a mask: generate_latents_from_image(..., mask=...)")
+            if masked_image_latents is not None or mask_blur:
+                raise ValueError("masked_image_latents and mask_blur need a mask")
+            return None
+        H, W = size
+        pixels = inpaint.prepare_mask(inpaint.load_mask(mask, (W, H), mask_blur), H, W)
+        if masked_image_latents is not None:
+            if not inpaint.is_inpainting_unet(self.unet.config):
+                raise ValueError("masked_image_latents is for an inpainting UNet (9 input channels); this model's has 4")
+            f = self.latent_factor
+            _checked_noise("masked_image_latents", masked_image_latents, (1, H // f, W // f, self.autoencoder.config.latent_channels))
+        return pixels
+
+    def _inpainting(self, image, pixels, x0, noise, masked_image_latents) -> inpaint.Inpainting:
+        """The loop's inpainting: the latent mask with the masked image's latents (a 9-channel UNet) or the image's and the noise."""
+        mask = inpaint.latent_mask(pixels, self.latent_factor)
+        if not inpaint.is_inpainting_unet(self.unet.config):
+            return inpaint.Inpainting(mask, image_latents=x0, noise=noise)
+        if masked_image_latents is None:
+            masked_image_latents = self._encode_image(mx.array(inpaint.masked_image(np.array(image, dtype=np.float32), pixels)))
+        return inpaint.Inpainting(mask, masked_latents=mx.array(masked_image_latents).astype(mx.float32))
+
+    def _encode_image(self, image: mx.array) -> mx.array:
+        """(H, W, 3) in [-1, 1] -> the scaled posterior mean (1, h, w, C), float32; tiled when it would not fit."""
+        H, W, _ = image.shape
+        tile = tile_size(self.autoencoder.config, 1, H, W, self.vae_dtype.size, None)
+        mean, _ = self.autoencoder.encode(image[None].astype(self.vae_dtype), tile)
+        return self._scale_latents(mean.astype(mx.float32))
 
     def _check_memory(self, n_images: int, h: int, w: int, guided: bool):
         """Refuse a denoising run that cannot fit before any compute: on the CPU, MLX segfaults when an allocation fails.
@@ -729,6 +793,7 @@ class StableDiffusionXL(_Pipeline):
 
     is_xl = True
     pipeline_cfg = 5.0  # StableDiffusionXLPipeline's default guidance_scale
+    inpaint_strength = 0.9999  # StableDiffusionXLInpaintPipeline's (SDXL img2img's is 0.3, ours stays 0.8)
     # SDXL's VAE overflows in float16: diffusers' SDXL pipelines decode in float32 when
     # `vae.dtype == float16 and vae.config.force_upcast` (pipeline_stable_diffusion_xl.py, __call__:
     # needs_upcasting), and img2img encodes in float32 when force_upcast is set

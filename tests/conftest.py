@@ -46,6 +46,18 @@ def tiny_sdxl_turbo(tmp_path_factory, clip_vocab_dir) -> Path:
     return tiny_models.build_sdxl(snapshot, clip_vocab_dir, turbo=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd1_inpaint(tmp_path_factory, clip_vocab_dir) -> Path:
+    """tiny_sd1 as an inpainting model: a 9-input-channel UNet (latents, mask, masked-image latents)."""
+    return tiny_models.build_sd(tmp_path_factory.mktemp("tiny_sd1_inpaint"), clip_vocab_dir, "sd1", inpaint=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_inpaint(tmp_path_factory, clip_vocab_dir) -> Path:
+    """tiny_sdxl as an inpainting model: a 9-input-channel UNet and StableDiffusionXLInpaintPipeline."""
+    return tiny_models.build_sdxl(tmp_path_factory.mktemp("tiny_sdxl_inpaint"), clip_vocab_dir, inpaint=True)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` check the CUDA kernels against the portable path: they run only where MLX has a CUDA GPU."""
     import mlx.core as mx
