@@ -63,8 +63,10 @@ def reference(folder, xl: bool, sampler=None):
     return pipe
 
 
-def run_both(folder, xl, sampler, n=2, steps=6, cfg=None, negative="", height=SIZE, width=SIZE, masked_image_latents=None, **strength):
-    """Our latents after each call and the decoded last; diffusers' final latents and its pipe."""
+def run_both(folder, xl, sampler, n=2, steps=6, cfg=None, negative="", height=SIZE, width=SIZE, masked_image_latents=None, mask_blur=0, **strength):
+    """Our latents after each call and the decoded last; diffusers' final latents and its pipe.
+
+    ``mask_blur``: ours as the argument, diffusers' as its documentation does it: ``pipe.mask_processor.blur(mask, r)`` first."""
     image, mask = picture_and_mask(height, width)
     noise = torch.randn((n, 4, height // 4, width // 4), generator=torch.Generator().manual_seed(7))
     facade = StableDiffusionXL if xl else StableDiffusion
@@ -72,7 +74,7 @@ def run_both(folder, xl, sampler, n=2, steps=6, cfg=None, negative="", height=SI
     guidance = {} if cfg is None else dict(cfg_weight=cfg)
     latents = run_latents(
         sd.generate_latents_from_image(
-            mx.array(image * 2 - 1), PROMPT, n_images=n, num_steps=steps, negative_text=negative, noise=nhwc(noise), mask=mask,
+            mx.array(image * 2 - 1), PROMPT, n_images=n, num_steps=steps, negative_text=negative, noise=nhwc(noise), mask=mask, mask_blur=mask_blur,
             step_noise=torch_step_noise(seed=7, skip=1),  # diffusers draws the start noise first
             masked_image_latents=None if masked_image_latents is None else nhwc(masked_image_latents),
             **guidance, **strength,
@@ -80,6 +82,8 @@ def run_both(folder, xl, sampler, n=2, steps=6, cfg=None, negative="", height=SI
     )
     pipe = reference(folder, xl, sampler)
     extra = {} if masked_image_latents is None else dict(masked_image_latents=masked_image_latents.clone())
+    if mask_blur:
+        mask = pipe.mask_processor.blur(mask, mask_blur)
     ref = pipe(
         PROMPT, image=image[None], mask_image=mask, height=height, width=width, num_inference_steps=steps, negative_prompt=negative or None,
         num_images_per_prompt=n, generator=torch.Generator().manual_seed(7), output_type="latent",
@@ -128,6 +132,12 @@ def test_injected_masked_image_latents_reach_the_unet_as_diffusers(tiny_sd1_inpa
     """The latents diffusers would sample for the masked image, given to both: no posterior patch needed at strength 1."""
     masked = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(2))
     sd, latents, pipe, ref = run_both(tiny_sd1_inpaint, False, "euler", masked_image_latents=masked, strength=1.0)
+    assert relative_error(latents[-1], nhwc(ref)) <= 1e-4
+
+
+def test_mask_blur_is_the_mask_processors(tiny_sd1_inpaint, posterior_mean):
+    """A blur of 4 moves the binarised edge by whole latent cells on this mask."""
+    sd, latents, pipe, ref = run_both(tiny_sd1_inpaint, False, "euler", mask_blur=4, strength=0.6)
     assert relative_error(latents[-1], nhwc(ref)) <= 1e-4
 
 
