@@ -59,7 +59,7 @@ def run_both(folder, xl, loras):
     init = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(3))
     common = dict(num_steps=3, cfg_weight=5.0, negative_text="blurry", latent_size=(SIZE // 4, SIZE // 4), latents=nhwc(init))
 
-    sd = load_model(str(folder))
+    sd = load_model(str(folder), sampler="euler")  # the reference runs Euler (reference_pipe)
     plain = sd.decode(list(sd.generate_latents(PROMPT, **common))[-1])
     for _, path, _, scale in loras:
         sd.load_lora(path, scale)
