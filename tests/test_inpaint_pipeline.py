@@ -128,6 +128,13 @@ def test_sdxl_inpainting_strength_defaults_to_the_inpaint_pipelines(tiny_sdxl_in
     assert relative_error(latents[-1], nhwc(ref)) <= 1e-4
 
 
+def test_sd_inpainting_strength_defaults_to_the_inpaint_pipelines(tiny_sd1_inpaint, posterior_mean):
+    """StableDiffusionInpaintPipeline's strength 1.0 (img2img's is 0.8): every step, from pure noise."""
+    sd, latents, pipe, ref = run_both(tiny_sd1_inpaint, False, "euler", n=1, steps=5)
+    assert len(latents) == 5
+    assert relative_error(latents[-1], nhwc(ref)) <= 1e-4
+
+
 def test_injected_masked_image_latents_reach_the_unet_as_diffusers(tiny_sd1_inpaint):
     """The latents diffusers would sample for the masked image, given to both: no posterior patch needed at strength 1."""
     masked = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(2))
