@@ -86,10 +86,10 @@ def run_cli(main, prog: str):
     except KeyboardInterrupt:
         if lead:
             print(f"\n{prog}: interrupted", file=sys.stderr)
-        interruptible.exit_if_busy(130)
+        interruptible.exit_if_busy(130, interrupted=True)
         sys.exit(130)
     except SystemExit as e:  # SIGTERM (143) among them: a step still computing must not hold the exit
-        interruptible.exit_if_busy(e.code if isinstance(e.code, int) else 1)
+        interruptible.exit_if_busy(e.code if isinstance(e.code, int) else 1, interrupted=e.code == 143)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -9,7 +9,9 @@ used from any thread (``pipeline``), so the worker needs nothing of its own.
 A step that is still computing when the process stops cannot be cancelled, and letting the
 interpreter shut down under it risks an abort from MLX's C++ side; ``exit_if_busy`` then ends the
 process at once with the status the scripts report (130, 143), after the temporary files have been
-removed by the unwinding.
+removed by the unwinding. After an interrupt it does so whenever a worker has computed at all: an
+interpreter shutdown with an interrupted generation still alive also aborted in MLX's teardown
+(SIGABRT "terminate called without an active exception" or SIGSEGV, 3 of 8 Ctrl-C exits measured).
 """
 
 import os
@@ -18,6 +20,7 @@ import threading
 
 _POLL_S = 0.1
 _workers: set = set()
+_computed = False  # whether any worker has run in this process
 
 
 def call(fn, *args):
@@ -30,8 +33,10 @@ def call(fn, *args):
         except BaseException as e:  # handed to the caller, which raises it in its own thread
             outcome["error"] = e
 
+    global _computed
     worker = threading.Thread(target=work, name="stable-diffusion-step", daemon=True)
     _workers.add(worker)
+    _computed = True
     worker.start()
     while worker.is_alive():
         worker.join(_POLL_S)
@@ -51,9 +56,10 @@ def steps(iterable):
         yield item
 
 
-def exit_if_busy(code: int):
-    """End the process now with ``code`` when a worker is still computing (see the module's docstring)."""
-    if any(worker.is_alive() for worker in _workers):
+def exit_if_busy(code: int, interrupted: bool = False):
+    """End the process now with ``code`` when a worker is still computing, or, ``interrupted`` (Ctrl-C,
+    SIGTERM), when one has computed at all (see the module's docstring)."""
+    if any(worker.is_alive() for worker in _workers) or (interrupted and _computed):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
