@@ -103,13 +103,19 @@ def _multiply_from(pieces: list[list], start: int, multiplier: float) -> None:
 
 def _explicit_weight(weight: str, text: str) -> float:
     """The w of "(x:w)" as a float; A1111's pattern also lets through "1.2.3" and ".", refused here."""
-    try:
-        value = float(weight)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
+    value = _finite_number(weight)
+    if value is None:
         raise ValueError(f"prompt weight {weight!r} is not a number in {_excerpt(text)}; write it like (word:1.2)")
     return value
+
+
+def _finite_number(text: str) -> Optional[float]:
+    """``float(text)`` (as A1111 reads its numbers) when that is a finite number, else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _append_text(pieces: list[list], text: str) -> None:
@@ -390,10 +396,7 @@ def _lora_tag(tag: str, arguments: list[str]) -> tuple[str, float]:
 
 def _tag_number(tag: str, value: str) -> float:
     """A tag's number as A1111's float() reads it, refusing what is no finite number."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number):
+    number = _finite_number(value)
+    if number is None:
         raise ValueError(f"LoRA tag {tag!r}: {value!r} is not a number; write the weight like <lora:NAME:0.8>")
     return number
