@@ -207,10 +207,15 @@ def test_two_ranks_write_the_files_of_one_process(tiny_sd1, job_folder, single):
 
 def test_every_rank_gets_rank_0s_seed_past_int64(tmp_path):
     script = tmp_path / "seed.py"
-    script.write_text(f"from stable_diffusion import distributed\nprint('seed', distributed.Group().broadcast_seed(lambda: {2**64 - 1}))\n")
+    # Each rank writes its own file: the ranks' stdout reaches us interleaved ("seedseed 1844... 1844...").
+    script.write_text(
+        "import os\nfrom stable_diffusion import distributed\n"
+        f"seed = distributed.Group().broadcast_seed(lambda: {2**64 - 1})\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'seed' + os.environ['MLX_RANK']), 'w').write(str(seed))\n"
+    )
     result = subprocess.run(launch_command(2, script), capture_output=True, text=True, env={**_env(), "PYTHONPATH": str(ROOT)}, timeout=300)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-    assert result.stdout.split() == ["seed", str(2**64 - 1)] * 2, result.stdout
+    assert [(tmp_path / f"seed{rank}").read_text() for rank in (0, 1)] == [str(2**64 - 1)] * 2
 
 
 def test_a_busy_port_is_one_line_not_a_traceback(tmp_path):
