@@ -33,7 +33,7 @@ from .clip import CLIPTextModel
 from .conditioning import PromptEncoder, TextOptions
 from .config import AutoencoderConfig, CLIPTextModelConfig, SchedulerConfig, UNetConfig
 from .errors import ModelLoadError, one_line
-from .sampler_names import make_sampler
+from .sampler_names import a1111_img2img_start, make_sampler
 from .unet import UNetModel
 from .vae import Autoencoder, tile_size
 
@@ -128,7 +128,9 @@ def img2img_steps(num_steps: int, strength: float) -> int:
 
 def img2img_start(sampler, num_steps: int, strength: float) -> int:
     """diffusers' get_timesteps: img2img starts at timestep index t_start * order, as a 2nd-order
-    sampler holds two entries per step."""
+    sampler holds two entries per step. Under A1111's rules, A1111's start (one step earlier)."""
+    if hasattr(sampler, "a1111_schedule"):
+        return a1111_img2img_start(num_steps, strength) * sampler.order
     return (num_steps - img2img_steps(num_steps, strength)) * sampler.order
 
 

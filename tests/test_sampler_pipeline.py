@@ -131,3 +131,14 @@ def test_an_unknown_sampler_is_one_line_listing_the_names(tmp_path, capsys):
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--sampler" in err and "'DPM++ 2M'" in err and "'UniPC'" in err
+
+
+@pytest.mark.parametrize("steps, strength", [(10, 0.3), (10, 1.0), (7, 0.75)])
+def test_img2img_under_a1111_rules_runs_a1111s_steps(tiny_sd1, steps, strength):
+    """A1111's img2img (sd_samplers_common.setup_img2img_steps) runs int(min(strength, 0.999) * steps) + 1
+    steps, from sigmas[steps - t_enc - 1]: one more than diffusers' get_timesteps."""
+    sd = StableDiffusion(str(tiny_sd1), sampler="Euler", sampler_rules="a1111")
+    t_enc = int(min(strength, 0.999) * steps)
+    assert sd.denoising_calls(steps, strength=strength) == t_enc + 1
+    image = np.zeros((32, 32, 3), dtype=np.float32)
+    assert len(list(sd.generate_latents_from_image(image, "a cat", num_steps=steps, strength=strength, cfg_weight=0))) == t_enc + 1
