@@ -20,7 +20,8 @@ if mx.cuda.is_available():
     os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "40")
     os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "100")
 
+from .controlnet import CONTROLNET_PRESETS, Control, load_controlnet  # noqa: E402
 from .errors import ModelLoadError  # noqa: E402
 from .pipeline import PRESETS, Defaults, StableDiffusion, StableDiffusionXL, img2img_steps, load_model  # noqa: E402
 
-__all__ = ["Defaults", "ModelLoadError", "PRESETS", "StableDiffusion", "StableDiffusionXL", "img2img_steps", "load_model"]
+__all__ = ["CONTROLNET_PRESETS", "Control", "Defaults", "ModelLoadError", "PRESETS", "StableDiffusion", "StableDiffusionXL", "img2img_steps", "load_controlnet", "load_model"]

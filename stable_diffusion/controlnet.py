@@ -13,22 +13,54 @@ and a single file in the original layout (``control_model.input_hint_block.*``, 
 ``convert_controlnet_checkpoint`` reads it. Safetensors only.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from PIL import Image
 
 from . import model_io, safetensors_io
 from .config import UNetConfig
 from .errors import ModelLoadError, one_line
 from .hub_configs import FAMILY_FOLDERS, HubModel, offline
+from .images import load_image, to_rgb
+from .inpaint import nearest_resize
 from .ldm_keys import convert_unet
 from .unet import LinearGroup, UNetMidBlock2DCrossAttn, UNetModel, add_input_layers, build_down_blocks, embed_time, run_down_blocks
 
 CHANNEL_ORDERS = ("rgb", "bgr")
+
+# Short names for the ControlNets people use most; each maps to a living Hub repo in diffusers' layout.
+_V11 = "lllyasviel/control_v11"
+CONTROLNET_PRESETS = {
+    "sd15-canny": f"{_V11}p_sd15_canny",
+    "sd15-depth": f"{_V11}f1p_sd15_depth",
+    "sd15-openpose": f"{_V11}p_sd15_openpose",
+    "sd15-lineart": f"{_V11}p_sd15_lineart",
+    "sd15-lineart-anime": f"{_V11}p_sd15s2_lineart_anime",
+    "sd15-softedge": f"{_V11}p_sd15_softedge",
+    "sd15-scribble": f"{_V11}p_sd15_scribble",
+    "sd15-seg": f"{_V11}p_sd15_seg",
+    "sd15-normalbae": f"{_V11}p_sd15_normalbae",
+    "sd15-mlsd": f"{_V11}p_sd15_mlsd",
+    "sd15-inpaint": f"{_V11}p_sd15_inpaint",
+    "sd15-tile": f"{_V11}f1e_sd15_tile",
+    "sd15-shuffle": f"{_V11}e_sd15_shuffle",
+    "sd15-ip2p": f"{_V11}e_sd15_ip2p",
+    "sdxl-canny": "diffusers/controlnet-canny-sdxl-1.0",
+    "sdxl-canny-mid": "diffusers/controlnet-canny-sdxl-1.0-mid",
+    "sdxl-canny-small": "diffusers/controlnet-canny-sdxl-1.0-small",
+    "sdxl-depth": "diffusers/controlnet-depth-sdxl-1.0",
+    "sdxl-depth-mid": "diffusers/controlnet-depth-sdxl-1.0-mid",
+    "sdxl-depth-small": "diffusers/controlnet-depth-sdxl-1.0-small",
+}
+_UNION = (
+    "ControlNetUnionModel (xinsir/controlnet-union-sdxl-1.0 and its kind: one network for several control types) "
+    "is not supported; use a single-condition ControlNet such as diffusers/controlnet-canny-sdxl-1.0"
+)
 
 
 @dataclass
@@ -46,6 +78,8 @@ class ControlNetConfig(UNetConfig):
         what = "controlnet"
         if not isinstance(config, dict):
             raise ValueError(f"{what}: expected a JSON object, got a {type(config).__name__}")
+        if config.get("_class_name") == "ControlNetUnionModel" or "num_control_type" in config:
+            raise ValueError(_UNION)
         # A ControlNet has no up blocks: UNetConfig checks the shared fields given the mirror of
         # the down blocks, which nothing builds.
         mirror = ["CrossAttnUpBlock2D" if t == "CrossAttnDownBlock2D" else "UpBlock2D" for t in config.get("down_block_types", ())[::-1]]
@@ -235,6 +269,97 @@ def control_residuals(
     return down, mid
 
 
+def prepare_control_image(image, height: int, width: int) -> mx.array:
+    """A control image as diffusers' ControlNet pipelines prepare it (``VaeImageProcessor(do_convert_rgb=True,
+    do_normalize=False).preprocess(image, height, width)``): (1 or N, height, width, 3) float32 in [0, 1].
+
+    ``image``: a picture file or PIL image (made RGB, Lanczos-resized), or an (H, W, 3) / (N, H, W, 3)
+    float array in [0, 1] (resized nearest-neighbour, as torch's ``interpolate``, when of another size).
+    """
+    if isinstance(image, (str, Path)):
+        image = load_image(image)
+    if isinstance(image, Image.Image):
+        image = to_rgb(image)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
+        return mx.array(np.asarray(image, dtype=np.float32) / 255.0)[None]
+    try:
+        a = np.asarray(image)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"the control image must be a picture or an (H, W, 3) array in [0, 1], got {type(image).__name__} ({one_line(e)[:80]})") from None
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] != 3 or 0 in a.shape:
+        raise ValueError(f"the control image array has shape {a.shape}; expected (H, W, 3) or (N, H, W, 3), RGB")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"the control image array has dtype {a.dtype}; expected floats in [0, 1] (for 8-bit values divide by 255)")
+    if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+        raise ValueError("the control image array must hold finite values in [0, 1]")
+    if a.shape[1:3] != (height, width):
+        a = np.stack([np.stack([nearest_resize(c[..., k], height, width) for k in range(3)], axis=-1) for c in a])
+    return mx.array(a.astype(np.float32))
+
+
+def controlnet_name(controlnet: ControlNetModel) -> str:
+    """What an infotext calls the ControlNet (A1111 writes the model's file name): its folder's, file's or repo's name."""
+    return getattr(controlnet, "source_name", "controlnet")
+
+
+def checked_controls(controls, unet_config, n_images: int, height: int, width: int) -> list:
+    """A generation's ``controls`` checked (ValueError, one line) and their images prepared at ``height`` x ``width``."""
+    if controls is None:
+        return []
+    if isinstance(controls, Control) or not isinstance(controls, (list, tuple)):
+        raise ValueError(f"controls must be a list of Control(model, image, ...), got {type(controls).__name__}")
+    prepared = []
+    for i, control in enumerate(controls):
+        what = f"controls[{i}]"
+        if not isinstance(control, Control):
+            raise ValueError(f"{what} must be a Control(model, image, scale, start, end), got {type(control).__name__}")
+        if not isinstance(control.model, ControlNetModel):
+            raise ValueError(f"{what}.model must be a ControlNet (load_controlnet(...)), got {type(control.model).__name__}")
+        config = control.model.config
+        if (config.cross_attention_dim, config.addition_embed_type) != (unet_config.cross_attention_dim, unet_config.addition_embed_type):
+            raise ValueError(
+                f"{what}: the ControlNet {controlnet_name(control.model)!r} is for another model family "
+                f"(text width {config.cross_attention_dim}, this model's {unet_config.cross_attention_dim}); use one made for this model"
+            )
+        for name in ("scale", "start", "end"):
+            value = getattr(control, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not np.isfinite(value):
+                raise ValueError(f"{what}.{name} must be a finite number, got {value!r}")
+        if not 0 <= control.start < control.end <= 1:
+            raise ValueError(f"{what}: start {control.start:g} and end {control.end:g} must satisfy 0 <= start < end <= 1 (fractions of the steps)")
+        image = prepare_control_image(control.image, height, width)
+        if image.shape[0] not in (1, n_images):
+            raise ValueError(f"{what}: {image.shape[0]} control images for {n_images} images; give one, or one per image")
+        prepared.append(replace(control, image=image, scale=float(control.scale), start=float(control.start), end=float(control.end)))
+    return prepared
+
+
+class ControlRun:
+    """A generation's ControlNets: the residuals of each of its UNet batches.
+
+    ``n_calls``: the UNet calls of the run (img2img: those that run), over which start and end count,
+    as diffusers' ``controlnet_keep`` counts the (truncated) timesteps.
+    """
+
+    def __init__(self, controls: list, guess_mode: bool, n_calls: int):
+        self.controls, self.guess_mode, self.n_calls = controls, guess_mode, n_calls
+        for model in {id(c.model): c.model for c in controls}.values():
+            if not getattr(model, "_fused", False):
+                model.fuse_projections()
+                model._fused = True
+
+    def unet_arguments(self, x: mx.array, timestep, context: mx.array, text_time, k: int, uncond_rows: int) -> dict:
+        """The UNet's residual arguments for the run's k-th call on the batch ``x`` ({} when no ControlNet acts)."""
+        residuals = control_residuals(self.controls, x, timestep, context, text_time, k, self.n_calls, uncond_rows, self.guess_mode)
+        if residuals is None:
+            return {}
+        down, mid = residuals
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
 # ---- loading -------------------------------------------------------------------------------------
 
 LDM_PREFIX = "control_model."
@@ -258,25 +383,33 @@ class _SingleFile:
 
 
 def load_controlnet(model: str, float16: bool = False, config_dir: Optional[str] = None) -> ControlNetModel:
-    """A ControlNet from a diffusers folder, a Hub repo id or a single ``.safetensors`` file.
+    """A ControlNet from a preset name (``CONTROLNET_PRESETS``), a diffusers folder, a Hub repo id or
+    a single ``.safetensors`` file.
 
     float16: the model's dtype (and the folder's ``fp16`` weights when it has them). ``config_dir``
     (a folder holding the ControlNet's ``config.json``) applies to single files, whose keys
     cannot tell every setting; without it a single file is read as a ControlNet of the SD family
     its tensors show (SD 1.x, SD 2.x, SDXL), as ``ControlNetModel.from_unet`` builds one from
-    that family's reference UNet.
+    that family's reference UNet. The model's ``source_name`` is what infotexts call it.
     """
+    if not isinstance(model, (str, Path)) or not str(model).strip():
+        raise ValueError(f"controlnet must be a preset name, a folder, a Hub repo id or a .safetensors file, got {model!r}")
+    model = CONTROLNET_PRESETS.get(str(model), str(model))
     path = Path(model).expanduser()
     dtype = mx.float16 if float16 else mx.float32
     if path.is_file():
-        return model_io.load_component(_single_file(path, config_dir), "controlnet", ControlNetModel, ControlNetConfig, dtype)
+        controlnet = model_io.load_component(_single_file(path, config_dir), "controlnet", ControlNetModel, ControlNetConfig, dtype)
+        controlnet.source_name = path.stem
+        return controlnet
     if config_dir is not None:
         raise ModelLoadError(f"controlnet {model!r}: config_dir applies to single .safetensors files only")
     root = path if path.is_dir() else _hub_folder(model, float16)
     # A diffusers ControlNet folder is one component: config.json and the weights at its top
     # (component ""); a pipeline folder holds it in controlnet/.
     component = "controlnet" if not (root / "config.json").exists() and (root / "controlnet").is_dir() else ""
-    return model_io.load_component(model_io.FolderSource(root), component, ControlNetModel, ControlNetConfig, dtype, float16_files=float16)
+    controlnet = model_io.load_component(model_io.FolderSource(root), component, ControlNetModel, ControlNetConfig, dtype, float16_files=float16)
+    controlnet.source_name = path.name if path.is_dir() else model.rpartition("/")[2]
+    return controlnet
 
 
 def _hub_folder(repo: str, float16: bool) -> Path:
@@ -348,6 +481,8 @@ def to_diffusers_names(arrays: dict, where: str, config: Optional[dict] = None) 
     layers_per_block (without a config: 2, as every SD family's). A file already in diffusers'
     names is taken as it is.
     """
+    if "task_embedding" in arrays or any(k.startswith(("control_add_embedding.", "transformer_layes.")) for k in arrays):
+        raise ModelLoadError(f"{where}: {_UNION}")
     if _DIFFUSERS_KEY in arrays:
         return dict(arrays)
     if any(k.startswith(LDM_PREFIX) for k in arrays):

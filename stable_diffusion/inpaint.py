@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from .images import _oriented, open_regular, to_rgb
+from .images import _oriented, load_image, open_regular, size_to_multiple, to_rgb
 
 MASK_KINDS = "a picture file, a PIL image or an (H, W) / (H, W, 1) float array in [0, 1]"
 
@@ -282,6 +282,44 @@ def apply_overlay(mask, init_image: Image.Image, image: Image.Image, crop=None) 
     image = image.convert("RGBA")
     image.alpha_composite(kept)
     return image.convert("RGB")
+
+
+class MaskCrop:
+    """"Only masked" inpainting (diffusers' ``padding_mask_crop``, A1111's "Inpaint area: Only masked"):
+    the mask's box grown by ``padding`` and to the generation's aspect, filled to ``width`` x ``height``.
+
+    ``image`` and ``mask`` (PIL pictures of that size) go to ``generate_latents_from_image``; ``paste``
+    puts the decoded pictures back into the original, the original kept where the mask is black.
+    """
+
+    def __init__(self, original: Image.Image, mask, padding: int, width: int, height: int):
+        self.original, self.full_mask = original, mask
+        self.box = crop_region(mask, width, height, padding)
+        self.image = crop_and_fill(original, self.box, width, height)
+        self.mask = crop_and_fill(_picture(mask), self.box, width, height).convert("L")
+
+    def paste(self, pictures) -> list:
+        """Decoded pictures ((N, height, width, 3) in [0, 1]) -> PIL pictures of the original's size."""
+        pictures = np.asarray(pictures, dtype=np.float32)
+        as_pil = [Image.fromarray(np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8)) for p in pictures]
+        return [apply_overlay(self.full_mask, self.original, p, self.box) for p in as_pil]
+
+
+def crop_to_mask(image, mask, padding: int, width=None, height=None, blur: float = 0, multiple: int = 8) -> MaskCrop:
+    """The ``MaskCrop`` of ``image`` (a picture file or PIL image: the original) for ``mask`` (anything
+    ``load_mask`` takes, of the image's size; ``blur`` as there). ``width`` x ``height``: the generation's
+    size, by default the image's rounded down to a multiple of ``multiple`` (the VAE factor)."""
+    if isinstance(image, (str, Path)):
+        image = load_image(image)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"only-masked inpainting takes the image as a picture file or PIL image, got {type(image).__name__}")
+    image = to_rgb(image)
+    mask = load_mask(mask, image.size, blur)
+    default = size_to_multiple(image.size, multiple)
+    width, height = width or default[0], height or default[1]
+    if width % multiple or height % multiple:
+        raise ValueError(f"the generation size {width}x{height} must be a multiple of {multiple} on each side")
+    return MaskCrop(image, mask, padding, width, height)
 
 
 def _resize_and_crop(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -27,7 +27,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import embeddings as embedding_io
-from . import guidance, inpaint, memory, model_io, prompts
+from . import controlnet, guidance, inpaint, memory, model_io, prompts
 from . import lora as lora_io
 from .clip import CLIPTextModel
 from .conditioning import PromptEncoder, TextOptions
@@ -47,6 +47,9 @@ PRESETS = {
     "sd-turbo": "stabilityai/sd-turbo",
     "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
     "sdxl-turbo": "stabilityai/sdxl-turbo",
+    "sd-1.5-inpainting": "stable-diffusion-v1-5/stable-diffusion-inpainting",
+    "sd-2-inpainting": "sd2-community/stable-diffusion-2-inpainting",
+    "sdxl-inpainting": "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
 }
 # Adversarially distilled models sample in 1-4 steps without guidance; nothing in their files says
 # so, hence this list of repo ids (a local copy in the HF cache is recognised by its cache path).
@@ -161,6 +164,7 @@ class _Pipeline:
     pipeline_cfg = 7.5  # diffusers' default guidance_scale for this pipeline
     img2img_strength = 0.8  # StableDiffusionImg2ImgPipeline's default strength
     inpaint_strength = 1.0  # StableDiffusionInpaintPipeline's
+    inpaint_cfg = 7.5  # the inpainting pipelines' default guidance_scale (SD and SDXL alike)
     # Whether a float16 run keeps the VAE in float32 when its config sets force_upcast. diffusers'
     # SD 1/2 pipelines never read the flag: they decode (pipeline_stable_diffusion.py, __call__:
     # vae.decode) and img2img-encode (pipeline_stable_diffusion_img2img.py, prepare_latents:
@@ -478,22 +482,22 @@ class _Pipeline:
             raise
 
     # The denoising loop shared by txt2img and img2img.
-    def _run(self, sampler, x, conditioning, cfg_weight: float, start: int, step_noise: StepNoise, release, inpainting=None) -> Iterator[mx.array]:
+    def _run(self, sampler, x, conditioning, cfg_weight: float, start: int, step_noise: StepNoise, release, inpainting=None, control=None) -> Iterator[mx.array]:
         """The generator of a run; ``release`` (a prompt's LoRAs merged for it) also runs if it is dropped unstarted.
-        ``inpainting``: an inpaint.Inpainting, applied around each UNet call."""
-        run = self._denoise(sampler, x, conditioning, cfg_weight, start, step_noise, release, inpainting)
+        ``inpainting``: an inpaint.Inpainting, applied around each UNet call; ``control``: a controlnet.ControlRun."""
+        run = self._denoise(sampler, x, conditioning, cfg_weight, start, step_noise, release, inpainting, control)
         if release is not None:
             weakref.finalize(run, release)
         return run
 
-    def _denoise(self, sampler, x, conditioning, cfg_weight: float, start: int, step_noise: StepNoise, release=None, inpainting=None) -> Iterator[mx.array]:
+    def _denoise(self, sampler, x, conditioning, cfg_weight: float, start: int, step_noise: StepNoise, release=None, inpainting=None, control=None) -> Iterator[mx.array]:
         if release is None:  # else the generation counts from the call, whose LoRA merge it holds
             with _exclusive():
                 self._generations += 1
         try:
             for i in range(start, len(sampler.timesteps)):
                 with _exclusive():  # one step at a time; yielded evaluated, so no thread evaluates it later
-                    x = self._step(sampler, x, conditioning, cfg_weight, i, i - start, step_noise, inpainting)
+                    x = self._step(sampler, x, conditioning, cfg_weight, i, i - start, step_noise, inpainting, control)
                     mx.eval(x)
                 yield x
         finally:
@@ -503,18 +507,23 @@ class _Pipeline:
                 with _exclusive():
                     self._generations -= 1
 
-    def _step(self, sampler, x, conditioning, cfg_weight: float, i: int, k: int, step_noise: StepNoise, inpainting=None) -> mx.array:
+    def _step(self, sampler, x, conditioning, cfg_weight: float, i: int, k: int, step_noise: StepNoise, inpainting=None, control=None) -> mx.array:
         """Timestep index i, the run's k-th UNet call (prompt schedules count calls): one or two UNet batches."""
         guided = cfg_weight > 1
         self._fuse_unet()
         x_in = sampler.scale_model_input(x, i)
         eps = []
-        for context, text_time in conditioning.batches(k):
+        for b, (context, text_time) in enumerate(conditioning.batches(k)):
             x_b = mx.concatenate([x_in] * (context.shape[0] // x.shape[0])) if context.shape[0] > x.shape[0] else x_in
+            t = mx.broadcast_to(sampler.timesteps[i], (x_b.shape[0],))
+            residuals = {}
+            if control is not None:
+                # The unconditional rows lead the first batch (a whole batch of them when the halves run apart).
+                uncond_rows = x.shape[0] if guided and b == 0 else 0
+                residuals = control.unet_arguments(x_b, t, context, text_time, k, uncond_rows)
             if inpainting is not None:
                 x_b = inpainting.unet_input(x_b)
-            t = mx.broadcast_to(sampler.timesteps[i], (x_b.shape[0],))
-            eps.append(self.unet(x_b.astype(self.dtype), t, context, text_time))
+            eps.append(self.unet(x_b.astype(self.dtype), t, context, text_time, **residuals))
         # The latents stay float32 between steps, whatever the UNet's dtype.
         eps = (eps[0] if len(eps) == 1 else mx.concatenate(eps)).astype(mx.float32)
         if guided:
@@ -543,6 +552,8 @@ class _Pipeline:
         clip_skip: int = 1,
         pad_conds: bool = False,
         lora_dir: Optional[str] = None,
+        controls: Optional[list] = None,
+        guess_mode: bool = False,
     ) -> Iterator[mx.array]:
         """Yield the (N, h, w, 4) latent after each UNet call (``denoising_calls``), evaluated.
 
@@ -560,6 +571,11 @@ class _Pipeline:
         ``clip_skip``: A1111's "Clip skip" (1 = the last layer). With guidance, a prompt and a negative
         of different chunk counts take two UNet calls per step (A1111's default); ``pad_conds=True``
         pads the shorter with the empty prompt's chunks and makes one batched call (A1111's option).
+
+        ``controls``: ControlNets guiding the run, ``[Control(load_controlnet(...), image, scale, start,
+        end), ...]``, summed as diffusers' ``MultiControlNetModel``; ``start``/``end`` are fractions of
+        the run's UNet calls. ``guess_mode``: diffusers' (with guidance the ControlNets see the
+        prompt's half only, their residuals scaled from 0.1 at the first skip to 1 at the mid block).
         """
         num_steps, cfg_weight = self._resolve(num_steps, cfg_weight, n_images)
         text, negative_text, options, loras = self._read_text(text, negative_text, prompt_syntax, emphasis, clip_skip)
@@ -579,14 +595,16 @@ class _Pipeline:
             h, w = latents.shape[1:3]  # given latents set the size (SDXL's size conditioning must follow them)
         else:
             h, w = _check_size(latent_size or self.defaults.latent_size)
-        self._check_memory(n_images, h, w, cfg_weight > 1)
+        f = self.latent_factor
+        controls = self._check_controls(controls, guess_mode, n_images, (h * f, w * f))
+        self._check_memory(n_images, h, w, cfg_weight > 1, controls)
         if latents is None:
             latents = mx.random.normal((n_images, h, w, channels), key=key_latents)
-        f = self.latent_factor
+        control = controlnet.ControlRun(controls, guess_mode, len(sampler.timesteps)) if controls else None
         release = self._merge_prompt_loras(lora_files)  # last: from here on a failure must release them
         conditioning = self._guarded(release, self._condition, text, negative_text, n_images, cfg_weight, (h * f, w * f), num_steps * sampler.order, options, pad_conds)
         x = latents.astype(mx.float32) * sampler.init_noise_sigma
-        return self._run(sampler, x, conditioning, cfg_weight, 0, step_noise or _seeded_noise(key_steps, len(sampler.timesteps)), release)
+        return self._run(sampler, x, conditioning, cfg_weight, 0, step_noise or _seeded_noise(key_steps, len(sampler.timesteps)), release, control=control)
 
     @_exclusive_method
     def generate_latents_from_image(
@@ -611,6 +629,8 @@ class _Pipeline:
         mask=None,
         mask_blur: float = 0,
         masked_image_latents: Optional[mx.array] = None,
+        controls: Optional[list] = None,
+        guess_mode: bool = False,
     ) -> Iterator[mx.array]:
         """img2img: run the last ``img2img_steps(num_steps, strength)`` steps, yielding the latent after
         each of their UNet calls (``denoising_calls(num_steps, strength)``). The prompt options are
@@ -627,7 +647,13 @@ class _Pipeline:
         The decoded pictures differ from the image slightly outside the mask too (the VAE's round
         trip); paste them over the original with inpaint.apply_overlay to keep it exactly.
         ``masked_image_latents`` (1, h, w, C) replaces the masked image's encoding (as ``noise`` does the noise).
+        With a mask, unset guidance is the inpainting pipelines' (``inpaint_cfg``) unless the model is distilled.
+        "Only masked" inpainting (diffusers' ``padding_mask_crop``): ``inpaint.crop_to_mask``.
+
+        ``controls`` and ``guess_mode``: as ``generate_latents``; start and end count the calls that run.
         """
+        if mask is not None and cfg_weight is None and self.defaults.cfg_weight > 0:
+            cfg_weight = self.inpaint_cfg
         num_steps, cfg_weight = self._resolve(num_steps, cfg_weight, n_images)
         text, negative_text, options, loras = self._read_text(text, negative_text, prompt_syntax, emphasis, clip_skip)
         lora_files = [(prompt_lora_file(name, weight, lora_dir), weight) for name, weight in loras]
@@ -644,7 +670,8 @@ class _Pipeline:
         H, W, _ = image.shape
         f = self.latent_factor
         pixels = self._check_inpainting(mask, mask_blur, masked_image_latents, (H, W))
-        self._check_memory(n_images, H // f, W // f, cfg_weight > 1)
+        controls = self._check_controls(controls, guess_mode, n_images, (H, W))
+        self._check_memory(n_images, H // f, W // f, cfg_weight > 1, controls)
         sampler = self._new_sampler(num_steps, sampler, schedule)
         start = img2img_start(sampler, num_steps, strength)
         key_noise, key_steps = mx.random.split(_key(seed))
@@ -662,9 +689,10 @@ class _Pipeline:
         else:
             x = sampler.add_noise(x0, noise, start)
         inpainting = None if pixels is None else self._inpainting(image, pixels, x0, noise, masked_image_latents)
+        control = controlnet.ControlRun(controls, guess_mode, len(sampler.timesteps) - start) if controls else None
         release = self._merge_prompt_loras(lora_files)  # last: from here on a failure must release them
         conditioning = self._guarded(release, self._condition, text, negative_text, n_images, cfg_weight, (H, W), num_steps * sampler.order, options, pad_conds)
-        return self._run(sampler, x, conditioning, cfg_weight, start, step_noise or _seeded_noise(key_steps, len(sampler.timesteps)), release, inpainting)
+        return self._run(sampler, x, conditioning, cfg_weight, start, step_noise or _seeded_noise(key_steps, len(sampler.timesteps)), release, inpainting, control)
 
     def _check_inpainting(self, mask, mask_blur, masked_image_latents, size: tuple):
         """The binarised (H, W) mask of a run (inpaint.prepare_mask), or None for img2img; bad inputs raise ValueError."""
@@ -699,7 +727,13 @@ class _Pipeline:
         mean, _ = self.autoencoder.encode(image[None].astype(self.vae_dtype), tile)
         return self._scale_latents(mean.astype(mx.float32))
 
-    def _check_memory(self, n_images: int, h: int, w: int, guided: bool):
+    def _check_controls(self, controls, guess_mode, n_images: int, size: tuple) -> list:
+        """``controls`` checked and their images prepared at the picture's (H, W) (controlnet.checked_controls)."""
+        if not isinstance(guess_mode, bool):
+            raise ValueError(f"guess_mode must be True or False, got {guess_mode!r}")
+        return controlnet.checked_controls(controls, self.unet.config, n_images, *size)
+
+    def _check_memory(self, n_images: int, h: int, w: int, guided: bool, controls=()):
         """Refuse a denoising run that cannot fit before any compute: on the CPU, MLX segfaults when an allocation fails.
 
         A lower bound (``memory.estimate``): the weights as loaded (quantized ones are smaller) and the
@@ -709,7 +743,8 @@ class _Pipeline:
         encoders = tuple(encoder.config for encoder in self._text_encoders())
         model = memory.Model(self.unet.config, self.autoencoder.config, encoders, self.dtype.size, self.vae_dtype.size)
         parts = memory.estimate(model, w * f, h * f, n_images, guided)
-        weights = sum(v.nbytes for m in self._models() for _, v in tree_flatten(m.parameters()))
+        models = [*self._models(), *{id(c.model): c.model for c in controls}.values()]
+        weights = sum(v.nbytes for m in models for _, v in tree_flatten(m.parameters()))
         parts = {"weights": weights, "denoising": parts["denoising"], "VAE": 0, "pictures": 0}
         memory.check(parts, f"{n_images} image(s) of {w * f}x{h * f}", "ask for fewer images at once or a smaller size")
 
