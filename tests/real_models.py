@@ -26,6 +26,8 @@ Also a command line, used by tests/test_real_models.py to keep each big model in
     python tests/real_models.py folder PRESET DIR --weights WDIR --vocab VDIR
     python tests/real_models.py reference PRESET FOLDER INIT.npy OUT.npz   # diffusers
     python tests/real_models.py ours PRESET FOLDER INIT.npy OUT.npz        # this package
+    python tests/real_models.py component-reference unet|controlnet FOLDER IN.npz OUT.npz   # one call, diffusers
+    python tests/real_models.py component-ours unet|controlnet FOLDER IN.npz OUT.npz        # one call, this package
 """
 
 import argparse
@@ -141,6 +143,10 @@ def parameter_shapes(component: str, config: dict) -> dict:
             from diffusers import UNet2DConditionModel
 
             model = UNet2DConditionModel.from_config(config)
+        elif component == "controlnet":
+            from diffusers import ControlNetModel
+
+            model = ControlNetModel.from_config(config)
         elif component.startswith("vae"):
             from diffusers import AutoencoderKL
 
@@ -309,6 +315,84 @@ def run_ours(preset: str, folder: Path, init: Path, out: Path, decode: bool = Tr
     np.savez(out, **results)
 
 
+# One call of a single component (a UNet in <folder>/unet/, or a ControlNet folder), each side in its
+# own process (tests/test_real_inpaint_controlnet.py). The inputs .npz holds NHWC float32 arrays:
+# x, t, context, and as the component takes them image and scale (a ControlNet's control image and
+# conditioning scale), text_embeds and time_ids (SDXL's text_time). Outputs: out0, out1, ... (NHWC):
+# the UNet's prediction, or the ControlNet's down residuals then its mid residual.
+COMPONENTS = ("unet", "controlnet")
+
+
+def run_component_reference(kind: str, folder: Path, inputs: Path, out: Path):
+    """diffusers' UNet2DConditionModel or ControlNetModel, loaded from the folder in float32."""
+    import numpy as np
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    a = dict(np.load(inputs))
+
+    def nchw(v):
+        return torch.from_numpy(np.ascontiguousarray(v.transpose(0, 3, 1, 2)))
+
+    added = {"text_embeds": torch.from_numpy(a["text_embeds"]), "time_ids": torch.from_numpy(a["time_ids"])} if "time_ids" in a else None
+    args = nchw(a["x"]), torch.from_numpy(a["t"]), torch.from_numpy(a["context"])
+    with torch.no_grad():
+        if kind == "unet":
+            model = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
+            outputs = [model(*args, added_cond_kwargs=added, return_dict=False)[0]]
+        else:
+            model = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32)
+            down, mid = model(*args, nchw(a["image"]), float(a["scale"]), added_cond_kwargs=added, return_dict=False)
+            outputs = [*down, mid]
+    parameters = sum(p.numel() for p in model.parameters())
+    np.savez(out, **{f"out{i}": o.numpy().transpose(0, 2, 3, 1) for i, o in enumerate(outputs)}, parameters=parameters)
+
+
+def run_component_ours(kind: str, folder: Path, inputs: Path, out: Path):
+    """This package's loader and model (float32): the outputs, the load's peak memory
+    (``mx.get_peak_memory()`` once every parameter is evaluated, in this fresh process), the
+    parameters' bytes, count and largest tensor, and the seconds of the load and of the call."""
+    import time
+
+    sys.path[:0] = [str(ROOT)]
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from stable_diffusion import load_controlnet, model_io
+    from stable_diffusion.config import UNetConfig
+    from stable_diffusion.unet import UNetModel
+
+    a = dict(np.load(inputs))
+    start = time.perf_counter()
+    if kind == "unet":
+        model = model_io.load_component(model_io.FolderSource(folder), "unet", UNetModel, UNetConfig)
+    else:
+        model = load_controlnet(str(folder), float16=False)
+    parameters = [v for _, v in tree_flatten(model.parameters())]
+    mx.eval(parameters)
+    seconds = [time.perf_counter() - start]
+    peak = mx.get_peak_memory()
+    text_time = (mx.array(a["text_embeds"]), mx.array(a["time_ids"])) if "time_ids" in a else None
+    x, t, context = mx.array(a["x"]), mx.array(a["t"]), mx.array(a["context"])
+    if kind == "unet":
+        outputs = [model(x, t, context, text_time)]
+    else:
+        down, mid = model(x, t, context, mx.array(a["image"]), float(a["scale"]), text_time)
+        outputs = [*down, mid]
+    mx.eval(outputs)
+    seconds.append(time.perf_counter() - start - seconds[0])
+    np.savez(
+        out,
+        **{f"out{i}": np.array(o) for i, o in enumerate(outputs)},
+        peak=peak,
+        weights=sum(v.nbytes for v in parameters),
+        largest=max(v.nbytes for v in parameters),
+        parameters=sum(v.size for v in parameters),
+        seconds=seconds,
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,6 +411,12 @@ def main():
         p.add_argument("init", type=Path, help="initial latents, (1, 4, h, w) float32 .npy")
         p.add_argument("out", type=Path, help="results .npz")
     p.add_argument("--no-decode", action="store_true", help="compare the latents only")
+    for command in ("component-reference", "component-ours"):
+        p = sub.add_parser(command, help=f"one call of a UNet or ControlNet folder with {'diffusers' if command == 'component-reference' else 'this package'}")
+        p.add_argument("kind", choices=COMPONENTS)
+        p.add_argument("folder", type=Path, help="a folder holding unet/ (kind unet), or a ControlNet folder")
+        p.add_argument("inputs", type=Path, help="inputs .npz (NHWC float32)")
+        p.add_argument("out", type=Path, help="results .npz")
     args = parser.parse_args()
     if args.command == "weights":
         build_weights(args.arch, args.folder)
@@ -334,6 +424,10 @@ def main():
         write_folder(args.preset, args.folder, args.vocab, args.weights)
     elif args.command == "reference":
         run_reference(args.preset, args.folder, args.init, args.out)
+    elif args.command == "component-reference":
+        run_component_reference(args.kind, args.folder, args.inputs, args.out)
+    elif args.command == "component-ours":
+        run_component_ours(args.kind, args.folder, args.inputs, args.out)
     else:
         run_ours(args.preset, args.folder, args.init, args.out, decode=not args.no_decode)
 
