@@ -25,7 +25,7 @@ from PIL import Image
 from . import model_io, safetensors_io
 from .config import UNetConfig
 from .errors import ModelLoadError, one_line
-from .hub_configs import FAMILY_FOLDERS, HubModel, offline
+from .hub_configs import FAMILY_FOLDERS, HubModel
 from .images import load_image, to_rgb
 from .inpaint import nearest_resize
 from .ldm_keys import convert_unet
@@ -403,58 +403,21 @@ def load_controlnet(model: str, float16: bool = False, config_dir: Optional[str]
         return controlnet
     if config_dir is not None:
         raise ModelLoadError(f"controlnet {model!r}: config_dir applies to single .safetensors files only")
-    root = path if path.is_dir() else _hub_folder(model, float16)
+    source = model_io.resolve(model, float16, patterns=_repo_files, what="controlnet")
     # A diffusers ControlNet folder is one component: config.json and the weights at its top
     # (component ""); a pipeline folder holds it in controlnet/.
-    component = "controlnet" if not (root / "config.json").exists() and (root / "controlnet").is_dir() else ""
-    controlnet = model_io.load_component(model_io.FolderSource(root), component, ControlNetModel, ControlNetConfig, dtype, float16_files=float16)
+    component = "controlnet" if not (source.root / "config.json").exists() and (source.root / "controlnet").is_dir() else ""
+    controlnet = model_io.load_component(source, component, ControlNetModel, ControlNetConfig, dtype, float16_files=float16)
     controlnet.source_name = path.name if path.is_dir() else model.rpartition("/")[2]
     return controlnet
 
 
-def _hub_folder(repo: str, float16: bool) -> Path:
-    """The HF cache snapshot of a ControlNet repo, with its config and one variant of its weights.
-
-    As ``model_io.resolve``: the cache is used offline or when the Hub cannot be reached.
-    """
-    if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
-        raise ModelLoadError(f"controlnet {repo!r}: no such file or folder, and not a Hugging Face repo id (owner/name)")
-    from huggingface_hub import model_info, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    def cached(why: str) -> Path:
-        try:
-            return Path(snapshot_download(repo, local_files_only=True))
-        except LocalEntryNotFoundError:
-            raise ModelLoadError(
-                f"controlnet {repo!r} is not in the Hugging Face cache and cannot be downloaded ({why}); "
-                "download it while online, or pass a local folder or a .safetensors file"
-            ) from None
-        except HFValidationError as e:
-            raise ModelLoadError(f"controlnet {repo!r}: not a valid Hugging Face repo id ({one_line(e)})") from None
-
-    if offline():
-        return cached("HF_HUB_OFFLINE is set")
-    try:
-        files = [s.rfilename for s in model_info(repo).siblings or []]
-    except GatedRepoError:
-        raise ModelLoadError(f"controlnet {repo!r} is gated: accept its licence on the Hub and log in (hf auth login)") from None
-    except RepositoryNotFoundError:
-        raise ModelLoadError(f"controlnet {repo!r}: no such repository on the Hugging Face Hub") from None
-    except HFValidationError as e:
-        raise ModelLoadError(f"controlnet {repo!r}: not a valid Hugging Face repo id ({one_line(e)})") from None
-    except Exception as e:  # the Hub is unreachable: use the cache
-        return cached(f"the Hugging Face Hub cannot be reached: {type(e).__name__}: {one_line(e)}")
+def _repo_files(files: list[str], float16: bool) -> tuple[list[str], list[str]]:
+    """A ControlNet repo's config and one variant of its weights, at the repo's top (model_io.resolve's ``patterns``)."""
     top = [f for f in files if "/" not in f]
     if "config.json" not in top:
-        raise ModelLoadError(f"controlnet {repo!r}: the repo has no config.json at its top; pass one of its .safetensors files instead")
-    try:
-        return Path(snapshot_download(repo, allow_patterns=["config.json", *model_io.select_weight_files(top, float16)]))
-    except Exception as e:
-        raise ModelLoadError(
-            f"controlnet {repo!r}: downloading failed ({type(e).__name__}: {one_line(e)}); "
-            "check the network and run again (finished files are kept in the HF cache)"
-        ) from None
+        raise ModelLoadError("the repo has no config.json at its top (not a diffusers ControlNet); pass one of its .safetensors files instead")
+    return ["config.json"], model_io.select_weight_files(top, float16)
 
 
 def _single_file(path: Path, config_dir: Optional[str]) -> _SingleFile:

@@ -48,7 +48,12 @@ def load_image(path: str) -> Image.Image:
     Transparency (RGBA, LA, P with a transparent colour) is composited over white; 16-bit and
     32-bit greyscale are scaled to 8 bits; CMYK and the other modes go through PIL's conversion.
     """
-    with open_regular(path, "input image") as f:
+    return to_rgb(open_picture(path, "input image"))
+
+
+def open_picture(path, what: str) -> Image.Image:
+    """An image file read whole, EXIF orientation applied, in its own mode; ValueError naming ``what`` and the path otherwise."""
+    with open_regular(path, what) as f:
         try:
             with warnings.catch_warnings():
                 # Past PIL's limit (89 Mpx) a warning, past twice that an error; the scripts check the
@@ -56,14 +61,13 @@ def load_image(path: str) -> Image.Image:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(f) as image:
                     image.load()
-                    image = _oriented(image)
-                    return to_rgb(image)
+                    return _oriented(image)
         except Image.DecompressionBombError as e:
-            raise ValueError(f"input image {str(path)!r} is too large to open safely ({e})") from None
+            raise ValueError(f"{what} {str(path)!r} is too large to open safely ({e})") from None
         except UnidentifiedImageError:
-            raise ValueError(f"input image {str(path)!r} is not an image PIL can read") from None
+            raise ValueError(f"{what} {str(path)!r} is not an image PIL can read") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ValueError(f"input image {str(path)!r} is corrupt or truncated ({e})") from None
+            raise ValueError(f"{what} {str(path)!r} is corrupt or truncated ({e})") from None
 
 
 def open_regular(path, what: str):

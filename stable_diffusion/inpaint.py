@@ -25,14 +25,13 @@ The order a pipeline calls these in::
     picture = apply_overlay(mask, original, decoded, crop)  # only with a crop, as diffusers
 """
 
-import warnings
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps
 
-from .images import _oriented, load_image, open_regular, size_to_multiple, to_rgb
+from .images import load_image, open_picture, size_to_multiple, to_rgb
 
 MASK_KINDS = "a picture file, a PIL image or an (H, W) / (H, W, 1) float array in [0, 1]"
 
@@ -76,21 +75,8 @@ def load_mask(mask, image_size=None, blur: float = 0):
 
 def _read_picture(path) -> Image.Image:
     """images.load_image's reading, with the transparency checked before it is flattened."""
-    name = repr(str(path))
-    with open_regular(path, "mask") as f:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only PIL's error stops, as there
-                with Image.open(f) as image:
-                    image.load()
-                    image = _oriented(image)
-        except Image.DecompressionBombError as e:
-            raise ValueError(f"mask {name} is too large to open safely ({e})") from None
-        except UnidentifiedImageError:
-            raise ValueError(f"mask {name} is not an image PIL can read") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ValueError(f"mask {name} is corrupt or truncated ({e})") from None
-    _refuse_transparency(image, f"mask {name}")
+    image = open_picture(path, "mask")
+    _refuse_transparency(image, f"mask {str(path)!r}")
     return to_rgb(image)
 
 

@@ -32,7 +32,7 @@ from mlx.utils import tree_flatten
 
 from . import unet as unet_module
 from .clip import CLIPTextModel
-from .config import AutoencoderConfig, CLIPTextModelConfig, UNetConfig
+from .config import AutoencoderConfig, UNetConfig
 from .vae import Autoencoder
 
 # The bytes of one (H, W, 3) uint8 picture are kept this many times while a grid is made: every

@@ -132,26 +132,28 @@ def open_model(model: str, float16: bool = False, prediction_type: Optional[str]
     return resolve(model, float16)
 
 
-def resolve(model: str, float16: bool = False) -> "FolderSource":
+def resolve(model: str, float16: bool = False, patterns=_repo_patterns, what: str = "model") -> "FolderSource":
     """A local diffusers folder as is, or a Hub repo: its configs and tokenizers now, its weights at first use.
 
     Offline (``HF_HUB_OFFLINE=1``) or when the Hub cannot be reached, the HF cache's snapshot is
     used, as the HF libraries do; a repo that is not cached then gives one clear error.
+    ``patterns(files, float16)``: the repo's (small files, weight files) to download, from its
+    listing (a pipeline's by default); ``what`` names the thing in errors.
     """
     path = Path(model).expanduser()
     if path.is_dir():
         return FolderSource(path)
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise ModelLoadError(f"model {model!r}: no such folder, and not a Hugging Face repo id (owner/name)")
+        raise ModelLoadError(f"{what} {model!r}: no such folder, and not a Hugging Face repo id (owner/name)")
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(model)
     except HFValidationError as e:
-        raise ModelLoadError(f"model {model!r}: no such folder, and not a valid Hugging Face repo id ({one_line(e)})") from None
+        raise ModelLoadError(f"{what} {model!r}: no such folder, and not a valid Hugging Face repo id ({one_line(e)})") from None
     if model in REMOVED_REPOS:
         raise ModelLoadError(
-            f"model {model!r} was removed from the Hugging Face Hub in November 2025; "
+            f"{what} {model!r} was removed from the Hugging Face Hub in November 2025; "
             f"use the community mirror {REMOVED_REPOS[model]!r}"
         )
 
@@ -165,7 +167,7 @@ def resolve(model: str, float16: bool = False) -> "FolderSource":
         except LocalEntryNotFoundError:
             # Library wording: no CLI flag here (a script may add its own).
             raise ModelLoadError(
-                f"model {model!r} is not in the Hugging Face cache and cannot be downloaded ({why}); "
+                f"{what} {model!r} is not in the Hugging Face cache and cannot be downloaded ({why}); "
                 "download it while online, or pass a local diffusers folder or a .safetensors file"
             ) from None
 
@@ -174,23 +176,26 @@ def resolve(model: str, float16: bool = False) -> "FolderSource":
     try:
         files = [s.rfilename for s in model_info(model).siblings or []]
     except GatedRepoError:
-        raise ModelLoadError(f"model {model!r} is gated: accept its licence on the Hub and log in (hf auth login)") from None
+        raise ModelLoadError(f"{what} {model!r} is gated: accept its licence on the Hub and log in (hf auth login)") from None
     except RepositoryNotFoundError:
-        raise ModelLoadError(f"model {model!r}: no such repository on the Hugging Face Hub") from None
+        raise ModelLoadError(f"{what} {model!r}: no such repository on the Hugging Face Hub") from None
     except Exception as e:  # the Hub is unreachable (connection, DNS, proxy, server errors): use the cache
         return cached(f"the Hugging Face Hub cannot be reached: {type(e).__name__}: {one_line(e)}")
-    small, weights = _repo_patterns(files, float16)
+    try:
+        small, weights = patterns(files, float16)
+    except ModelLoadError as e:  # the listing lacks what ``patterns`` needs
+        raise ModelLoadError(f"{what} {model!r}: {e}") from None
     try:
         root = Path(snapshot_download(model, allow_patterns=small))
     except Exception as e:
-        raise ModelLoadError(f"model {model!r}: downloading its configs failed ({type(e).__name__}: {one_line(e)})") from None
+        raise ModelLoadError(f"{what} {model!r}: downloading its configs failed ({type(e).__name__}: {one_line(e)})") from None
 
     def fetch_weights():
         try:
             snapshot_download(model, allow_patterns=weights)
         except Exception as e:
             raise ModelLoadError(
-                f"model {model!r}: downloading its weights failed ({type(e).__name__}: {one_line(e)}); "
+                f"{what} {model!r}: downloading its weights failed ({type(e).__name__}: {one_line(e)}); "
                 "check the network and run again (finished files are kept in the HF cache)"
             ) from None
 
