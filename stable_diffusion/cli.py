@@ -22,8 +22,9 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, distributed, embeddings, images, interruptible, memory, model_io, prompts
+from . import canny, checkpoint, distributed, embeddings, images, inpaint, interruptible, memory, model_io, prompts
 from .config import AutoencoderConfig, CLIPTextModelConfig, UNetConfig
+from .controlnet import CONTROLNET_PRESETS, Control, ControlNetConfig, ControlNetModel, controlnet_name, load_controlnet, prepare_control_image
 from .errors import ModelLoadError, one_line
 from .memory import available_memory  # noqa: F401  (TriangularArray.py's check)
 from .pipeline import DISTILLED_REPOS, DISTILLED_STEPS, MAX_CFG_WEIGHT, PRESETS, denoising_calls, load_model, prompt_lora_file
@@ -35,6 +36,7 @@ DEFAULT_MODEL = "sdxl-turbo"
 DEFAULT_BATCH_SIZE = 8
 
 SAMPLER_RULES = ("diffusers", "a1111")
+CONTROL_MODULES = ("none", "canny")  # --control-preprocess: A1111's preprocessor names
 
 
 class UsageError(Exception):
@@ -172,6 +174,22 @@ def add_common_arguments(parser):
     batch.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="images denoised at once on a rank (A1111's batch size: more images run as several batches, each image as in one batch); the batches are the same for any number of ranks")
     batch.add_argument("--resume", action="store_true", help="skip the images whose file <base>_<k>.<ext> is finished: it decodes and holds this job's parameters (others are made again)")
     batch.add_argument("--grid", action="store_true", help="with --seeds or a list of prompts/images: also write the grid <base>.<ext>")
+    add_control_arguments(parser)
+
+
+def add_control_arguments(parser):
+    """The ControlNet flags of both scripts (A1111's ControlNet units: model, image, weight, guidance start/end, preprocessor)."""
+    group = parser.add_argument_group(
+        "ControlNet (guide the image by edges, depth, pose...; each flag below once for all --control, or once per --control in order)"
+    )
+    group.add_argument("--control", nargs=2, action="append", default=[], metavar=("MODEL", "IMAGE"), help=f"a ControlNet (a preset: {', '.join(CONTROLNET_PRESETS)}; a Hub repo id, a diffusers folder or a .safetensors file) and its control picture; repeatable: the ControlNets are summed")
+    group.add_argument("--control-scale", dest="control_scale", type=float, action="append", default=[], metavar="S", help="the ControlNet's weight (A1111's Weight; default 1)")
+    group.add_argument("--control-start", dest="control_start", type=float, action="append", default=[], metavar="A", help="the fraction of the steps where the ControlNet starts acting (A1111's Guidance Start; default 0)")
+    group.add_argument("--control-end", dest="control_end", type=float, action="append", default=[], metavar="B", help="the fraction of the steps where it stops (A1111's Guidance End; default 1)")
+    group.add_argument("--control-preprocess", dest="control_preprocess", action="append", default=[], choices=CONTROL_MODULES, help="what the control picture goes through first: none (it is the control image: an edge map, a depth map...) or canny (edges of a photo; default none)")
+    group.add_argument("--canny-low", dest="canny_low", type=float, default=100.0, help="Canny's low threshold (A1111's Threshold A)")
+    group.add_argument("--canny-high", dest="canny_high", type=float, default=200.0, help="Canny's high threshold (A1111's Threshold B)")
+    group.add_argument("--guess-mode", dest="guess_mode", action="store_true", help="the ControlNets see only the prompt's half of guidance, their skips weighted 0.1 to 1 (diffusers' guess_mode)")
 
 
 def sampler_table() -> str:
@@ -215,6 +233,7 @@ def check_common_arguments(args) -> Path:
     args.lora = [parse_lora(spec) for spec in args.lora]
     check_text_arguments(args)
     check_model_name(args.model)
+    check_control_arguments(args)
     if args.config_dir is not None and not (Path(args.config_dir).expanduser() / "model_index.json").is_file():
         raise UsageError(f"--config {args.config_dir!r}: not a diffusers model folder (no model_index.json)")
     return check_output_path(args.output)
@@ -326,6 +345,149 @@ def check_model_name(model: str):
         raise UsageError(f"--model {model!r}: no such folder or file, and not a Hugging Face repo id (owner/name of letters, digits, '-', '_' and '.')")
 
 
+# ---------------------------------------------------------------------------------------------
+# ControlNet: the --control flags checked, the ControlNets loaded, their control images and infotext
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """One --control as checked: the ControlNet's name, its control picture (RGB) and how it acts."""
+
+    model: str
+    image: str
+    picture: object  # the control picture, read and made RGB (images.load_image)
+    scale: float
+    start: float
+    end: float
+    module: str  # a CONTROL_MODULES preprocessor
+
+
+def check_control_arguments(args):
+    """--control and its per-control flags, the control pictures read: ``args.controls`` becomes a list of ControlSpec."""
+    n = len(args.control)
+    per_control = {"--control-scale": args.control_scale, "--control-start": args.control_start, "--control-end": args.control_end, "--control-preprocess": args.control_preprocess}
+    args.controls = []
+    if not n:
+        given = [flag for flag, values in per_control.items() if values] + (["--guess-mode"] if args.guess_mode else [])
+        if given:
+            raise UsageError(f"{given[0]} applies to ControlNets: add --control MODEL IMAGE")
+        return
+    for flag, values in per_control.items():
+        if len(values) not in (0, 1, n):
+            raise UsageError(f"{flag} is given {len(values)} times for {n} --control; give it once (for every ControlNet) or once per --control, in order")
+    if "canny" in args.control_preprocess:
+        for flag, value in (("--canny-low", args.canny_low), ("--canny-high", args.canny_high)):
+            if not 0 <= value < float("inf"):
+                raise UsageError(f"{flag} must be a finite number >= 0 (got {value:g})")
+        if args.canny_low > args.canny_high:
+            raise UsageError(f"--canny-low {args.canny_low:g} is above --canny-high {args.canny_high:g}")
+
+    def nth(values, i, default):
+        return default if not values else values[0] if len(values) == 1 else values[i]
+
+    for i, (model, image) in enumerate(args.control):
+        check_controlnet_name(model)
+        scale, start, end = nth(args.control_scale, i, 1.0), nth(args.control_start, i, 0.0), nth(args.control_end, i, 1.0)
+        if not np.isfinite(scale):
+            raise UsageError(f"--control-scale must be a finite number (got {scale:g})")
+        if not 0 <= start < end <= 1:
+            raise UsageError(f"--control {model} {image}: --control-start {start:g} and --control-end {end:g} must satisfy 0 <= start < end <= 1 (fractions of the steps)")
+        args.controls.append(ControlSpec(model, image, read_image(image), scale, start, end, nth(args.control_preprocess, i, "none")))
+
+
+def check_controlnet_name(model: str):
+    """A --control MODEL is a preset, a folder, a .safetensors file or a Hub repo id (checked before anything loads)."""
+    path = Path(model).expanduser()
+    if model in CONTROLNET_PRESETS or path.is_dir() or (path.is_file() and path.suffix.lower() == ".safetensors"):
+        return
+    if path.is_file():
+        raise UsageError(f"--control {model!r}: only .safetensors ControlNet files (or diffusers folders) are loaded; pickled .pth/.ckpt/.bin files are never opened")
+    if model.startswith((".", "/", "~")) or "\\" in model or not REPO_ID.fullmatch(model) or "--" in model or ".." in model:
+        raise UsageError(f"--control {model!r}: no such folder or file, not a preset ({', '.join(CONTROLNET_PRESETS)}) and not a Hugging Face repo id (owner/name)")
+
+
+def controlnet_values(name: str, model: "ModelConfigs", float16: bool) -> int:
+    """How many values a ControlNet's weights hold, read before it loads.
+
+    A single file: its safetensors header's shapes. A folder or a Hub repo in the HF cache: the
+    ControlNet its config.json builds (its arrays are never allocated). A repo not downloaded yet:
+    the ControlNet ``ControlNetModel.from_unet`` builds from this model's UNet config, the full-size
+    one (the "-mid"/"-small" SDXL ControlNets hold less).
+    """
+    name = CONTROLNET_PRESETS.get(name, name)
+    path = Path(name).expanduser()
+    if path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "numpy") as f:
+                return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+        except Exception as e:  # the safetensors library's error for a malformed header
+            raise ModelLoadError(f"--control {str(path)!r}: not a readable .safetensors file ({one_line(e)})") from None
+    config = None
+    if path.is_dir():
+        config = model_io.read_config(path if (path / "config.json").exists() else path / "controlnet", "")
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        config = model_io.read_config(Path(cached).parent, "") if isinstance(cached, str) else model.source.config("unet")
+    try:
+        return memory.parameter_count(ControlNetModel(ControlNetConfig.from_dict(config)))
+    except ValueError as e:
+        raise UsageError(f"--control {name!r}: {one_line(e)}") from None
+
+
+def load_controlnets(args) -> list:
+    """The --control ControlNets, in order (a model named twice is loaded once); also kept as ``args.controlnets`` for the infotext."""
+    loaded = {}
+    for spec in args.controls:
+        if spec.model not in loaded:
+            try:
+                loaded[spec.model] = load_controlnet(spec.model, float16=args.float16)
+            except ValueError as e:  # a config value that is not implemented
+                raise UsageError(f"--control {spec.model!r}: {one_line(e)}") from None
+    args.controlnets = [loaded[spec.model] for spec in args.controls]
+    if args.verbose:
+        for i, (spec, controlnet) in enumerate(zip(args.controls, args.controlnets)):
+            values = memory.parameter_count(controlnet)
+            print(f"ControlNet {i}: {controlnet_name(controlnet)} ({spec.model}), {values / 1e6:.0f}M parameters, preprocessor {spec.module}", file=sys.stderr)
+    return args.controlnets
+
+
+def controls_for(args, width: int, height: int) -> list:
+    """The Controls of a generation of width x height, their images prepared at that size as the
+    pipeline prepares a control picture (numpy: the steps may run in another thread than this one)."""
+    controls = []
+    for spec, controlnet in zip(args.controls, args.controlnets):
+        image = np.asarray(prepare_control_image(spec.picture, height, width))[0]  # (H, W, 3) in [0, 1]
+        if spec.module == "canny":
+            image = canny_edges(image, args.canny_low, args.canny_high)
+        controls.append(Control(controlnet, image, spec.scale, spec.start, spec.end))
+    return controls
+
+
+def canny_edges(image: np.ndarray, low: float, high: float) -> np.ndarray:
+    """A1111's canny preprocessor on a prepared control image ((H, W, 3) in [0, 1], 8-bit values):
+    ``cv2.Canny``'s edges (canny.canny) stacked to three channels, (H, W, 3) float32 in {0, 1}."""
+    edges = canny.canny(np.rint(image * 255).astype(np.uint8), low, high)
+    return np.repeat(edges[..., None], 3, axis=-1).astype(np.float32) / 255
+
+
+def control_fields(args) -> dict:
+    """The infotext of the ControlNets, as A1111's ControlNet extension writes each unit: ``ControlNet 0: "Module: ..., Model: ..., ..."``."""
+    fields = {}
+    for i, (spec, controlnet) in enumerate(zip(getattr(args, "controls", ()), getattr(args, "controlnets", ()))):
+        thresholds = f", Threshold A: {args.canny_low:g}, Threshold B: {args.canny_high:g}" if spec.module == "canny" else ""
+        fields[f"ControlNet_{i}"] = (
+            f"Module: {spec.module}, Model: {controlnet_name(controlnet)}, Weight: {spec.scale}, "
+            f"Guidance Start: {spec.start}, Guidance End: {spec.end}{thresholds}"
+        )
+    if fields and args.guess_mode:
+        fields["Guess_mode"] = True
+    return fields
+
+
 def draw_seed(seed):
     if seed is None or seed == -1:
         seed = secrets.randbelow(2**31)
@@ -367,6 +529,7 @@ def load(args):
             sd.load_embedding(path)
         except ValueError as e:
             raise UsageError(f"--embedding {path!r}: {one_line(e)}") from None
+    load_controlnets(args)
     if args.quantize:
         sd.quantize(text_bits=4, unet_bits=8)
     if args.preload_models:
@@ -417,6 +580,7 @@ def parameters(args, sd, steps, cfg, seed, size, *, prompt=None, **extra) -> str
         TI_hashes=ti_hashes or None,
         Emphasis=args.emphasis if args.emphasis != "Original" and emphasized else None,
         Pad_conds=True if args.pad_conds else None,
+        **control_fields(args),
         **extra,
     )
 
@@ -441,6 +605,11 @@ class ModelConfigs:
     @property
     def latent_factor(self) -> int:
         return self.vae.downsample_factor
+
+    @property
+    def inpainting(self) -> bool:
+        """A UNet that reads a mask and the masked image beside the latents (9 input channels)."""
+        return inpaint.is_inpainting_unet(self.unet)
 
     def steps(self, args) -> int:
         return (DISTILLED_STEPS if self.distilled else 50) if args.steps is None else args.steps
@@ -524,6 +693,8 @@ def check_memory(args, model: ModelConfigs, width: int, height: int, batch: int,
     ``batch`` is the number of images denoised at once, ``kept`` the pictures held for a grid.
     """
     parts = memory.estimate(memory_model(model, args.float16), width, height, batch, model.cfg(args) > 1, args.decoding_batch_size, encode, kept)
+    controlnets = dict.fromkeys(spec.model for spec in getattr(args, "controls", ()))
+    parts["weights"] += sum(controlnet_values(name, model, args.float16) for name in controlnets) * (2 if args.float16 else 4)
     try:
         memory.check(parts, f"{batch} image(s) at once of {width}x{height}", "use a smaller size, a smaller --batch_size or --decoding_batch_size, or fewer images in one grid")
     except ValueError as e:
@@ -562,6 +733,11 @@ def denoise(latents, total: int, desc: str = "denoising"):
     for count, x_t in enumerate(tqdm(interruptible.steps(latents), total=total, desc=desc, leave=False), start=1):
         mx.eval(x_t)
         yield count, x_t
+
+
+def refused(error: ValueError) -> UsageError:
+    """The facade's refusal of a generation's arguments (a ControlNet of another family...) as the user's error."""
+    return UsageError(one_line(error))
 
 
 def decode(sd, x, batch_size: int) -> np.ndarray:

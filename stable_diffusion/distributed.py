@@ -337,7 +337,7 @@ class Job:
     output: Path  # the grid's path; image k is images.sibling(output, k)
     generate: Callable[[list[Item]], Iterator[mx.array]]  # a batch -> latents per step, as the facade yields them
     steps: int  # steps the generator yields (for the progress bar)
-    decode: Callable[[mx.array], np.ndarray]  # latents -> (B, H, W, 3) uint8
+    decode: Callable[[mx.array, list[Item]], np.ndarray]  # a batch's latents and items -> its (B, H, W, 3) uint8 pictures
     parameters: Callable[[Item, int], str]  # (item, images of its source) -> the PNG's A1111 text
     individual: bool = True  # one file per image (False: only the grid, in one process)
     image_size: tuple = (0, 0)  # (width, height) of every image; needed for the grid
@@ -430,7 +430,7 @@ def _run_batch(job: Job, batch: list[Item], finished: set, per_source: collectio
     bar = tqdm(steps, total=job.steps, desc=f"images {batch[0].k}-{batch[-1].k}", leave=False, disable=not lead)
     for x_t in bar:
         mx.eval(x_t)
-    pictures = job.decode(x_t)
+    pictures = job.decode(x_t, batch)
     for item, picture in zip(batch, pictures):
         if item in todo and job.individual:
             images.save_image(picture, path_of(job, item), job.parameters(item, per_source[item.source]))

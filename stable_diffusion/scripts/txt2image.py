@@ -38,12 +38,17 @@ def main(argv=None, prog: str = PROG):
         if value is not None and value < 1:
             raise UsageError(f"--{flag} must be positive (got {value})")
     # The configs only: size, steps and memory are checked before any weight is read or downloaded.
-    cli.check_before_loading(args, args.width, args.height, n_sources=len(prompts))
+    model, _ = cli.check_before_loading(args, args.width, args.height, n_sources=len(prompts))
+    if model.inpainting:
+        raise UsageError(f"--model {args.model!r} is an inpainting model (its UNet reads a mask): use image2image.py with --mask")
+    inputs = [spec.image for spec in args.controls]
     if args.save_individual and not cli.is_batch(args):
-        cli.check_written_paths([output, *(images.sibling(output, i) for i in range(1, args.n_images + 1))])
+        cli.check_written_paths([output, *(images.sibling(output, i) for i in range(1, args.n_images + 1))], inputs)
     elif cli.is_batch(args):
         n = len(prompts) * (len(args.seed_list) if args.seed_list else args.n_images)
-        cli.check_written_paths([output, *(images.sibling(output, k) for k in range(1, n + 1))])
+        cli.check_written_paths([output, *(images.sibling(output, k) for k in range(1, n + 1))], inputs)
+    else:
+        cli.check_written_paths([output], inputs)
 
     sd = cli.load(args)
     steps, cfg = cli.steps_and_cfg(args, sd)
@@ -64,19 +69,25 @@ def main(argv=None, prog: str = PROG):
     if batch and args.grid and len(items) % args.n_rows:
         raise UsageError(f"--n_rows {args.n_rows} does not divide the {len(items)} images of the grid")
     latent_shape = (height // f, width // f, sd.unet.config.in_channels)
+    controls = cli.controls_for(args, width, height)
 
     def generate(chunk):
         seeds = [it.seed for it in chunk]
-        latents = sd.generate_latents(
-            prompts[chunk[0].source],
-            n_images=len(chunk),
-            num_steps=steps,
-            cfg_weight=cfg,
-            negative_text=args.negative_prompt,
-            latents=distributed.initial_noise(seeds, latent_shape),
-            step_noise=distributed.step_noise(seeds, calls),
-            **cli.prompt_options(args),
-        )
+        try:
+            latents = sd.generate_latents(
+                prompts[chunk[0].source],
+                n_images=len(chunk),
+                num_steps=steps,
+                cfg_weight=cfg,
+                negative_text=args.negative_prompt,
+                latents=distributed.initial_noise(seeds, latent_shape),
+                step_noise=distributed.step_noise(seeds, calls),
+                controls=controls,
+                guess_mode=args.guess_mode,
+                **cli.prompt_options(args),
+            )
+        except ValueError as e:
+            raise cli.refused(e) from None
         return interruptible.steps(latents)  # Ctrl-C and SIGTERM act within a step
 
     def parameters(item, n):
@@ -90,7 +101,7 @@ def main(argv=None, prog: str = PROG):
         output=output,
         generate=generate,
         steps=calls,
-        decode=lambda x: cli.decode(sd, x, args.decoding_batch_size),
+        decode=lambda x, chunk: cli.decode(sd, x, args.decoding_batch_size),
         parameters=parameters,
         individual=batch or args.save_individual,
         image_size=(width, height),
