@@ -66,16 +66,6 @@ def create_app(settings: generation.Settings, credentials: dict | None = None) -
     worker = Worker()
     app.state.models, app.state.worker = models, worker
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """Basic auth on every path (the page and its files too); any error that escapes is JSON, no traceback."""
-        if credentials and not _authorized(request.headers.get("authorization", ""), credentials):
-            return _error(401, "HTTPException", "Incorrect username or password", {"WWW-Authenticate": "Basic"})
-        try:
-            return await call_next(request)
-        except Exception as e:  # noqa: BLE001 -- the server answers every request and stays up
-            return _internal(request, e)
-
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
         return _error(e.status, e.error, e.detail)
@@ -88,10 +78,6 @@ def create_app(settings: generation.Settings, credentials: dict | None = None) -
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         return _error(e.status_code, "HTTPException", one_line(e.detail))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, e: Exception):
-        return _internal(request, e)
 
     async def body(request: Request):
         return a1111.parse_json(await request.body())
@@ -222,7 +208,40 @@ def create_app(settings: generation.Settings, credentials: dict | None = None) -
         return FileResponse(index)
 
     app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+    app.add_middleware(Guard, credentials=credentials)
     return app
+
+
+class Guard:
+    """Basic auth on every path (the page and its files too), and JSON for any error that escapes a route.
+
+    A plain ASGI middleware, not FastAPI's ``@app.middleware("http")``: that one wraps the request's
+    ``receive``, and a handler then never hears that its client disconnected.
+    """
+
+    def __init__(self, app, credentials: dict | None):
+        self.app, self.credentials = app, credentials
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        if self.credentials and not _authorized(request.headers.get("authorization", ""), self.credentials):
+            response = _error(401, "HTTPException", "Incorrect username or password", {"WWW-Authenticate": "Basic"})
+            return await response(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:  # noqa: BLE001 -- the server answers every request and stays up
+            if started:
+                raise
+            await _internal(request, e)(scope, receive, send)
 
 
 def _internal(request: Request, e: Exception) -> JSONResponse:

@@ -24,13 +24,17 @@ from PIL import Image
 from .. import distributed, images, inpaint, lora
 from ..file_hash import model_hash
 from ..pipeline import load_model
-from ..sampler_names import a1111_label, make_sampler, resolve
+from ..sampler_names import ROWS, a1111_label, make_sampler, resolve
 from . import a1111, catalog
 from .a1111 import ApiError
 from .jobs import Cancelled
 
 # A1111's seed range: get_fixed_seed draws in [0, 4294967294).
 SEED_DRAW = 4294967294
+# The facade's sampler rules. "a1111" (k-diffusion's sigmas, so that an A1111 infotext reproduces)
+# refuses A1111's timestep samplers (DDIM, PLMS, UniPC, LCM: SillyTavern's default is DDIM) and is
+# fixed per facade, so the server runs every sampler under diffusers' rules.
+RULES = "diffusers"
 PREVIEW_SIDE = 32  # previews decode at most this many latent pixels a side (256 px for SD)
 
 
@@ -93,7 +97,7 @@ class Models:
         """The facade of ``checkpoint``, loaded now if another one is in memory (worker thread only)."""
         if self.loaded != checkpoint:
             self.sd = self.loaded = None  # the old weights go before the new ones come
-            self.sd = load_model(checkpoint.source, float16=self.settings.float16, sampler_rules="a1111")
+            self.sd = load_model(checkpoint.source, float16=self.settings.float16, sampler_rules=RULES)
             self.loaded = checkpoint
             self.hash = model_hash(checkpoint.source)[:10] if os.path.isfile(checkpoint.source) else None
         return self.sd
@@ -123,11 +127,7 @@ def plan(mode: str, body, models: Models, settings: Settings) -> Plan:
         raise ApiError(422, f"{request['width']}x{request['height']} is more than the server's limit of {settings.max_pixels} pixels (--max-pixels)")
     if request["seed"] < -1:
         raise ApiError(422, f"field 'seed': must be -1 (draw one) or a whole number >= 0, got {request['seed']}")
-    name = request["sampler_name"] or request["sampler_index"]
-    try:
-        sampler, schedule = resolve(name, request["scheduler"])
-    except ValueError as e:
-        raise ApiError(404, f"sampler not found: {e}") from None
+    sampler, schedule = _sampler(request["sampler_name"] or request["sampler_index"], request["scheduler"])
 
     overrides = request["override_settings"]
     wanted = overrides.get("sd_model_checkpoint")
@@ -141,6 +141,18 @@ def plan(mode: str, body, models: Models, settings: Settings) -> Plan:
     if mode == "img2img":
         _plan_img2img(result, settings)
     return result
+
+
+def _sampler(name: str, scheduler: Optional[str]) -> tuple:
+    """(sampler id, schedule id) as A1111 takes them: its timestep samplers (DDIM, PLMS, UniPC, LCM) ignore
+    the scheduler (SillyTavern sends "normal" with DDIM by default); an unknown name is a 404, as A1111's."""
+    try:
+        sampler, _ = resolve(name)
+        if ROWS[sampler].k_diffusion == "-":
+            return sampler, None
+        return resolve(name, scheduler)
+    except ValueError as e:
+        raise ApiError(404, f"sampler not found: {e}") from None
 
 
 def _plan_img2img(plan: Plan, settings: Settings):
@@ -208,7 +220,7 @@ def _generate(job, plan: Plan, sd, models: Models, settings: Settings):
     if width < f or height < f:
         raise ApiError(422, f"{request['width']}x{request['height']} is smaller than this model's {f} px latent pixel")
     steps, cfg, bs = request["steps"], request["cfg_scale"], request["batch_size"]
-    label, schedule_label = a1111_label(make_sampler(plan.sampler, sd.scheduler_config, plan.schedule, "a1111"))
+    label, schedule_label = a1111_label(make_sampler(plan.sampler, sd.scheduler_config, plan.schedule, RULES))
     seeds = draw_seeds(request["seed"], bs * request["n_iter"])
     strength = request.get("denoising_strength") if plan.mode == "img2img" else None
     calls = sd.denoising_calls(steps, strength, plan.sampler, plan.schedule)
