@@ -43,7 +43,13 @@ TINY_REPOS = {
     "stabilityai/sd-turbo": "sd2",
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
     "stabilityai/sdxl-turbo": "sdxl-turbo",
+    "stable-diffusion-v1-5/stable-diffusion-inpainting": "sd1-inpaint",
+    "sd2-community/stable-diffusion-2-inpainting": "sd2-inpaint",
+    "diffusers/stable-diffusion-xl-1.0-inpainting-0.1": "sdxl-inpaint",
 }
+# Each ControlNet preset the README names (stable_diffusion.controlnet.CONTROLNET_PRESETS), as a tiny
+# ControlNet for its family's tiny UNet; the tiny VAEs downsample by 4, so do the hint convs.
+TINY_CONTROLNETS = {"lllyasviel/control_v11p_sd15_canny": tiny_models.SD1_UNET, "diffusers/controlnet-canny-sdxl-1.0": tiny_models.SDXL_UNET}
 # Files the README's commands take as input, as a reader would have them.
 PROMPTS = "A lit fireplace\nA snowy mountain at dawn\nA red bicycle against a brick wall\n"
 TIMEOUT = 900
@@ -126,12 +132,18 @@ def sandbox(tmp_path_factory, clip_vocab_dir):
         cache = hub / ("models--" + repo.replace("/", "--"))
         snapshot = cache / "snapshots" / ("0" * 40)
         if family not in built:
+            base, inpaint = family.removesuffix("-inpaint"), family.endswith("-inpaint")
             if family.startswith("sdxl"):
-                built[family] = tiny_models.build_sdxl(snapshot, clip_vocab_dir, turbo=family == "sdxl-turbo")
+                built[family] = tiny_models.build_sdxl(snapshot, clip_vocab_dir, turbo=base == "sdxl-turbo", inpaint=inpaint)
             else:
-                built[family] = tiny_models.build_sd(snapshot, clip_vocab_dir, family)
+                built[family] = tiny_models.build_sd(snapshot, clip_vocab_dir, base, inpaint=inpaint)
         else:
             shutil.copytree(built[family], snapshot)
+        (cache / "refs").mkdir()
+        (cache / "refs" / "main").write_text("0" * 40)
+    for repo, unet in TINY_CONTROLNETS.items():
+        cache = hub / ("models--" + repo.replace("/", "--"))
+        tiny_models.build_controlnet(cache / "snapshots" / ("0" * 40), unet, conditioning_embedding_out_channels=(16, 32, 96))
         (cache / "refs").mkdir()
         (cache / "refs" / "main").write_text("0" * 40)
     for script in SCRIPTS:
@@ -150,6 +162,13 @@ def sandbox(tmp_path_factory, clip_vocab_dir):
 
     for name in ("original.png", "window.png"):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / name)
+    # A mask as people draw one: white where to repaint (a box in the middle), black elsewhere.
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 20:44] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    # A picture with edges for Canny: a bright disc on a dark ground.
+    yy, xx = np.mgrid[:64, :64]
+    Image.fromarray(np.where((yy - 32) ** 2 + (xx - 30) ** 2 < 300, 220, 30).astype(np.uint8)).convert("RGB").save(folder / "pose.png")
     (folder / "prompts.txt").write_text(PROMPTS)
     (folder / "inputs.txt").write_text("original.png\nwindow.png\n")
     env = {
