@@ -1,0 +1,348 @@
+"""The server under load (issue 22): many clients at once, /interrupt, kill -9, clients that leave.
+
+Each test starts ``python -m stable_diffusion.server`` on the tiny SD 1.x model (``serve``, loopback,
+a free port) and talks to it over HTTP as AUTOMATIC1111's clients do. What it is held to:
+
+- AUTOMATIC1111 v1.9's API: ``force_task_id`` names a job; ``GET /sdapi/v1/progress`` answers the
+  running job's id as ``current_task`` and the step as ``state.sampling_step``; ``POST
+  /internal/progress {"id_task"}`` says whether a job is queued, active or completed (A1111's
+  ``modules/progress.py``); ``info`` is ``Processed.js()`` with ``all_seeds`` and ``infotexts``.
+- The library: a request's picture equals, pixel for pixel, what ``load_model(...).generate_latents``
+  and ``decode`` give in this process for the same prompt, seed, sampler, steps, guidance and size.
+- The files: with ``--save-images``, a picture the server answered is on disk, complete, with its
+  parameters, whatever instant the server is killed (``images.save_image`` writes a temporary file
+  and renames it).
+"""
+
+import base64
+import http.client
+import io
+import itertools
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+from server_process import serve
+
+from stable_diffusion import images, load_model
+
+# Every request names all that sets its picture, so the reference call below needs no server default.
+SETTINGS = {"sampler_name": "Euler", "scheduler": "Automatic", "cfg_scale": 7.0, "width": 32, "height": 32, "negative_prompt": "blurry"}
+QUICK_STEPS = 2
+LONG_STEPS = 400  # ~20 s of steps on the tiny model: a job that is still running when it is stopped
+TIMEOUT = 120  # seconds any one request may take on a loaded 2-core machine
+
+
+# ---------------------------------------------------------------------------------------------
+# Talking to the server
+
+
+def body(prompt: str, seed: int, steps: int = QUICK_STEPS, task: str | None = None, **extra) -> dict:
+    request = {**SETTINGS, "prompt": prompt, "seed": seed, "steps": steps, **extra}
+    if task is not None:
+        request["force_task_id"] = task
+    return request
+
+
+def txt2img(url: str, request: dict) -> dict:
+    response = httpx.post(url + "/sdapi/v1/txt2img", json=request, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text[:500]
+    return response.json()
+
+
+def progress(url: str) -> dict:
+    response = httpx.get(url + "/sdapi/v1/progress", params={"skip_current_image": "true"}, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text[:500]
+    return response.json()
+
+
+def task_state(url: str, task: str) -> dict:
+    """A1111's /internal/progress for one job: active, queued, completed."""
+    response = httpx.post(url + "/internal/progress", json={"id_task": task, "id_live_preview": -1}, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text[:500]
+    return response.json()
+
+
+def arrived(url: str, task: str) -> bool:
+    state = task_state(url, task)
+    return state["queued"] or state["active"] or state["completed"]
+
+
+def wait_for(condition, what: str, timeout: float = TIMEOUT, every: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def picture(answer: dict, k: int = 0) -> tuple[np.ndarray, str]:
+    """The answer's k-th picture as (H, W, 3) uint8 and its PNG parameters chunk."""
+    image = Image.open(io.BytesIO(base64.b64decode(answer["images"][k])))
+    image.load()
+    assert image.format == "PNG"
+    return np.asarray(image.convert("RGB")), image.info.get("parameters")
+
+
+class Call(threading.Thread):
+    """One txt2img request on its own thread; ``answer`` or ``error`` once it is done."""
+
+    def __init__(self, url: str, request: dict):
+        super().__init__(daemon=True)
+        self.url, self.request = url, request
+        self.answer = self.error = None
+        self.done_at = None
+
+    def run(self):
+        try:
+            self.answer = txt2img(self.url, self.request)
+        except BaseException as e:  # re-raised by result() in the test's thread
+            self.error = e
+        self.done_at = time.monotonic()
+
+    def result(self, timeout: float = TIMEOUT) -> dict:
+        self.join(timeout)
+        assert not self.is_alive(), f"request {self.request.get('force_task_id')} did not end in {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+class TaskWatcher(threading.Thread):
+    """Polls /progress and records the ids of the running jobs, in the order first seen."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url = url
+        self.seen = []
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            task = progress(self.url).get("current_task")
+            if task is not None and (not self.seen or self.seen[-1] != task):
+                self.seen.append(task)
+            time.sleep(0.01)
+
+    def finish(self) -> list:
+        self.stop.set()
+        self.join(TIMEOUT)
+        return self.seen
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: the library in this process
+
+
+@pytest.fixture(scope="module")
+def library(tiny_sd1):
+    return load_model(str(tiny_sd1), sampler_rules="a1111")
+
+
+def library_picture(sd, request: dict) -> np.ndarray:
+    """What the library makes for an A1111 request: its prompt, negative, seed, sampler, steps, guidance and size."""
+    f = sd.latent_factor
+    for x in sd.generate_latents(
+        request["prompt"],
+        negative_text=request["negative_prompt"],
+        num_steps=request["steps"],
+        cfg_weight=request["cfg_scale"],
+        latent_size=(request["height"] // f, request["width"] // f),
+        seed=request["seed"],
+        sampler=request["sampler_name"],
+    ):
+        mx.eval(x)
+    return images.to_uint8(sd.decode(x))[0]
+
+
+def check_answer(answer: dict, request: dict, reference: np.ndarray | None = None):
+    """One picture of the request's size, the request's seed in ``info``, the infotext in the PNG; pixel-exact if a reference is given."""
+    info = json.loads(answer["info"])
+    assert info["all_seeds"] == [request["seed"]] and info["seed"] == request["seed"]
+    assert len(answer["images"]) == 1
+    pixels, parameters = picture(answer)
+    assert pixels.shape == (request["height"], request["width"], 3)
+    assert parameters == info["infotexts"][0]
+    assert f"Seed: {request['seed']}" in parameters
+    if reference is not None:
+        np.testing.assert_array_equal(pixels, reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tests
+
+
+@pytest.fixture(scope="module")
+def server(tiny_sd1):
+    with serve(tiny_sd1) as running:
+        yield running
+
+
+def test_fifty_concurrent_requests_complete_in_arrival_order_with_their_seeds(server, library):
+    n = 50
+    requests = [body(f"a photo of object number {i}", seed=1000 + 7 * i, task=f"load-{i:02d}") for i in range(n)]
+    requests[0]["steps"] = 40  # the first job runs while the others arrive, so they queue behind it
+    watcher = TaskWatcher(server.url)
+    watcher.start()
+    calls = []
+    for request in requests:
+        calls.append(Call(server.url, request))
+        calls[-1].start()
+        # The next request is sent once the server holds this one: their arrival order is the list's.
+        task = request["force_task_id"]
+        wait_for(lambda task=task: arrived(server.url, task), f"job {task} to reach the server")
+    answers = [call.result() for call in calls]
+    seen = watcher.finish()
+
+    for request, answer in zip(requests, answers):
+        check_answer(answer, request)
+    for k in (0, 1, 17, 33, n - 1):
+        check_answer(answers[k], requests[k], library_picture(library, requests[k]))
+    # Jobs ran one at a time in arrival order: the running job's id only moves forward.
+    order = [int(task.split("-")[1]) for task in seen if task.startswith("load-")]
+    assert order == sorted(set(order)), f"jobs ran out of arrival order: {order}"
+    assert len(order) >= 10, f"the watcher saw only {order}: too few to tell the order"
+    assert all(task_state(server.url, r["force_task_id"])["completed"] for r in requests[-16:])
+
+
+def step_time(url: str) -> tuple[int, float]:
+    """(the running job's step, seconds per step) from /progress over a few steps: what one step takes here, now."""
+    s0, t0 = wait_for(lambda: (s := progress(url)["state"]["sampling_step"]) >= 1 and (s, time.monotonic()), "a step")
+    s1, t1 = wait_for(lambda: (s := progress(url)["state"]["sampling_step"]) >= s0 + 3 and (s, time.monotonic()), "three more steps")
+    return s1, (t1 - t0) / (s1 - s0)
+
+
+def stop_bound(step: int, seconds_per_step: float) -> float:
+    """How soon a job stopped "at the next step" must end: a few steps and a poll; a quarter of what it had left at most."""
+    bound = max(2.0, 10 * seconds_per_step)
+    assert bound < (LONG_STEPS - step) * seconds_per_step / 4, "the long job is too short here to tell a stop from its end"
+    return bound
+
+
+def test_interrupt_ends_the_running_job_early_and_the_next_job_runs(server, library):
+    long = body("a long job", seed=5, steps=LONG_STEPS, task="interrupted")
+    after = body("the job after", seed=6, task="after-interrupt")
+    first = Call(server.url, long)
+    first.start()
+    wait_for(lambda: progress(server.url).get("current_task") == "interrupted", "the long job to start")
+    second = Call(server.url, after)
+    second.start()
+    wait_for(lambda: task_state(server.url, "after-interrupt")["queued"], "the second job to queue")
+    bound = stop_bound(*step_time(server.url))
+    started = time.monotonic()
+    assert httpx.post(server.url + "/sdapi/v1/interrupt", timeout=TIMEOUT).status_code == 200
+
+    answer = first.result()
+    elapsed = first.done_at - started
+    # A1111 answers what it has when interrupted: the picture of the steps made, with its seed and infotext.
+    check_answer(answer, long)
+    assert elapsed < bound, f"the interrupted job answered {elapsed:.1f} s after /interrupt"
+    check_answer(second.result(), after, library_picture(library, after))
+    wait_for(lambda: progress(server.url)["state"]["job_count"] == 0, "the server to be idle")
+
+
+def test_a_client_that_leaves_cancels_its_job_at_the_next_step(server, library):
+    split = urlsplit(server.url)
+    connection = http.client.HTTPConnection(split.hostname, split.port, timeout=TIMEOUT)
+    payload = json.dumps(body("nobody waits for this", seed=8, steps=LONG_STEPS, task="abandoned"))
+    connection.request("POST", "/sdapi/v1/txt2img", body=payload, headers={"Content-Type": "application/json"})
+    wait_for(lambda: progress(server.url).get("current_task") == "abandoned", "the abandoned job to start")
+    after = body("the job after the client left", seed=9, task="after-leave")
+    second = Call(server.url, after)
+    second.start()
+    wait_for(lambda: task_state(server.url, "after-leave")["queued"], "the second job to queue")
+    bound = stop_bound(*step_time(server.url))
+    left = time.monotonic()
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+
+    wait_for(lambda: progress(server.url).get("current_task") != "abandoned", "the abandoned job to end")
+    ended = time.monotonic() - left
+    assert ended < bound, f"the abandoned job ran {ended:.1f} s after its client left"
+    check_answer(second.result(), after, library_picture(library, after))
+    assert task_state(server.url, "abandoned")["active"] is False
+
+
+def files_under(folder: Path) -> tuple[dict, list]:
+    """({path: (pixels, parameters)} of every finished file, [temporary .part files]) under ``folder``, recursively.
+
+    A finished file must decode to the end: a truncated PNG fails ``load()``.
+    """
+    finished, parts = {}, []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.name.endswith(".part"):
+            parts.append(path)
+            continue
+        with Image.open(path) as image:
+            image.load()
+            finished[path] = (np.asarray(image.convert("RGB")), image.info.get("parameters"))
+    return finished, parts
+
+
+def test_kill_9_during_a_job_loses_no_answered_picture_and_leaves_no_partial_file(tiny_sd1, tmp_path):
+    out = tmp_path / "outputs"
+    answered = []  # (request, pixels, parameters) of each answer that came back
+    with serve(tiny_sd1, "--save-images", "--output-dir", out) as running:
+
+        def client():
+            try:
+                for i in range(10**6):
+                    request = body(f"kept picture {i}", seed=300 + i, steps=3, save_images=True)
+                    answer = txt2img(running.url, request)
+                    check_answer(answer, request)
+                    answered.append((request, *picture(answer)))
+                    times.append(time.monotonic())
+            except httpx.TransportError:  # the server died during this request: it answered nothing
+                pass
+            except BaseException as e:
+                errors.append(e)
+
+        times, errors = [], []
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        wait_for(lambda: len(answered) >= 4 or not thread.is_alive(), "four answers")
+        if errors:
+            raise errors[0]
+        assert thread.is_alive(), running.log()
+        # Kill at the worst instant: while the next picture is being written (its .part file exists).
+        # The folders are watched in a tight loop (a PNG of this size is written in a few ms); if no
+        # write is caught within a few jobs' time, the kill lands at that random instant instead.
+        folders = {path.parent for path in out.rglob("*.png")}
+        deadline = time.monotonic() + 3 * max(b - a for a, b in itertools.pairwise(times))
+        caught_writing = False
+        while time.monotonic() < deadline and not caught_writing:
+            caught_writing = any(entry.name.endswith(".part") for folder in folders for entry in os.scandir(folder))
+        os.kill(running.process.pid, signal.SIGKILL)
+        running.process.wait()
+        thread.join(TIMEOUT)
+    assert not errors, errors
+    moment = "while a picture was written" if caught_writing else "at a random instant"
+
+    finished, _ = files_under(out)
+    pictures = list(finished.values())
+    for request, pixels, parameters in answered:
+        assert any(np.array_equal(pixels, p) and parameters == text for p, text in pictures), f"answered seed {request['seed']} is not on disk (killed {moment})"
+    assert all(text is not None for _, text in pictures), "a saved picture has no parameters chunk"
+    assert len(answered) <= len(finished) <= len(answered) + 1  # at most the job killed after its file was written
+
+    # A new server on the same folder clears what the killed one left half-written, and keeps the rest.
+    with serve(tiny_sd1, "--save-images", "--output-dir", out) as again:
+        request = body("after the restart", seed=77, steps=2, save_images=True)
+        check_answer(txt2img(again.url, request), request)
+    after, parts_after = files_under(out)
+    assert parts_after == [], f"half-written files left under the output folder (killed {moment}): {parts_after}"
+    assert len(after) == len(finished) + 1
+    for path, (pixels, text) in finished.items():
+        assert np.array_equal(after[path][0], pixels) and after[path][1] == text
