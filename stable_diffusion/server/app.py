@@ -52,12 +52,18 @@ def _authorized(header: str, credentials: dict) -> bool:
     if scheme.lower() != "basic":
         return False
     try:
-        user, sep, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+        user, sep, password = base64.b64decode(value.strip(), validate=True).partition(b":")
+    except (binascii.Error, ValueError):
         return False
-    expected = credentials.get(user)
-    # compare_digest on bytes: a non-ASCII password would make the str version raise.
-    return bool(sep) and expected is not None and secrets.compare_digest(password.encode(), expected.encode())
+    # Browsers send UTF-8; requests and older clients Latin-1: a name and password match in either.
+    for encoding in ("utf-8", "latin-1"):
+        for name, expected in credentials.items():
+            try:
+                if user == name.encode(encoding) and secrets.compare_digest(password, expected.encode(encoding)):
+                    return bool(sep)
+            except UnicodeEncodeError:
+                continue
+    return False
 
 
 def create_app(settings: generation.Settings, credentials: dict | None = None) -> FastAPI:

@@ -125,8 +125,8 @@ def plan(mode: str, body, models: Models, settings: Settings) -> Plan:
             raise ApiError(422, f"field {name!r}: must be at least 8, got {request[name]}")
     if request["width"] * request["height"] > settings.max_pixels:
         raise ApiError(422, f"{request['width']}x{request['height']} is more than the server's limit of {settings.max_pixels} pixels (--max-pixels)")
-    if request["seed"] < -1:
-        raise ApiError(422, f"field 'seed': must be -1 (draw one) or a whole number >= 0, got {request['seed']}")
+    if not -1 <= request["seed"] < 2**64:
+        raise ApiError(422, f"field 'seed': must be -1 (draw one) or a whole number in [0, 2**64), got {request['seed']}")
     sampler, schedule = _sampler(request["sampler_name"] or request["sampler_index"], request["scheduler"])
 
     overrides = request["override_settings"]
