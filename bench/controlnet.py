@@ -383,7 +383,8 @@ def bench_pipeline(family, sd, cn, pipe_cn, picture, args, th) -> dict:
     torch = th.torch
     side = picture.size[0]
     latent = side // 8
-    pipe = getattr(diffusers, PIPELINES[family][1]).from_pipe(pipe_cn)
+    # from_pipe casts the shared modules to its torch_dtype, float32 unless given
+    pipe = getattr(diffusers, PIPELINES[family][1]).from_pipe(pipe_cn, torch_dtype=th.dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe_cn.set_progress_bar_config(disable=True)
 
