@@ -14,12 +14,12 @@ encode its mean: its ``retrieve_latents`` is made to take the mean too. The star
 injected (txt2img: ``latents``; img2img/inpainting: diffusers' first draw from its generator, our
 ``noise``); a stochastic sampler's step noise follows it from the same generator.
 
-Tolerance: 1e-4 relative on the last latents and the decoded pictures, the txt2img / img2img /
-inpainting parity tests' bound: float32 through the same layers, op for op (the ControlNet adds
-~40 % more ops per call than the UNet alone, still < 2^-24 x 1e3 per call, compounded over <= 10
-calls); every mistake a test is built to catch (a residual dropped, scaled or added to the wrong
-rows, a span off by one call) moves the latents by > 1e-2 (each test checks the generation without
-its ControlNets differs by more than 100x the tolerance, so it could not pass with them ignored).
+Tolerance: float32 through the same layers, op for op (the ControlNet adds ~40 % more ops per
+call than the UNet alone): the last latents are held to 1e-5 relative, as issue #21 asks (measured
+here: <= 4.1e-6 over every test), the decoded pictures to the pipeline parity tests' 1e-4 (measured
+<= 8.1e-6). Every mistake a test is built to catch (a residual dropped, scaled or added to the wrong
+rows, a span off by one call) moves the latents by > 1e-2: each test also checks that the generation
+without its ControlNets is more than 1000x the tolerance away, so it could not pass with them ignored.
 """
 
 import mlx.core as mx
@@ -36,7 +36,8 @@ from stable_diffusion.controlnet import Control, load_controlnet
 
 SIZE = 32  # pixels; the tiny VAE downsamples 4x, so latents are 8x8
 PROMPT = "A photo of an astronaut riding a horse on Mars."
-TOLERANCE = 1e-4
+TOLERANCE = 1e-5  # latents; pictures: PICTURE_TOLERANCE
+PICTURE_TOLERANCE = 1e-4
 # Two stride-2 convs: the control image at the picture's size meets latents 4x smaller.
 HINT_CHANNELS = (16, 32, 32)
 
@@ -209,9 +210,9 @@ def run_reference(folder, controlnets, kind, xl, controls, guess_mode, sampler, 
 def assert_matches(latents, decoded, ref, pipe, plain):
     error = relative_error(latents[-1], nhwc(ref))
     assert error <= TOLERANCE, error
-    assert relative_error(decoded, decode_reference(pipe, ref)) <= TOLERANCE
+    assert relative_error(decoded, decode_reference(pipe, ref)) <= PICTURE_TOLERANCE
     # Without its ControlNets the generation is far from the reference: the test sees them.
-    assert relative_error(plain, nhwc(ref)) > 100 * TOLERANCE
+    assert relative_error(plain, nhwc(ref)) > 1000 * TOLERANCE
 
 
 # ---- txt2img ------------------------------------------------------------------------------------
@@ -249,6 +250,14 @@ def test_control_picture_of_another_size_is_lanczos_resized(tiny_sd1, controlnet
     grey.save(tmp_path / "control.png")
     controls = [("sd1", picture, 0.8, 0.0, 1.0), ("sd1_bgr", str(tmp_path / "control.png"), 0.7, 0.0, 1.0)]
     assert_matches(*run_both(tiny_sd1, controlnets, controls=controls, height=SIZE, width=SIZE + 8, steps=4))
+
+
+@pytest.mark.xfail(strict=True, reason="controlnet.prepare_control_image composites RGBA on white (images.to_rgb); diffusers' convert('RGB') drops the alpha")
+def test_control_picture_with_alpha_is_made_rgb_as_diffusers(tiny_sd1, controlnets):
+    """RGBA: control_image_processor's convert("RGB") keeps the colour values and drops the alpha."""
+    rng = np.random.default_rng(8)
+    rgba = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 4), dtype=np.uint8), "RGBA")
+    assert_matches(*run_both(tiny_sd1, controlnets, controls=[("sd1", rgba, 1.0, 0.0, 1.0)], steps=3))
 
 
 def test_control_array_of_another_size_is_nearest_resized(tiny_sd1, controlnets):
