@@ -20,11 +20,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from . import canny, checkpoint, distributed, embeddings, images, inpaint, interruptible, memory, model_io, prompts
 from .config import AutoencoderConfig, CLIPTextModelConfig, UNetConfig
-from .controlnet import CONTROLNET_PRESETS, Control, ControlNetConfig, ControlNetModel, controlnet_name, load_controlnet, prepare_control_image
+from .controlnet import CONTROLNET_PRESETS, Control, ControlNetConfig, ControlNetModel, checked_controls, controlnet_name, load_controlnet, prepare_control_image
 from .errors import ModelLoadError, one_line
 from .memory import available_memory  # noqa: F401  (TriangularArray.py's check)
 from .pipeline import DISTILLED_REPOS, DISTILLED_STEPS, MAX_CFG_WEIGHT, PRESETS, denoising_calls, load_model, prompt_lora_file
@@ -455,16 +456,35 @@ def load_controlnets(args) -> list:
     return args.controlnets
 
 
-def controls_for(args, width: int, height: int) -> list:
+def controls_for(args, width: int, height: int, crop=None) -> list:
     """The Controls of a generation of width x height, their images prepared at that size as the
-    pipeline prepares a control picture (numpy: the steps may run in another thread than this one)."""
+    pipeline prepares a control picture (numpy: the steps may run in another thread than this one).
+
+    ``crop``: only-masked inpainting's inpaint.MaskCrop: each control picture, at the original's
+    size, is cut and filled to the generation as the input is (A1111's ControlNet crops its
+    control images with the inpainting's crop region likewise).
+    """
     controls = []
     for spec, controlnet in zip(args.controls, args.controlnets):
-        image = np.asarray(prepare_control_image(spec.picture, height, width))[0]  # (H, W, 3) in [0, 1]
+        picture = spec.picture
+        if crop is not None:
+            if picture.size != crop.original.size:
+                picture = picture.resize(crop.original.size, Image.Resampling.LANCZOS)
+            picture = inpaint.crop_and_fill(picture, crop.box, width, height)
+        image = np.asarray(prepare_control_image(picture, height, width))[0]  # (H, W, 3) in [0, 1]
         if spec.module == "canny":
             image = canny_edges(image, args.canny_low, args.canny_high)
         controls.append(Control(controlnet, image, spec.scale, spec.start, spec.end))
     return controls
+
+
+def check_controls(sd, controls: list, width: int, height: int):
+    """The facade's checks of a generation's Controls (a ControlNet of another model family...), once the
+    models are loaded and before the job starts: a refusal is one line, not a line after the progress bars."""
+    try:
+        checked_controls(controls, sd.unet.config, 1, height, width)
+    except ValueError as e:
+        raise refused(e) from None
 
 
 def canny_edges(image: np.ndarray, low: float, high: float) -> np.ndarray:

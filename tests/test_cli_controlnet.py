@@ -258,3 +258,21 @@ def test_a_controlnet_that_cannot_guide_this_model_is_one_line_exit_2(tiny_sd1, 
     result = run(T2I, PROMPT, "--model", tiny_sd1, "--control", folder, bad / "c.png", *COMMON, *SIZE, "-o", out)
     assert_usage_error(result, T2I, message)
     assert list(out.parent.iterdir()) == []
+
+
+def test_only_masked_crops_the_control_picture_as_the_input(tiny_sd1, controlnets, pictures, tmp_path):
+    from stable_diffusion import inpaint
+
+    folder, _ = controlnets["cn_sd1"]
+    out = tmp_path / "out.png"
+    args = ["--mask", pictures / "mask.png", "--inpaint-only-masked", 4, "--control", folder, pictures / "blocks.png", "--strength", 0.9]
+    ok(run(I2I, pictures / "input.png", PROMPT, "--model", tiny_sd1, *args, *COMMON, "--seed", 16, "-o", out))
+    crop = inpaint.crop_to_mask(pictures / "input.png", str(pictures / "mask.png"), 4, multiple=4)
+    with Image.open(pictures / "blocks.png") as blocks:  # 55x54, the input 32x40: first to the input's size
+        control = inpaint.crop_and_fill(blocks.convert("RGB").resize((32, 40), Image.Resampling.LANCZOS), crop.box, 32, 40)
+    sd = load_model(str(tiny_sd1), sampler="euler")
+    *_, x = sd.generate_latents_from_image(
+        images.to_model_input(crop.image), PROMPT, mask=crop.mask, strength=0.9, num_steps=3, cfg_weight=3, seed=16, controls=[Control(load_controlnet(str(folder)), control)]
+    )
+    expected = np.asarray(crop.paste(np.asarray(sd.decode(x)))[0])
+    assert np.array_equal(pixels(out), expected)

@@ -231,6 +231,8 @@ def main(argv=None, prog: str = PROG):
         cli.report_prompt(args, sd, args.prompt, steps, cfg)
     for source in sources:
         source.prepare(args, sd.latent_factor, quiet=group.rank != 0)
+    first = sources[0]
+    cli.check_controls(sd, cli.controls_for(args, *first.picture.size, first.crop), *first.picture.size)
     seed = None if args.seed_list else group.broadcast_seed(lambda: cli.draw_seed(args.seed))
     seeds = args.seed_list or distributed.seeds_for(seed, args.n_images)
     if not interim:
@@ -254,7 +256,7 @@ def generate(args, sd, source: Source, n: int, strength: float, steps: int, cfg:
             noise=distributed.initial_noise(seeds, (h // f, w // f, sd.autoencoder.config.latent_channels)),
             step_noise=distributed.step_noise(seeds, sd.denoising_calls(steps)),
             mask=source.run_mask,
-            controls=cli.controls_for(args, w, h),
+            controls=cli.controls_for(args, w, h, source.crop),
             guess_mode=args.guess_mode,
             **cli.prompt_options(args),
         )

@@ -70,6 +70,7 @@ def main(argv=None, prog: str = PROG):
         raise UsageError(f"--n_rows {args.n_rows} does not divide the {len(items)} images of the grid")
     latent_shape = (height // f, width // f, sd.unet.config.in_channels)
     controls = cli.controls_for(args, width, height)
+    cli.check_controls(sd, controls, width, height)
 
     def generate(chunk):
         seeds = [it.seed for it in chunk]
