@@ -310,3 +310,18 @@ def test_png_info_reads_the_parameters_back(server, api, tiny_sd1):
     info = api.png_info(result.images[0])
     assert info.info == result.info["infotexts"][0]
     assert info.parameters["Seed"] == "21" and info.parameters["Prompt"] == PROMPT
+
+
+def test_skip_ends_the_batch_and_goes_on(server, api, tiny_sd1):
+    """/skip ends the running batch (its picture from the latest latent) and the job goes on with the next (A1111's skip)."""
+    set_model(server, Path(tiny_sd1).name)
+    result = {}
+    thread = _post_async(server.url + "/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 400, "width": 64, "height": 64, "n_iter": 2, "seed": 1}, result)
+    _wait_for(server.url, lambda p: p["state"]["sampling_step"] >= 2)
+    assert requests.post(server.url + "/sdapi/v1/skip", timeout=10).json() == {}
+    progress = _wait_for(server.url, lambda p: p["state"]["job_no"] == 1 and p["state"]["sampling_step"] >= 1)
+    assert progress["state"]["skipped"] is False and progress["progress"] > 0.5
+    api.interrupt()
+    thread.join(120)
+    answer = result["response"].json()
+    assert len(answer["images"]) == 2 and json.loads(answer["info"])["all_seeds"] == [1, 2]
