@@ -1,23 +1,26 @@
 """The server's throughput and its overhead per image over loopback, against the library in-process.
 
-For each model and request shape:
+For each model and request shape, ``--requests`` rounds of:
 
-1. the library alone, in this process: ``generate_latents(seed=...)`` to the last step, ``decode``,
-   ``images.to_uint8`` (what the server runs for one image), median of ``--repeats`` after a warm-up;
-2. the server (``python -m stable_diffusion.server``, started as the tests start it), over loopback
-   with httpx: one client sending ``--requests`` txt2img requests one after another (requests/s, and
-   each request's wall time), then ``--clients`` clients at once sending as many in total;
-3. the overhead per image: the median request's wall time minus the library's median time, in ms and
-   as a ratio (request / library). It holds HTTP, JSON, the request checks, the queue hand-off, PNG
-   encoding with the infotext and base64.
+1. one image through the library in this process: ``generate_latents(seed=...)`` to the last step,
+   ``decode``, ``images.to_uint8`` (what the server runs for one image), wall and CPU time;
+2. the same image as one txt2img request to the server (``python -m stable_diffusion.server``,
+   started as the tests start it) over loopback with httpx: its wall time, and the server process's
+   CPU time (all threads, /proc) around it.
 
-The two never run at once: while the server computes, this process only waits on its sockets.
+The two alternate, so the load of other processes on a shared machine falls on both alike; they
+never run at once. The overhead per image is request - library: the median of the paired wall-time
+differences, and the mean CPU time of the server per request minus the library's per image (CPU time
+is what other processes on the machine disturb least). It holds HTTP, JSON, the request checks, the
+queue hand-off, PNG encoding with the infotext and base64. Then requests/s: one client sending
+``--requests`` back to back, and ``--clients`` clients at once sending as many in total.
 
     python bench/server.py --models /tmp/bench_server --json bench/results/cpu_server.json
 """
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -37,35 +40,39 @@ NEGATIVE = "blurry"
 SHAPES = {
     "tiny": [(32, 1), (32, 10), (64, 10)],
     "sd15-toy": [(64, 1), (64, 10)],
+    "sd15": [(512, 1), (512, 20)],  # full width: for a GPU (--only sd15 --float16)
 }
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", default="/tmp/bench_server", help="folder for the random models (built once)")
-    p.add_argument("--only", default=None, help="comma-separated model labels to run (tiny, sd15-toy)")
-    p.add_argument("--requests", type=int, default=20, help="requests per measurement")
+    p.add_argument("--only", default="tiny,sd15-toy", help="comma-separated model labels to run (tiny, sd15-toy; sd15: SD 1.5's full width, for a GPU)")
+    p.add_argument("--float16", action="store_true", help="run the library and the server in float16")
+    p.add_argument("--requests", type=int, default=20, help="rounds (library image + request) per shape, and requests per throughput run")
     p.add_argument("--clients", type=int, default=8, help="clients at once in the concurrent measurement")
-    p.add_argument("--repeats", type=int, default=7, help="in-process library runs per shape")
     p.add_argument("--json", default=None, help="write the numbers here")
     return p.parse_args()
 
 
-def build_models(folder: Path) -> dict:
-    """The tests' tiny SD 1.x model, and SD 1.5's real block layout at toy width (bench/_models.py)."""
+def build_models(folder: Path, labels: list) -> dict:
+    """The tests' tiny SD 1.x model, SD 1.5's real block layout at toy width, and at full width (bench/_models.py, random weights)."""
     import _models
     import tiny_models
 
     folder.mkdir(parents=True, exist_ok=True)
-    models = {"tiny": folder / "tiny_sd1", "sd15-toy": folder / "sd15_toy"}
-    if not (models["tiny"] / "model_index.json").exists():
-        vocab = tiny_models.write_clip_vocab(folder / "vocab")
-        tiny_models.build_sd(models["tiny"], vocab, "sd1")
-    if not (models["sd15-toy"] / "model_index.json").exists():
-        tokenizers = folder / "tokenizers"
+    models = {"tiny": folder / "tiny_sd1", "sd15-toy": folder / "sd15_toy", "sd15": folder / "sd15"}
+    for label in labels:
+        if (models[label] / "model_index.json").exists():
+            continue
+        if label == "tiny":
+            tiny_models.build_sd(models[label], tiny_models.write_clip_vocab(folder / "vocab"), "sd1")
+            continue
+        tokenizers = ROOT / "bench" / "_tokenizer"  # written by bench/generate.py --write-tokenizer
         if not (tokenizers / "pad_eos" / "vocab.json").exists():
+            tokenizers = folder / "tokenizers"
             _models.write_tokenizers(tokenizers)
-        _models.make_model(models["sd15-toy"], tokenizers, "sd15", tiny=True)
+        _models.make_model(models[label], tokenizers, "sd15", tiny=label == "sd15-toy")
     return models
 
 
@@ -73,21 +80,24 @@ def request_body(size: int, steps: int, seed: int) -> dict:
     return {"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": seed, "steps": steps, "cfg_scale": 7.0, "width": size, "height": size, "sampler_name": "Euler"}
 
 
-def library_time(sd, size: int, steps: int, repeats: int) -> float:
-    """Median seconds of one image through the library: denoise, decode, to uint8."""
+def library_image(sd, size: int, steps: int, seed: int) -> tuple[float, float]:
+    """(wall s, CPU s of this process) of one image through the library: denoise, decode, to uint8."""
     import mlx.core as mx
 
     from stable_diffusion import images
 
     f = sd.latent_factor
-    times = []
-    for seed in range(repeats + 1):
-        t0 = time.perf_counter()
-        for x in sd.generate_latents(PROMPT, negative_text=NEGATIVE, num_steps=steps, cfg_weight=7.0, latent_size=(size // f, size // f), seed=seed, sampler="Euler"):
-            mx.eval(x)
-        images.to_uint8(sd.decode(x))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])  # the first run compiles and warms the caches
+    w0, c0 = time.perf_counter(), time.process_time()
+    for x in sd.generate_latents(PROMPT, negative_text=NEGATIVE, num_steps=steps, cfg_weight=7.0, latent_size=(size // f, size // f), seed=seed, sampler="Euler"):
+        mx.eval(x)
+    images.to_uint8(sd.decode(x))
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (Linux /proc; 10 ms ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def post(client, url: str, body: dict) -> float:
@@ -99,15 +109,33 @@ def post(client, url: str, body: dict) -> float:
     return elapsed
 
 
-def sequential(url: str, size: int, steps: int, n: int) -> dict:
+def paired(sd, server, size: int, steps: int, n: int) -> dict:
+    """n rounds of (one image in-process, the same image as one request), alternating so that the
+    machine's other load falls on both alike; the server's CPU time is read around each request."""
     import httpx
 
+    library_wall, library_cpu, request_wall, server_cpu = [], [], [], []
     with httpx.Client() as client:
-        post(client, url, request_body(size, steps, 10**6))  # warm-up: the server's first job compiles
+        library_image(sd, size, steps, 10**6)  # warm-up: each side's first job compiles and fills caches
+        post(client, server.url, request_body(size, steps, 10**6))
+        for seed in range(n):
+            wall, cpu = library_image(sd, size, steps, seed)
+            library_wall.append(wall)
+            library_cpu.append(cpu)
+            c0 = process_cpu_s(server.process.pid)
+            request_wall.append(post(client, server.url, request_body(size, steps, seed)))
+            server_cpu.append(process_cpu_s(server.process.pid) - c0)
         t0 = time.perf_counter()
-        walls = [post(client, url, request_body(size, steps, seed)) for seed in range(n)]
-        total = time.perf_counter() - t0
-    return {"requests_per_s": n / total, "median_request_s": statistics.median(walls), "walls_s": walls}
+        for seed in range(n):  # back to back: requests/s of one client
+            post(client, server.url, request_body(size, steps, seed))
+        sequential = n / (time.perf_counter() - t0)
+    return {
+        "library_wall_s": library_wall,
+        "library_cpu_s": library_cpu,
+        "request_wall_s": request_wall,
+        "server_cpu_s": server_cpu,
+        "sequential_requests_per_s": sequential,
+    }
 
 
 def concurrent(url: str, size: int, steps: int, n: int, clients: int) -> dict:
@@ -152,43 +180,34 @@ def cpu_name() -> str:
 
 def main():
     args = parse_args()
+    import mlx.core as mx
     from server_process import serve
 
     from stable_diffusion import load_model
 
-    models = build_models(Path(args.models))
-    labels = args.only.split(",") if args.only else list(SHAPES)
+    labels = args.only.split(",")
+    models = build_models(Path(args.models), labels)
     rows = []
     for label in labels:
-        sd = load_model(str(models[label]), sampler_rules="a1111")  # the server's rules
-        with serve(models[label]) as server:
+        sd = load_model(str(models[label]), float16=args.float16, sampler_rules="diffusers")  # the server's rules (generation.RULES)
+        with serve(models[label], *(["--float16"] if args.float16 else []), timeout=900) as server:
             for size, steps in SHAPES[label]:
-                lib = library_time(sd, size, steps, args.repeats)
-                seq = sequential(server.url, size, steps, args.requests)
-                conc = concurrent(server.url, size, steps, args.requests, args.clients)
-                lib_after = library_time(sd, size, steps, args.repeats)  # the machine is shared: bracket the server runs
-                lib_s = statistics.median([lib, lib_after])
-                overhead = seq["median_request_s"] - lib_s
-                row = {
-                    "model": label,
-                    "size": size,
-                    "steps": steps,
-                    "library_s": lib_s,
-                    "library_s_before_after": [lib, lib_after],
-                    "sequential": seq,
-                    "concurrent": conc,
-                    "overhead_ms": overhead * 1000,
-                    "ratio": seq["median_request_s"] / lib_s,
-                }
+                row = {"model": label, "size": size, "steps": steps, **paired(sd, server, size, steps, args.requests)}
+                row["concurrent"] = concurrent(server.url, size, steps, args.requests, args.clients)
+                lib_wall, req_wall = statistics.median(row["library_wall_s"]), statistics.median(row["request_wall_s"])
+                lib_cpu, srv_cpu = statistics.mean(row["library_cpu_s"]), statistics.mean(row["server_cpu_s"])
+                row["overhead_wall_ms"] = statistics.median(r - w for r, w in zip(row["request_wall_s"], row["library_wall_s"])) * 1000
+                row["overhead_cpu_ms"] = (srv_cpu - lib_cpu) * 1000
                 rows.append(row)
                 print(
-                    f"{label:9s} {size:4d}px {steps:3d} steps: library {lib_s * 1000:7.1f} ms | request {seq['median_request_s'] * 1000:7.1f} ms"
-                    f" | overhead {overhead * 1000:6.1f} ms ({row['ratio']:.2f}x) | {seq['requests_per_s']:.2f} req/s sequential,"
-                    f" {conc['requests_per_s']:.2f} req/s with {args.clients} clients",
+                    f"{label:9s} {size:4d}px {steps:3d} steps | wall: library {lib_wall * 1000:7.1f} ms, request {req_wall * 1000:7.1f} ms,"
+                    f" overhead {row['overhead_wall_ms']:6.1f} ms ({req_wall / lib_wall:.2f}x) | CPU: library {lib_cpu * 1000:7.1f} ms,"
+                    f" server {srv_cpu * 1000:7.1f} ms, overhead {row['overhead_cpu_ms']:6.1f} ms ({srv_cpu / lib_cpu:.2f}x)"
+                    f" | {row['sequential_requests_per_s']:.2f} req/s one client, {row['concurrent']['requests_per_s']:.2f} req/s {args.clients} clients",
                     flush=True,
                 )
         del sd
-    result = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "rows": rows}
+    result = {"cpu": cpu_name(), "gpu": mx.cuda.is_available(), "float16": args.float16, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "load_average": os.getloadavg(), "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
