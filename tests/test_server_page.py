@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from server_process import serve
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright's own browser download is not used
-WAIT_MS = 300_000  # generous: a slow CI box; every wait ends as soon as its condition holds
+WAIT_MS = 120_000  # generous: a slow CI box; every wait ends as soon as its condition holds
 expect.set_options(timeout=WAIT_MS)
 
 
@@ -199,10 +199,11 @@ def test_inpaint_sends_the_mask_painted_with_the_mouse(page, tmp_path):
     # Drag across the middle row, from x=16 to x=48 (picture pixels), with an 8-pixel brush.
     page.locator("#mask-canvas").scroll_into_view_if_needed()
     box = page.locator("#mask-canvas").bounding_box()
-    scale = box["width"] / 64
-    page.mouse.move(box["x"] + 16 * scale, box["y"] + 32 * scale)
+    sx, sy = box["width"] / 64, box["height"] / 64  # the page shows the picture scaled to its column
+    assert sx > 2, "the picture is shown larger than its pixels, so the test sees the scaling of pointer positions"
+    page.mouse.move(box["x"] + 16 * sx, box["y"] + 32 * sy)
     page.mouse.down()
-    page.mouse.move(box["x"] + 48 * scale, box["y"] + 32 * scale, steps=8)
+    page.mouse.move(box["x"] + 48 * sx, box["y"] + 32 * sy, steps=8)
     page.mouse.up()
 
     with page.expect_request("**/sdapi/v1/img2img") as request, page.expect_response("**/sdapi/v1/img2img") as answer:
