@@ -37,8 +37,16 @@ def lora_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_sd1, lora_dir):
-    with serve(tiny_sd1, "--preview-every", "1", "--lora-dir", lora_dir) as server:
+def models_dir(tmp_path_factory, tiny_sd2) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    (folder / "tiny-sd2").symlink_to(tiny_sd2, target_is_directory=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tiny_sd1, lora_dir, models_dir):
+    # Offline: the presets the model list offers are not downloaded when the test picks one.
+    with serve(tiny_sd1, "--preview-every", "1", "--lora-dir", lora_dir, "--models-dir", models_dir, env={"HF_HUB_OFFLINE": "1"}) as server:
         yield server
 
 
@@ -98,6 +106,31 @@ def test_the_lists_come_from_the_server(page, server):
     page.select_option("#lora", "paper-cut")
     expect(page.locator("#prompt")).to_have_value("a paper boat <lora:paper-cut:1>")
     expect(page.locator("#lora")).to_have_value("")  # ready for the next one
+
+
+def test_model_picker_switches_the_servers_model(page, server):
+    options = server.url + "/sdapi/v1/options"
+    first = page.input_value("#model")
+    page.select_option("#model", "tiny-sd2")
+    expect(page.locator("#model")).to_be_enabled()  # the switch has answered
+    expect(page.locator("#error")).to_be_hidden()
+    assert page.request.get(options).json()["sd_model_checkpoint"] == "tiny-sd2"
+    page.fill("#prompt", "a kite")
+    set_fields(page, width=64, height=64, steps=2)
+    page.click("#generate")
+    expect(page.locator("#gallery .infotext")).to_contain_text("Model: tiny-sd2")
+
+    # A model the server cannot load (a preset not in the offline cache): its detail shows, the picker goes back.
+    with page.expect_response(options) as answer:
+        page.select_option("#model", "sd-1.5")
+    assert not answer.value.ok
+    expect(page.locator("#error")).to_have_text(answer.value.json()["detail"])
+    expect(page.locator("#model")).to_have_value("tiny-sd2")
+    assert page.request.get(options).json()["sd_model_checkpoint"] == "tiny-sd2"
+
+    page.select_option("#model", first)  # the other tests' model again
+    expect(page.locator("#model")).to_be_enabled()
+    assert page.request.get(options).json()["sd_model_checkpoint"] == first
 
 
 def test_progress_preview_and_interrupt(page):
