@@ -97,6 +97,7 @@ def test_canny_preprocess_is_opencvs_edges_of_the_resized_picture(tiny_sd1, cont
     ok(run(T2I, PROMPT, "--model", tiny_sd1, *args, *COMMON, *SIZE, "--seed", 12, "-o", out))
     edges = canny_image(pictures / "blocks.png", 32, 40, 50, 150)
     assert 0 < edges.mean() < 0.5  # some edges, not all
+    assert not np.array_equal(edges, canny_image(pictures / "blocks.png", 32, 40))  # the thresholds matter here
     expected = txt2img(tiny_sd1, [Control(load_controlnet(str(folder)), edges)], 12)
     assert np.array_equal(pixels(out), expected)
     assert not np.array_equal(expected, txt2img(tiny_sd1, [Control(load_controlnet(str(folder)), control_image(pictures / "blocks.png", 32, 40))], 12))
