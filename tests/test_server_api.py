@@ -158,6 +158,7 @@ def test_inpaint_equals_the_library(server, api, tiny_sd1_inpaint, full_res):
     assert parsed["Mask blur"] == "4" and parsed["Model"] == "inpaint"
     assert ("Inpaint area" in parsed) == full_res
     assert result.info["is_using_inpainting_conditioning"] is True
+    assert result.info["extra_generation_params"]["Mask blur"] == 4
     assert requests.get(api.baseurl + "/options", timeout=10).json()["sd_model_checkpoint"] != "inpaint"  # restored afterwards
 
 

@@ -177,3 +177,18 @@ def test_an_alpha_mask_is_read_as_a1111_reads_it(hostile):
     expected[2:5, 2:5] = 255
     np.testing.assert_array_equal(np.asarray(mask), expected)
     assert a1111.mask_picture(Image.new("RGBA", (4, 4), (255, 255, 255, 255))).getextrema() == (255, 255)
+
+
+def test_save_images_writes_only_into_the_output_folder(tiny_sd1, tmp_path):
+    """--save-images saves every picture as A1111 names it (OUTPUT/txt2img-images/DATE/NNNNN-SEED.png) with its infotext."""
+    import datetime
+
+    out = tmp_path / "out"
+    with serve(tiny_sd1, "--save-images", "--output-dir", out) as s:
+        r = requests.post(s.url + T2I, json={"prompt": "../../escape", "seed": 77, "batch_size": 2, **SMALL}, timeout=120)
+        assert r.status_code == 200
+    folder = out / "txt2img-images" / datetime.date.today().isoformat()
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == [(folder / "00000-77.png").relative_to(tmp_path), (folder / "00001-78.png").relative_to(tmp_path)]
+    infotexts = json.loads(r.json()["info"])["infotexts"]
+    assert [Image.open(folder / name).info["parameters"] for name in ("00000-77.png", "00001-78.png")] == infotexts

@@ -279,7 +279,7 @@ def _generate(job, plan: Plan, sd, models: Models, settings: Settings):
         model_hash=models.hash,
         clip_skip=plan.clip_skip,
         denoising_strength=strength,
-        extra=extra,
+        extra={key.replace("_", " "): value for key, value in extra.items() if value is not None},  # A1111's infotext names
         inpainting=plan.mask is not None and sd.unet.config.in_channels == 9,
     )
     return output, meta
