@@ -129,6 +129,26 @@ def test_sdxl_inpainting_defaults_are_its_pipelines(tiny_sdxl_inpaint, inputs, t
     assert np.array_equal(pixels(out), expected[0])
 
 
+def test_lora_and_a_stochastic_sampler_inpaint_as_the_library(tiny_sd1_inpaint, inputs, tmp_path):
+    import lora_files
+    from test_lora import reference_pipe, torch_models
+
+    lora = lora_files.random_lora(torch_models(reference_pipe(tiny_sd1_inpaint, xl=False)), seed=6)
+    path = lora_files.write_kohya(tmp_path / "style.safetensors", lora)
+    out = tmp_path / "out.png"
+    args = ["--mask", inputs["mask"], "--lora", f"{path}:0.8", "--sampler", "Euler a", "--steps", 3, "--cfg", 3, "--no-float16", "--seed", 9]
+    ok(run(I2I, inputs["image"], PROMPT, "--model", tiny_sd1_inpaint, *args, "-o", out))
+    sd = load_model(str(tiny_sd1_inpaint), sampler="Euler a")
+    sd.load_lora(path, 0.8)
+    init = images.to_model_input(images.load_image(inputs["image"]))
+    *_, x = sd.generate_latents_from_image(init, PROMPT, mask=str(inputs["mask"]), num_steps=3, cfg_weight=3, seed=9)
+    expected = images.to_uint8(sd.decode(x))[0]
+    assert np.array_equal(pixels(out), expected)
+    plain = library_pictures(tiny_sd1_inpaint, images.load_image(inputs["image"]), str(inputs["mask"]), 9, sampler="Euler a", cfg_weight=3)
+    assert not np.array_equal(expected, plain[0])  # the LoRA took part
+    assert params(out)["Sampler"] == "Euler a"
+
+
 def test_images_list_pairs_each_image_with_its_mask(tiny_sd1, inputs, tmp_path):
     other = picture(tmp_path / "b.png", 28, 36, 3)
     other_mask = box_mask(tmp_path / "b_mask.png", 28, 36, (0, 0, 12, 28))
