@@ -183,13 +183,13 @@ def add_control_arguments(parser):
     group = parser.add_argument_group(
         "ControlNet (guide the image by edges, depth, pose...; each flag below once for all --control, or once per --control in order)"
     )
-    group.add_argument("--control", nargs=2, action="append", default=[], metavar=("MODEL", "IMAGE"), help=f"a ControlNet (a preset: {', '.join(CONTROLNET_PRESETS)}; a Hub repo id, a diffusers folder or a .safetensors file) and its control picture; repeatable: the ControlNets are summed")
+    group.add_argument("--control", nargs=2, action="append", default=[], metavar=("MODEL", "IMAGE"), help=f"a ControlNet (a preset: {', '.join(CONTROLNET_PRESETS)}; a Hub repo id, a diffusers folder or a .safetensors file) and its control picture; repeatable: the ControlNets are summed (default: none)")
     group.add_argument("--control-scale", dest="control_scale", type=float, action="append", default=[], metavar="S", help="the ControlNet's weight (A1111's Weight; default 1)")
     group.add_argument("--control-start", dest="control_start", type=float, action="append", default=[], metavar="A", help="the fraction of the steps where the ControlNet starts acting (A1111's Guidance Start; default 0)")
     group.add_argument("--control-end", dest="control_end", type=float, action="append", default=[], metavar="B", help="the fraction of the steps where it stops (A1111's Guidance End; default 1)")
     group.add_argument("--control-preprocess", dest="control_preprocess", action="append", default=[], choices=CONTROL_MODULES, help="what the control picture goes through first: none (it is the control image: an edge map, a depth map...) or canny (edges of a photo; default none)")
-    group.add_argument("--canny-low", dest="canny_low", type=float, default=100.0, help="Canny's low threshold (A1111's Threshold A)")
-    group.add_argument("--canny-high", dest="canny_high", type=float, default=200.0, help="Canny's high threshold (A1111's Threshold B)")
+    group.add_argument("--canny-low", dest="canny_low", type=float, default=100.0, metavar="T", help="Canny's low threshold (A1111's Threshold A)")
+    group.add_argument("--canny-high", dest="canny_high", type=float, default=200.0, metavar="T", help="Canny's high threshold (A1111's Threshold B)")
     group.add_argument("--guess-mode", dest="guess_mode", action="store_true", help="the ControlNets see only the prompt's half of guidance, their skips weighted 0.1 to 1 (diffusers' guess_mode)")
 
 
