@@ -192,3 +192,14 @@ def test_save_images_writes_only_into_the_output_folder(tiny_sd1, tmp_path):
     assert written == [(folder / "00000-77.png").relative_to(tmp_path), (folder / "00001-78.png").relative_to(tmp_path)]
     infotexts = json.loads(r.json()["info"])["infotexts"]
     assert [Image.open(folder / name).info["parameters"] for name in ("00000-77.png", "00001-78.png")] == infotexts
+
+
+@pytest.mark.parametrize("args,word", [(["--model", "/no/such/model"], "no such"), (["--api-auth", "nopassword"], "--api-auth"), (["--port", "70000"], "--port"), (["--max-pixels", "0"], "--max-pixels")])
+def test_bad_command_lines_are_one_line_and_exit_2(tiny_sd1, args, word):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "stable_diffusion.server", "--model", str(tiny_sd1), "--port", "0", *args]
+    r = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and word in r.stderr and "Traceback" not in r.stderr
