@@ -4,7 +4,6 @@ Prints ``Running on http://HOST:PORT`` once it accepts requests (``--port 0``: a
 there). Bad flags or a model that does not load: one line on stderr, exit status 2.
 """
 
-import argparse
 import os
 import socket
 import sys

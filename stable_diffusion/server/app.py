@@ -244,7 +244,7 @@ class Guard:
 
         try:
             await self.app(scope, receive, tracked)
-        except Exception as e:  # noqa: BLE001 -- the server answers every request and stays up
+        except Exception as e:  # the server answers every request and stays up
             if started:
                 raise
             await _internal(request, e)(scope, receive, send)
