@@ -256,6 +256,16 @@ def test_inpaint_sends_the_mask_painted_with_the_mouse(page, tmp_path):
     expect(page.locator("#gallery .infotext")).to_contain_text("Mask blur: 4")  # the server inpainted with it
     expect(page.locator("#gallery .infotext")).to_contain_text("Denoising strength: 0.75")
 
+    # Image to image: the same picture, no mask.
+    page.check("#mode-img2img")
+    expect(page.locator("#mask-canvas")).to_be_hidden()
+    with page.expect_request("**/sdapi/v1/img2img") as request:
+        page.click("#generate")
+    assert "mask" not in request.value.post_data_json
+    assert request.value.post_data_json["init_images"] == body["init_images"]
+    expect(page.locator("#gallery .result")).to_have_count(2)
+    assert "Mask blur" not in page.locator("#gallery .infotext").first.text_content()
+
 
 def test_the_servers_error_detail_is_shown(page):
     page.fill("#prompt", "too big")
@@ -268,3 +278,18 @@ def test_the_servers_error_detail_is_shown(page):
     expect(page.locator("#error")).to_have_text(detail)
     expect(page.locator("#generate")).to_be_enabled()
     expect(page.locator("#gallery .result")).to_have_count(0)
+
+
+def test_the_page_works_behind_basic_auth(browser, tiny_sd1):
+    """With --api-auth the browser asks for the password once; the page's own calls then carry it."""
+    with serve(tiny_sd1, "--api-auth", "painter:brush") as server:
+        stranger = browser.new_context()
+        assert stranger.request.get(server.url).status == 401
+        stranger.close()
+        context = browser.new_context(http_credentials={"username": "painter", "password": "brush"})
+        page = context.new_page()
+        page.goto(server.url)
+        expect(page.locator("#sampler_name option")).not_to_have_count(0)
+        expect(page.locator("#model option")).not_to_have_count(0)
+        expect(page.locator("#error")).to_be_hidden()
+        context.close()
