@@ -218,7 +218,7 @@ EXIF_IFD, USER_COMMENT, UNICODE_CODE = 0x8769, 0x9286, b"UNICODE\0"
 def read_parameters(path) -> str | None:
     """The A1111 ``parameters`` text of a picture file (PNG text chunk, JPEG/WebP EXIF UserComment), or None."""
     with Image.open(path) as image:
-        return _parameters_of(image)
+        return parameters_of(image)
 
 
 def read_back(path) -> tuple[str | None, tuple[int, int]]:
@@ -226,12 +226,13 @@ def read_back(path) -> tuple[str | None, tuple[int, int]]:
     try:
         with open_regular(path, "image") as f, Image.open(f) as image:
             image.load()  # every pixel: a truncated file fails here
-            return _parameters_of(image), image.size
+            return parameters_of(image), image.size
     except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise ValueError(f"image {str(path)!r} does not decode ({e})") from None
 
 
-def _parameters_of(image: Image.Image) -> str | None:
+def parameters_of(image: Image.Image) -> str | None:
+    """An opened picture's stored parameters (A1111's infotext): the PNG "parameters" chunk, or the EXIF user comment A1111 writes in JPEG/WebP."""
     if "parameters" in image.info:
         return image.info["parameters"]
     comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)

@@ -259,7 +259,7 @@ def png_info(image: Image.Image) -> dict:
     """/png-info: the picture's parameters text, its other text items, and the text parsed (A1111's parse_generation_parameters keys)."""
     text = image.info.get("parameters")
     if text is None:
-        text = images._parameters_of(image) or ""
+        text = images.parameters_of(image) or ""
     items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str) and k != "parameters"}
     parameters = images.parse_parameters(text) if text else {}
     return {"info": text, "items": items, "parameters": parameters}
