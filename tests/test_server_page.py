@@ -52,6 +52,8 @@ def server(tiny_sd1, lora_dir, models_dir):
 
 @pytest.fixture(scope="module")
 def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (as .ci/run does)")
     with sync_playwright() as playwright:
         # --no-sandbox: CI runs as root, where chromium's sandbox refuses to start
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -157,7 +159,7 @@ def test_progress_preview_and_interrupt(page):
 
 
 def test_gallery_shows_parameters_and_reuse_fills_the_form(page, tmp_path):
-    sent = dict(width=64, height=96, steps=3, cfg_scale=5.5, seed=-1, batch_size=2)
+    sent = {"width": 64, "height": 96, "steps": 3, "cfg_scale": 5.5, "seed": -1, "batch_size": 2}
     page.fill("#prompt", "a red fox, watercolor")
     page.fill("#negative_prompt", "blurry")
     set_fields(page, **sent)
@@ -210,7 +212,7 @@ def test_reuse_reads_a1111_infotext(page):
     assert fields["Lora hashes"] == "paper-cut: 0123456789ab, other: ba9876543210"
     assert fields["Model hash"] == "45dee52b"
     page.evaluate("text => reuse(text)", text)
-    for id, value in dict(steps="20", cfg_scale="7", seed="965400086", width="512", height="768", sampler_name="DPM++ 2M", scheduler="karras").items():
+    for id, value in {"steps": "20", "cfg_scale": "7", "seed": "965400086", "width": "512", "height": "768", "sampler_name": "DPM++ 2M", "scheduler": "karras"}.items():
         expect(page.locator(f"#{id}")).to_have_value(value)
     # A text without a parameter line is all prompt.
     assert page.evaluate("text => parseInfotext(text)", "just a prompt, nothing else") == {"Prompt": "just a prompt, nothing else", "Negative prompt": ""}
