@@ -12,8 +12,9 @@ process, on one GPU.
    skips and mid block), ours against diffusers' ``UNet2DConditionModel`` / ``ControlNetModel``;
    median ms, peak memory (``mx.get_peak_memory`` / ``torch.cuda.max_memory_allocated``, every
    weight of the pipeline resident), and how far ours is from diffusers on the same inputs. Ours
-   runs the ControlNet as the pipeline does; ``steps_controlnet_fused`` (measured last) repeats ours
-   with the ControlNet's projections fused as the UNet's are (``fuse_projections``).
+   runs the ControlNet as ``load_controlnet`` returns it; ``steps_controlnet_fused`` (measured last)
+   repeats ours with its projections fused (``fuse_projections``), as the pipeline runs it (its
+   ``ControlRun`` fuses a ControlNet at its first generation).
 2. ``inpaint`` (SD 1.5): a 9-channel inpainting UNet's step (latents, mask and masked-image latents
    concatenated, ``inpaint.Inpainting.unet_input``) against the plain UNet's, and the 4-channel
    loop's per-step blend of the known region (``inpaint.blend_known``: the image latents re-noised
@@ -273,7 +274,7 @@ def bench_steps(family, sd, cn, pipe_cn, picture, args, th, mdtype) -> dict:
 
 def bench_fused(family, sd, cn, pipe_cn, picture, args, th, mdtype) -> dict:
     """The same steps with the ControlNet's projections fused as the UNet's are (fuse_projections),
-    which the pipeline does not do (yet): what that lever would give."""
+    as the pipeline runs it; a no-op when a generation has fused it already."""
     cn.fuse_projections()
     mlx_fns, torch_fns = step_functions(sd, cn, pipe_cn, picture, th, mdtype)
     row = {"family": family, "part": "steps_controlnet_fused", "size": picture.size[0], "batch": 2}
