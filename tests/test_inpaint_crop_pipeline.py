@@ -54,8 +54,9 @@ def posterior_mean(monkeypatch):
     """diffusers' inpainting pipelines sample the VAE posterior; we encode its mean. Make diffusers do the same."""
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as sd_module
     import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint as xl_module
+    from diffusers.pipelines.controlnet import pipeline_controlnet_inpaint as controlnet_module
 
-    for module in (sd_module, xl_module):
+    for module in (sd_module, xl_module, controlnet_module):
         retrieve = module.retrieve_latents
         monkeypatch.setattr(module, "retrieve_latents", lambda out, generator=None, sample_mode="sample", r=retrieve: r(out, generator, "argmax"))
 
@@ -162,3 +163,53 @@ def test_sdxl_only_masked_matches_diffusers_padding_mask_crop(request, posterior
     picture, mask = original_and_mask(width, height, box, grey)
     run = run_both(request.getfixturevalue(model), True, picture, mask, padding, gen_w, gen_h, strength, sampler=sampler, n=2)
     assert_matches_diffusers(*run, picture, mask, padding, gen_w, gen_h)
+
+
+@pytest.fixture(scope="module")
+def sd1_controlnet(tmp_path_factory):
+    """A tiny ControlNet for tiny_sd1 (two stride-2 hint convs for the tiny VAE's 4x), every parameter random."""
+    import tiny_models
+
+    folder = tmp_path_factory.mktemp("crop_controlnet") / "cn"
+    tiny_models.build_controlnet(folder, tiny_models.SD1_UNET, seed=5, conditioning_embedding_out_channels=(16, 32, 32))
+    return folder
+
+
+@pytest.mark.parametrize("model", ["tiny_sd1_inpaint", "tiny_sd1"])
+def test_only_masked_with_a_controlnet_crops_the_control_picture_as_diffusers(request, posterior_mean, sd1_controlnet, model):
+    """StableDiffusionControlNetInpaintPipeline with padding_mask_crop crops the control picture with the
+    mask's box and fills it to the generation's size, as the image (control_image_processor.preprocess
+    with crops_coords, resize_mode="fill"): inpaint.crop_and_fill(control, crop.box, ...) is that."""
+    import diffusers
+
+    from stable_diffusion import Control, load_controlnet
+
+    width, height, box, grey, padding, gen_w, gen_h = CASES["bottom-right-edge"]
+    picture, mask = original_and_mask(width, height, box, grey)
+    control = Image.fromarray(np.random.default_rng(3).integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+    folder = request.getfixturevalue(model)
+    noise = torch.randn((1, 4, gen_h // 4, gen_w // 4), generator=torch.Generator().manual_seed(7))
+
+    sd = StableDiffusion(str(folder), sampler="euler")
+    crop = inpaint.crop_to_mask(picture, mask, padding, width=gen_w, height=gen_h)
+    controls = [Control(load_controlnet(str(sd1_controlnet)), inpaint.crop_and_fill(control, crop.box, gen_w, gen_h), 0.8, 0.0, 1.0)]
+    latents = run_latents(
+        sd.generate_latents_from_image(
+            images.to_model_input(crop.image), PROMPT, mask=crop.mask, num_steps=6, strength=0.6, cfg_weight=6.0, negative_text="blurry",
+            noise=nhwc(noise), controls=controls,
+        )
+    )  # fmt: skip
+    decoded = np.array(sd.decode(latents[-1]))
+    ours = crop.paste(decoded)
+
+    pipe = diffusers.StableDiffusionControlNetInpaintPipeline.from_pretrained(
+        folder, controlnet=diffusers.ControlNetModel.from_pretrained(sd1_controlnet), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )  # fmt: skip
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    seen = capture_postprocess(pipe)
+    ref = pipe(
+        PROMPT, image=picture, mask_image=mask, control_image=control, padding_mask_crop=padding, height=gen_h, width=gen_w, num_inference_steps=6,
+        strength=0.6, guidance_scale=6.0, negative_prompt="blurry", controlnet_conditioning_scale=0.8, generator=torch.Generator().manual_seed(7),
+    ).images  # fmt: skip
+    assert_matches_diffusers(crop, decoded, ours, pipe, seen, ref, picture, mask, padding, gen_w, gen_h)
