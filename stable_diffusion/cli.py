@@ -482,7 +482,7 @@ def check_controls(sd, controls: list, width: int, height: int):
     """The facade's checks of a generation's Controls (a ControlNet of another model family...), once the
     models are loaded and before the job starts: a refusal is one line, not a line after the progress bars."""
     try:
-        checked_controls(controls, sd.unet.config, 1, height, width)
+        checked_controls(controls, sd.unet.config, sd.latent_factor, 1, height, width)
     except ValueError as e:
         raise refused(e) from None
 

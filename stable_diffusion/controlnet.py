@@ -305,8 +305,11 @@ def controlnet_name(controlnet: ControlNetModel) -> str:
     return getattr(controlnet, "source_name", "controlnet")
 
 
-def checked_controls(controls, unet_config, n_images: int, height: int, width: int) -> list:
-    """A generation's ``controls`` checked (ValueError, one line) and their images prepared at ``height`` x ``width``."""
+def checked_controls(controls, unet_config, latent_factor: int, n_images: int, height: int, width: int) -> list:
+    """A generation's ``controls`` checked (ValueError, one line) and their images prepared at ``height`` x ``width``.
+
+    ``latent_factor``: the VAE's, by which the ControlNet's hint convs must downsample the control image too.
+    """
     if controls is None:
         return []
     if isinstance(controls, Control) or not isinstance(controls, (list, tuple)):
@@ -324,6 +327,12 @@ def checked_controls(controls, unet_config, n_images: int, height: int, width: i
                 f"{what}: the ControlNet {controlnet_name(control.model)!r} is for another model family "
                 f"(text width {config.cross_attention_dim}, this model's {unet_config.cross_attention_dim}); use one made for this model"
             )
+        hint_factor = 2 ** (len(config.conditioning_embedding_out_channels) - 1)
+        if hint_factor != latent_factor:
+            raise ValueError(
+                f"{what}: the ControlNet {controlnet_name(control.model)!r} reads control images at {hint_factor}x its latents, "
+                f"this model's VAE makes latents at 1/{latent_factor} of the picture; use a ControlNet made for this model"
+            )
         for name in ("scale", "start", "end"):
             value = getattr(control, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not np.isfinite(value):
@@ -331,6 +340,7 @@ def checked_controls(controls, unet_config, n_images: int, height: int, width: i
         if not 0 <= control.start < control.end <= 1:
             raise ValueError(f"{what}: start {control.start:g} and end {control.end:g} must satisfy 0 <= start < end <= 1 (fractions of the steps)")
         image = prepare_control_image(control.image, height, width)
+        mx.eval(image)  # here, so that a step run on another thread can read it
         if image.shape[0] not in (1, n_images):
             raise ValueError(f"{what}: {image.shape[0]} control images for {n_images} images; give one, or one per image")
         prepared.append(replace(control, image=image, scale=float(control.scale), start=float(control.start), end=float(control.end)))
@@ -348,8 +358,10 @@ class ControlRun:
         self.controls, self.guess_mode, self.n_calls = controls, guess_mode, n_calls
         for model in {id(c.model): c.model for c in controls}.values():
             if not getattr(model, "_fused", False):
-                model.fuse_projections()
+                model.fuse_projections()  # as the UNet's: fewer, larger matmuls, the same weights
                 model._fused = True
+                # The fused weights are lazy concatenations: made here, so that a step run on another thread can read them.
+                mx.eval(model.parameters())
 
     def unet_arguments(self, x: mx.array, timestep, context: mx.array, text_time, k: int, uncond_rows: int) -> dict:
         """The UNet's residual arguments for the run's k-th call on the batch ``x`` ({} when no ControlNet acts)."""
@@ -400,7 +412,7 @@ def load_controlnet(model: str, float16: bool = False, config_dir: Optional[str]
     if path.is_file():
         controlnet = model_io.load_component(_single_file(path, config_dir), "controlnet", ControlNetModel, ControlNetConfig, dtype)
         controlnet.source_name = path.stem
-        return controlnet
+        return _read(controlnet)
     if config_dir is not None:
         raise ModelLoadError(f"controlnet {model!r}: config_dir applies to single .safetensors files only")
     source = model_io.resolve(model, float16, patterns=_repo_files, what="controlnet")
@@ -409,6 +421,13 @@ def load_controlnet(model: str, float16: bool = False, config_dir: Optional[str]
     component = "controlnet" if not (source.root / "config.json").exists() and (source.root / "controlnet").is_dir() else ""
     controlnet = model_io.load_component(source, component, ControlNetModel, ControlNetConfig, dtype, float16_files=float16)
     controlnet.source_name = path.name if path.is_dir() else model.rpartition("/")[2]
+    return _read(controlnet)
+
+
+def _read(controlnet: ControlNetModel) -> ControlNetModel:
+    """The weights read now, in the loading thread: a lazily loaded array cannot be evaluated from
+    another thread (mlx >= 0.31.2), and generations run their steps in worker threads."""
+    mx.eval(controlnet.parameters())
     return controlnet
 
 

@@ -731,7 +731,7 @@ class _Pipeline:
         """``controls`` checked and their images prepared at the picture's (H, W) (controlnet.checked_controls)."""
         if not isinstance(guess_mode, bool):
             raise ValueError(f"guess_mode must be True or False, got {guess_mode!r}")
-        return controlnet.checked_controls(controls, self.unet.config, n_images, *size)
+        return controlnet.checked_controls(controls, self.unet.config, self.latent_factor, n_images, *size)
 
     def _check_memory(self, n_images: int, h: int, w: int, guided: bool, controls=()):
         """Refuse a denoising run that cannot fit before any compute: on the CPU, MLX segfaults when an allocation fails.
