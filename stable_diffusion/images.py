@@ -275,17 +275,27 @@ def remove_stale_parts(paths):
     for path in map(Path, paths):
         by_folder.setdefault(path.parent, set()).add(_name_prefix(path))
     for folder, prefixes in by_folder.items():
-        try:
-            entries = [entry.name for entry in os.scandir(folder)]
-        except OSError:
-            continue
-        for name in entries:
-            match = _PART.fullmatch(name)
-            if match and match[1] in prefixes and match[2] == _HOST and not _alive(int(match[3])):
-                try:
-                    os.unlink(folder / name)
-                except FileNotFoundError:
-                    pass
+        _remove_stale(folder, prefixes.__contains__)
+
+
+def remove_stale_parts_under(root):
+    """Remove every temporary file that killed processes of this host left in ``root`` and its subfolders (a server's output folder at its start)."""
+    for folder, _, _ in os.walk(root):
+        _remove_stale(Path(folder), lambda prefix: True)
+
+
+def _remove_stale(folder: Path, wanted):
+    try:
+        entries = [entry.name for entry in os.scandir(folder)]
+    except OSError:
+        return
+    for name in entries:
+        match = _PART.fullmatch(name)
+        if match and wanted(match[1]) and match[2] == _HOST and not _alive(int(match[3])):
+            try:
+                os.unlink(folder / name)
+            except FileNotFoundError:
+                pass
 
 
 def _alive(pid: int) -> bool:

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from .. import cli
+from .. import cli, images
 from ..errors import ModelLoadError, one_line
 
 PROG = "python -m stable_diffusion.server"
@@ -70,6 +70,8 @@ def main(argv=None):
         max_pixels=args.max_pixels,
         max_images=args.max_images,
     )
+    # What a killed server was writing: its half-written .part files (the finished pictures stay).
+    images.remove_stale_parts_under(args.output_dir)
     app = server_app.create_app(settings, credentials)
     models = app.state.models
     try:
