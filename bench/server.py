@@ -189,7 +189,7 @@ def main():
     models = build_models(Path(args.models), labels)
     rows = []
     for label in labels:
-        sd = load_model(str(models[label]), float16=args.float16, sampler_rules="diffusers")  # the server's rules (generation.RULES)
+        sd = load_model(str(models[label]), float16=args.float16, sampler_rules="a1111")  # the server's rules for Euler (generation.sampler_rules)
         with serve(models[label], *(["--float16"] if args.float16 else []), timeout=900) as server:
             for size, steps in SHAPES[label]:
                 row = {"model": label, "size": size, "steps": steps, **paired(sd, server, size, steps, args.requests)}

@@ -26,7 +26,7 @@ from . import model_io, safetensors_io
 from .config import UNetConfig
 from .errors import ModelLoadError, one_line
 from .hub_configs import FAMILY_FOLDERS, HubModel
-from .images import load_image, to_rgb
+from .images import open_picture, to_rgb
 from .inpaint import nearest_resize
 from .ldm_keys import convert_unet
 from .unet import LinearGroup, UNetMidBlock2DCrossAttn, UNetModel, add_input_layers, build_down_blocks, embed_time, run_down_blocks
@@ -275,11 +275,13 @@ def prepare_control_image(image, height: int, width: int) -> mx.array:
 
     ``image``: a picture file or PIL image (made RGB, Lanczos-resized), or an (H, W, 3) / (N, H, W, 3)
     float array in [0, 1] (resized nearest-neighbour, as torch's ``interpolate``, when of another size).
+    A picture's transparency is dropped, its colours kept (``convert("RGB")``, as diffusers' ``load_image``
+    and ``convert_to_rgb``; an input image is composited on white instead); 16-bit greyscale is scaled to 8 bits.
     """
     if isinstance(image, (str, Path)):
-        image = load_image(image)
+        image = open_picture(image, "control image")
     if isinstance(image, Image.Image):
-        image = to_rgb(image)
+        image = image.convert("RGB") if image.mode in ("RGBA", "LA", "PA", "RGBa", "La", "P") else to_rgb(image)
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.LANCZOS)
         return mx.array(np.asarray(image, dtype=np.float32) / 255.0)[None]

@@ -398,23 +398,23 @@ class _Pipeline:
         self._unet_fused = False  # quantized layers run on their own; what stayed unquantized is regrouped
         self._quantized = True
 
-    def _new_sampler(self, num_steps: int, name: Optional[str], schedule: Optional[str]):
-        """A sampler for one generation: the call's ``sampler``/``schedule`` if given, else the facade's.
+    def _new_sampler(self, num_steps: int, name: Optional[str], schedule: Optional[str], rules: Optional[str] = None):
+        """A sampler for one generation: the call's ``sampler``/``schedule``/``rules`` if given, else the facade's.
 
         A schedule given alone applies to the facade's sampler; a sampler given alone takes its own
         (or its legacy name's) schedule.
         """
-        own_name, own_schedule, rules = self._sampler_choice
+        own_name, own_schedule, own_rules = self._sampler_choice
         if name is None:
             name, schedule = own_name, own_schedule if schedule is None else schedule
-        sampler = make_sampler(name, self.scheduler_config, schedule, rules)
+        sampler = make_sampler(name, self.scheduler_config, schedule, own_rules if rules is None else rules)
         sampler.set_timesteps(num_steps)
         return sampler
 
-    def denoising_calls(self, num_steps: int, strength: Optional[float] = None, sampler: Optional[str] = None, schedule: Optional[str] = None) -> int:
+    def denoising_calls(self, num_steps: int, strength: Optional[float] = None, sampler: Optional[str] = None, schedule: Optional[str] = None, sampler_rules: Optional[str] = None) -> int:
         """How many latents a generation yields (one per UNet call); ``strength``: img2img's. See ``denoising_calls``."""
         _check_count("num_steps", num_steps)
-        return denoising_calls(self._new_sampler(num_steps, sampler, schedule), num_steps, strength)
+        return denoising_calls(self._new_sampler(num_steps, sampler, schedule, sampler_rules), num_steps, strength)
 
     def _resolve(self, num_steps, cfg_weight, n_images):
         num_steps = self.defaults.num_steps if num_steps is None else num_steps
@@ -547,6 +547,7 @@ class _Pipeline:
         step_noise: Optional[StepNoise] = None,
         sampler: Optional[str] = None,
         schedule: Optional[str] = None,
+        sampler_rules: Optional[str] = None,
         prompt_syntax: str = "a1111",
         emphasis: str = "Original",
         clip_skip: int = 1,
@@ -559,8 +560,8 @@ class _Pipeline:
 
         Unset steps, guidance and size come from the model (``self.defaults``). ``latents`` (the
         initial noise, N x h x w x 4) and ``step_noise`` (a stochastic sampler's noise per UNet
-        call) replace what the seed would draw. ``sampler`` and ``schedule`` override the model's
-        for this call (names as for the constructor).
+        call) replace what the seed would draw. ``sampler``, ``schedule`` and ``sampler_rules``
+        override the model's for this call (names as for the constructor).
 
         The prompts are read as AUTOMATIC1111 reads them (``prompt_syntax="a1111"``): ``(word:1.3)``,
         ``[word]``, ``BREAK``, prompts longer than 75 tokens in chunks, ``[from:to:when]`` editing,
@@ -582,7 +583,7 @@ class _Pipeline:
         lora_files = [(prompt_lora_file(name, weight, lora_dir), weight) for name, weight in loras]
         _check_pad_conds(pad_conds)
         step_noise = _checked_step_noise(step_noise)
-        sampler = self._new_sampler(num_steps, sampler, schedule)
+        sampler = self._new_sampler(num_steps, sampler, schedule, sampler_rules)
         if inpaint.is_inpainting_unet(self.unet.config):
             raise ValueError("an inpainting model needs an image and a mask: generate_latents_from_image(..., mask=...)")
         key_latents, key_steps = mx.random.split(_key(seed))
@@ -621,6 +622,7 @@ class _Pipeline:
         step_noise: Optional[StepNoise] = None,
         sampler: Optional[str] = None,
         schedule: Optional[str] = None,
+        sampler_rules: Optional[str] = None,
         prompt_syntax: str = "a1111",
         emphasis: str = "Original",
         clip_skip: int = 1,
@@ -672,7 +674,7 @@ class _Pipeline:
         pixels = self._check_inpainting(mask, mask_blur, masked_image_latents, (H, W))
         controls = self._check_controls(controls, guess_mode, n_images, (H, W))
         self._check_memory(n_images, H // f, W // f, cfg_weight > 1, controls)
-        sampler = self._new_sampler(num_steps, sampler, schedule)
+        sampler = self._new_sampler(num_steps, sampler, schedule, sampler_rules)
         start = img2img_start(sampler, num_steps, strength)
         key_noise, key_steps = mx.random.split(_key(seed))
 

@@ -252,7 +252,6 @@ def test_control_picture_of_another_size_is_lanczos_resized(tiny_sd1, controlnet
     assert_matches(*run_both(tiny_sd1, controlnets, controls=controls, height=SIZE, width=SIZE + 8, steps=4))
 
 
-@pytest.mark.xfail(strict=True, reason="controlnet.prepare_control_image composites RGBA on white (images.to_rgb); diffusers' convert('RGB') drops the alpha")
 def test_control_picture_with_alpha_is_made_rgb_as_diffusers(tiny_sd1, controlnets):
     """RGBA: control_image_processor's convert("RGB") keeps the colour values and drops the alpha."""
     rng = np.random.default_rng(8)

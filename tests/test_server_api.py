@@ -52,9 +52,10 @@ _LIBRARY = {}
 
 
 def library(path):
-    """The library's own facade for a model folder, as the server loads it (diffusers' sampler rules)."""
+    """The library's own facade for a model folder, under A1111's sampler rules (k-diffusion's sigmas), as A1111
+    runs its k-diffusion samplers; its timestep samplers (DDIM, PLMS, UniPC, LCM) are diffusers' classes (``rules_of``)."""
     if str(path) not in _LIBRARY:
-        _LIBRARY[str(path)] = load_model(str(path), sampler_rules="diffusers")
+        _LIBRARY[str(path)] = load_model(str(path), sampler_rules="a1111")
     return _LIBRARY[str(path)]
 
 
@@ -67,6 +68,14 @@ def last(generator):
 
 def pixels(picture) -> np.ndarray:
     return np.asarray(picture.convert("RGB"))
+
+
+# The samplers A1111 runs with its own timestep code (modules/sd_samplers_timesteps.py), not k-diffusion's.
+A1111_TIMESTEP_SAMPLERS = {"DDIM", "DDIM CFG++", "PLMS", "UniPC", "LCM"}
+
+
+def rules_of(sampler_name: str) -> str:
+    return "diffusers" if sampler_name in A1111_TIMESTEP_SAMPLERS else "a1111"
 
 
 def library_txt2img(path, seed, **settings) -> np.ndarray:
@@ -202,7 +211,7 @@ def test_client_request_bodies(server, tiny_sd1, name):
         assert seed == body["seed"]
     sampler = body["sampler_name"]
     schedule = None if sampler == "DDIM" else body.get("scheduler")
-    settings = dict(num_steps=body["steps"], cfg_weight=body["cfg_scale"], sampler=sampler, schedule=schedule)
+    settings = dict(num_steps=body["steps"], cfg_weight=body["cfg_scale"], sampler=sampler, schedule=schedule, sampler_rules=rules_of(sampler))
     sd = library(tiny_sd1)
     x = last(sd.generate_latents(body["prompt"], negative_text=body["negative_prompt"], seed=seed, latent_size=(16, 16), **settings))
     np.testing.assert_array_equal(pixels(picture), images.to_uint8(sd.decode(x))[0])

@@ -158,7 +158,7 @@ def send_behind(url: str, request: dict) -> Call:
 
 @pytest.fixture(scope="module")
 def library(tiny_sd1):
-    return load_model(str(tiny_sd1), sampler_rules="diffusers")  # the sampler rules the server runs (its Euler is diffusers' EulerDiscreteScheduler)
+    return load_model(str(tiny_sd1), sampler_rules="a1111")  # A1111 runs Euler through k-diffusion: its sigmas
 
 
 def library_picture(sd, request: dict) -> np.ndarray:

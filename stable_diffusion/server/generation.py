@@ -31,11 +31,15 @@ from .jobs import Cancelled
 
 # A1111's seed range: get_fixed_seed draws in [0, 4294967294).
 SEED_DRAW = 4294967294
-# The facade's sampler rules. "a1111" (k-diffusion's sigmas, so that an A1111 infotext reproduces)
-# refuses A1111's timestep samplers (DDIM, PLMS, UniPC, LCM: SillyTavern's default is DDIM) and is
-# fixed per facade, so the server runs every sampler under diffusers' rules.
-RULES = "diffusers"
 PREVIEW_SIDE = 32  # previews decode at most this many latent pixels a side (256 px for SD)
+
+
+def sampler_rules(sampler: str) -> str:
+    """The sampler rules of a request's sampler (our id): A1111's (k-diffusion's sigmas, so that an A1111
+    infotext makes the same image) for the samplers A1111 runs through k-diffusion; diffusers' classes
+    for A1111's own timestep samplers (DDIM, PLMS, UniPC, LCM: SillyTavern's default is DDIM), whose
+    A1111 code is not ported."""
+    return "diffusers" if ROWS[sampler].k_diffusion == "-" else "a1111"
 
 
 @dataclass
@@ -97,7 +101,7 @@ class Models:
         """The facade of ``checkpoint``, loaded now if another one is in memory (worker thread only)."""
         if self.loaded != checkpoint:
             self.sd = self.loaded = None  # the old weights go before the new ones come
-            self.sd = load_model(checkpoint.source, float16=self.settings.float16, sampler_rules=RULES)
+            self.sd = load_model(checkpoint.source, float16=self.settings.float16)
             self.loaded = checkpoint
             self.hash = model_hash(checkpoint.source)[:10] if os.path.isfile(checkpoint.source) else None
         return self.sd
@@ -220,14 +224,15 @@ def _generate(job, plan: Plan, sd, models: Models, settings: Settings):
     if width < f or height < f:
         raise ApiError(422, f"{request['width']}x{request['height']} is smaller than this model's {f} px latent pixel")
     steps, cfg, bs = request["steps"], request["cfg_scale"], request["batch_size"]
-    label, schedule_label = a1111_label(make_sampler(plan.sampler, sd.scheduler_config, plan.schedule, RULES))
+    rules = sampler_rules(plan.sampler)
+    label, schedule_label = a1111_label(make_sampler(plan.sampler, sd.scheduler_config, plan.schedule, rules))
     seeds = draw_seeds(request["seed"], bs * request["n_iter"])
     strength = request.get("denoising_strength") if plan.mode == "img2img" else None
-    calls = sd.denoising_calls(steps, strength, plan.sampler, plan.schedule)
-    all_calls = sd.denoising_calls(steps, None, plan.sampler, plan.schedule)  # the step keys split over the full schedule
+    calls = sd.denoising_calls(steps, strength, plan.sampler, plan.schedule, rules)
+    all_calls = sd.denoising_calls(steps, None, plan.sampler, plan.schedule, rules)  # the step keys split over the full schedule
     source = _Img2Img(plan, sd, width, height) if plan.mode == "img2img" else None
     extra = source.extra() if source else {}
-    options = dict(sampler=plan.sampler, schedule=plan.schedule, clip_skip=plan.clip_skip, lora_dir=settings.lora_dir)
+    options = dict(sampler=plan.sampler, schedule=plan.schedule, sampler_rules=rules, clip_skip=plan.clip_skip, lora_dir=settings.lora_dir)
     prompt, negative = request["prompt"], request["negative_prompt"]
     lora_hashes = _lora_hashes(sd, prompt, negative, steps, plan.clip_skip, settings.lora_dir)
 
