@@ -188,8 +188,8 @@ def add_control_arguments(parser):
     group.add_argument("--control-start", dest="control_start", type=float, action="append", default=[], metavar="A", help="the fraction of the steps where the ControlNet starts acting (A1111's Guidance Start; default 0)")
     group.add_argument("--control-end", dest="control_end", type=float, action="append", default=[], metavar="B", help="the fraction of the steps where it stops (A1111's Guidance End; default 1)")
     group.add_argument("--control-preprocess", dest="control_preprocess", action="append", default=[], choices=CONTROL_MODULES, help="what the control picture goes through first: none (it is the control image: an edge map, a depth map...) or canny (edges of a photo; default none)")
-    group.add_argument("--canny-low", dest="canny_low", type=float, default=100.0, metavar="T", help="Canny's low threshold (A1111's Threshold A)")
-    group.add_argument("--canny-high", dest="canny_high", type=float, default=200.0, metavar="T", help="Canny's high threshold (A1111's Threshold B)")
+    group.add_argument("--canny-low", dest="canny_low", type=float, default=None, metavar="T", help="Canny's low threshold (A1111's Threshold A; default 100)")
+    group.add_argument("--canny-high", dest="canny_high", type=float, default=None, metavar="T", help="Canny's high threshold (A1111's Threshold B; default 200)")
     group.add_argument("--guess-mode", dest="guess_mode", action="store_true", help="the ControlNets see only the prompt's half of guidance, their skips weighted 0.1 to 1 (diffusers' guess_mode)")
 
 
@@ -368,6 +368,10 @@ def check_control_arguments(args):
     n = len(args.control)
     per_control = {"--control-scale": args.control_scale, "--control-start": args.control_start, "--control-end": args.control_end, "--control-preprocess": args.control_preprocess}
     args.controls = []
+    if "canny" not in args.control_preprocess and (args.canny_low is not None or args.canny_high is not None):
+        raise UsageError("--canny-low/--canny-high apply to the Canny preprocessor: add --control-preprocess canny")
+    args.canny_low = 100.0 if args.canny_low is None else args.canny_low
+    args.canny_high = 200.0 if args.canny_high is None else args.canny_high
     if not n:
         given = [flag for flag, values in per_control.items() if values] + (["--guess-mode"] if args.guess_mode else [])
         if given:

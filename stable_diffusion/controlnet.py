@@ -329,6 +329,10 @@ def checked_controls(controls, unet_config, latent_factor: int, n_images: int, h
                 f"{what}: the ControlNet {controlnet_name(control.model)!r} is for another model family "
                 f"(text width {config.cross_attention_dim}, this model's {unet_config.cross_attention_dim}); use one made for this model"
             )
+        if config.conditioning_channels != 3:
+            raise ValueError(
+                f"{what}: the ControlNet {controlnet_name(control.model)!r} takes {config.conditioning_channels}-channel control images; only RGB ones are supported"
+            )
         hint_factor = 2 ** (len(config.conditioning_embedding_out_channels) - 1)
         if hint_factor != latent_factor:
             raise ValueError(

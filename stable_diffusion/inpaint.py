@@ -54,7 +54,7 @@ def load_mask(mask, image_size=None, blur: float = 0):
     all white (everything repainted: that is img2img) once blurred and binarised.
     """
     if isinstance(mask, (str, Path)):
-        mask = _read_picture(mask)
+        mask = read_mask_picture(mask)
     elif isinstance(mask, Image.Image):
         _refuse_transparency(mask, "the mask picture")
     elif isinstance(mask, np.ndarray):
@@ -73,8 +73,8 @@ def load_mask(mask, image_size=None, blur: float = 0):
     return mask
 
 
-def _read_picture(path) -> Image.Image:
-    """images.load_image's reading, with the transparency checked before it is flattened."""
+def read_mask_picture(path) -> Image.Image:
+    """A mask file as load_mask reads it: images.load_image's reading, with the transparency checked before it is flattened."""
     image = open_picture(path, "mask")
     _refuse_transparency(image, f"mask {str(path)!r}")
     return to_rgb(image)
@@ -303,8 +303,8 @@ def crop_to_mask(image, mask, padding: int, width=None, height=None, blur: float
     mask = load_mask(mask, image.size, blur)
     default = size_to_multiple(image.size, multiple)
     width, height = width or default[0], height or default[1]
-    if width % multiple or height % multiple:
-        raise ValueError(f"the generation size {width}x{height} must be a multiple of {multiple} on each side")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % multiple for v in (width, height)):
+        raise ValueError(f"the generation size {width!r}x{height!r} must be whole numbers > 0, multiples of {multiple}")
     return MaskCrop(image, mask, padding, width, height)
 
 

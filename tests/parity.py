@@ -5,6 +5,16 @@ import numpy as np
 import torch
 
 
+# The diffusers class of each sampler id the parity tests run.
+SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm++2m": "DPMSolverMultistepScheduler",
+    "heun": "HeunDiscreteScheduler",
+}
+
+
 def relative_error(ours, ref) -> float:
     """max |ours - ref| / max |ref|, in float64."""
     ours = np.asarray(ours.astype(mx.float32) if isinstance(ours, mx.array) else ours, dtype=np.float64)

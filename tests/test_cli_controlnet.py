@@ -230,6 +230,8 @@ C = ["--control", CN, "{f}/c.png"]
         ([*C, "--control-scale", "inf"], "--control-scale must be a finite number"),
         ([*C, "--control-preprocess", "canny", "--canny-low", -1], "--canny-low must be a finite number >= 0"),
         ([*C, "--control-preprocess", "canny", "--canny-low", 300], "--canny-low 300 is above --canny-high 200"),
+        ([*C, "--canny-low", 50], "--canny-low/--canny-high apply to the Canny preprocessor"),
+        (["--canny-high", 150], "--canny-low/--canny-high apply to the Canny preprocessor"),
         ([*C, "--control-preprocess", "depth"], "argument --control-preprocess: invalid choice: 'depth'"),
         (["--control", CN, "{f}/missing.png"], "missing.png"),
         (["--control", CN, "{f}/text.png"], "not an image PIL can read"),

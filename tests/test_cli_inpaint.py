@@ -213,6 +213,12 @@ def bad(tmp_path_factory, tiny_sd1):
     shutil.copytree(tiny_sd1, folder / "broken")
     for weights in (folder / "broken" / "unet").glob("*.safetensors"):
         weights.write_bytes(b"garbage")
+    # An input whose sides are not multiples of the tiny VAE's 4 px, and a mask of one pixel just
+    # above 50 % grey that shrinking the input to 40x32 (Lanczos: 140 -> 127) takes below: nothing left to repaint.
+    picture(folder / "odd.png", 34, 42, 1)
+    dot = np.zeros((34, 42), np.uint8)
+    dot[17, 21] = 140
+    Image.fromarray(dot, "L").save(folder / "dot.png")
     (folder / "three.txt").write_text(f"{folder / 'in.png'}\t{folder / 'ok.png'}\textra\n")
     (folder / "mixed.txt").write_text(f"{folder / 'in.png'}\t{folder / 'ok.png'}\n{folder / 'in.png'}\n")
     return folder
@@ -224,7 +230,8 @@ def bad(tmp_path_factory, tiny_sd1):
         (["--mask", "{f}/small.png"], "the mask is 20x16 but the image is 40x32"),
         (["--mask", "{f}/black.png"], "all black: nothing to repaint"),
         (["--mask", "{f}/white.png"], "all white"),
-        (["--mask", "{f}/white.png", "--invert-mask"], "all black"),
+        (["--mask", "{f}/white.png", "--invert-mask"], r"once inverted \(--invert-mask\): the mask is all black"),
+        (["--mask", "{f}/black.png", "--invert-mask"], r"once inverted \(--invert-mask\): the mask is all white"),
         (["--mask", "{f}/text.png"], "not an image PIL can read"),
         (["--mask", "{f}/rgba.png"], "transparent pixels"),
         (["--mask", "{f}/missing.png"], "missing.png"),
@@ -240,6 +247,12 @@ def test_a_bad_mask_is_one_line_exit_2_before_loading(bad, tmp_path, args, messa
     args = [str(a).format(f=bad) for a in args]
     result = run(I2I, bad / "in.png", PROMPT, "--model", bad / "broken", *args, "--steps", 2, "-o", tmp_path / "out.png")
     assert_usage_error(result, I2I, message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mask_the_resize_empties_is_one_line_exit_2_before_loading(bad, tmp_path):
+    result = run(I2I, bad / "odd.png", PROMPT, "--model", bad / "broken", "--mask", bad / "dot.png", "-sd", 1, "--steps", 2, "-o", tmp_path / "out.png")
+    assert_usage_error(result, I2I, "resized to 40x32: the mask is all black")
     assert list(tmp_path.iterdir()) == []
 
 

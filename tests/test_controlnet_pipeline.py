@@ -30,7 +30,7 @@ from PIL import Image
 
 import lora_files
 import tiny_models
-from parity import decode_reference, nhwc, relative_error, run_latents, torch_step_noise
+from parity import SCHEDULERS, decode_reference, nhwc, relative_error, run_latents, torch_step_noise
 from stable_diffusion import StableDiffusion, StableDiffusionXL
 from stable_diffusion.controlnet import Control, load_controlnet
 
@@ -41,13 +41,6 @@ PICTURE_TOLERANCE = 1e-4
 # Two stride-2 convs: the control image at the picture's size meets latents 4x smaller.
 HINT_CHANNELS = (16, 32, 32)
 
-SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "dpm++2m": "DPMSolverMultistepScheduler",
-    "heun": "HeunDiscreteScheduler",
-}
 PIPELINES = {  # (kind, xl) -> diffusers class
     ("txt2img", False): "StableDiffusionControlNetPipeline",
     ("img2img", False): "StableDiffusionControlNetImg2ImgPipeline",

@@ -165,6 +165,14 @@ def box_masks():
     return out
 
 
+@pytest.mark.parametrize("size", [("64", 32), (64.0, 32), (-8, 32), (64, 30), (True, 32)])
+def test_crop_to_mask_refuses_a_bad_generation_size_in_one_valueerror(size):
+    mask = np.zeros((32, 48), np.float32)
+    mask[8:16, 8:24] = 1
+    with pytest.raises(ValueError, match="must be whole numbers > 0, multiples of 8"):
+        inpaint.crop_to_mask(Image.new("RGB", (48, 32)), mask, 4, *size)
+
+
 def test_crop_region_matches_get_crop_region():
     checked = 0
     for mask in box_masks():

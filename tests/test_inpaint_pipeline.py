@@ -14,19 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from parity import decode_reference, nhwc, relative_error, run_latents, torch_step_noise
+from parity import SCHEDULERS, decode_reference, nhwc, relative_error, run_latents, torch_step_noise
 from stable_diffusion import StableDiffusion, StableDiffusionXL
 
 SIZE = 32  # pixels; the tiny VAE downsamples 4x, so latents are 8x8
 PROMPT = "A photo of an astronaut riding a horse on Mars."
-
-SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "dpm++2m": "DPMSolverMultistepScheduler",
-    "heun": "HeunDiscreteScheduler",
-}
 
 
 def picture_and_mask(height, width, seed=0):

@@ -5,22 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from parity import decode_reference, nhwc, reference_pipeline, relative_error, run_latents, torch_step_noise
+from parity import SCHEDULERS, decode_reference, nhwc, reference_pipeline, relative_error, run_latents, torch_step_noise
 from stable_diffusion import StableDiffusion
 
 SIZE = 32  # pixels; the tiny VAE downsamples 4x, so latents are 8x8
 PROMPT = "A photo of an astronaut riding a horse on Mars."
 
-DIFFUSERS_SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "dpm++2m": "DPMSolverMultistepScheduler",
-}
-
 
 def reference_sd(folder, sampler: str, img2img: bool = False):
-    return reference_pipeline(folder, DIFFUSERS_SCHEDULERS[sampler], img2img)
+    return reference_pipeline(folder, SCHEDULERS[sampler], img2img)
 
 
 @pytest.mark.parametrize(

@@ -194,6 +194,17 @@ def test_clip_skip_from_override_settings(server, api, tiny_sd1):
     assert images.parse_parameters(result.images[0].info["parameters"])["Clip skip"] == "2"
 
 
+def test_clip_skip_option_sent_as_a_string_is_stored_as_a_number(server, api, tiny_sd1):
+    """A1111's options accept "2" for CLIP_stop_at_last_layers; later generations use clip skip 2."""
+    set_model(server, Path(tiny_sd1).name)
+    requests.post(server.url + "/sdapi/v1/options", json={"CLIP_stop_at_last_layers": "2"}, timeout=10).raise_for_status()
+    try:
+        result = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=12, steps=2, width=64, height=64, sampler_name="Euler")
+    finally:
+        requests.post(server.url + "/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1}, timeout=10).raise_for_status()
+    np.testing.assert_array_equal(pixels(result.images[0]), library_txt2img(tiny_sd1, 12, num_steps=2, cfg_weight=7.0, sampler="Euler", clip_skip=2))
+
+
 @pytest.mark.parametrize("name", ["open_webui_txt2img.json", "sillytavern_txt2img.json", "sillytavern_txt2img_current.json"])
 def test_client_request_bodies(server, tiny_sd1, name):
     """The exact bodies Open WebUI and SillyTavern POST; SillyTavern asks save_images, which writes into --output-dir only."""
@@ -263,6 +274,22 @@ def test_progress_previews_and_interrupt(server, api, tiny_sd1):
     assert len(answer["images"]) == 1  # the first batch ends early, the second never starts
     idle = requests.get(server.url + "/sdapi/v1/progress", timeout=10).json()
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+
+
+def test_show_progress_every_n_steps_option_sets_the_previews(server, api, tiny_sd1):
+    """A1111's option (0: no previews) overrides --preview-every until set again."""
+    set_model(server, Path(tiny_sd1).name)
+    api.set_options({"show_progress_every_n_steps": 0})
+    try:
+        result = {}
+        thread = _post_async(server.url + "/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 400, "width": 64, "height": 64, "seed": 1}, result)
+        progress = _wait_for(server.url, lambda p: p["state"]["sampling_step"] >= 3)
+        assert progress["current_image"] is None
+        api.interrupt()
+        thread.join(120)
+        assert not thread.is_alive()
+    finally:
+        api.set_options({"show_progress_every_n_steps": 1})
 
 
 def test_disconnected_client_cancels_its_job(server, tiny_sd1):

@@ -121,6 +121,7 @@ def _cases(other_model):
         ("POST", T2I, {"prompt": "<lora:missing:1>", **SMALL}, 422, "missing"),
         ("POST", T2I, {"enable_hr": True, **SMALL}, 422, "enable_hr"),
         ("POST", T2I, {"script_name": "x/y", **SMALL}, 422, "script"),
+        ("POST", T2I, {"alwayson_scripts": {"controlnet": {"args": []}}, **SMALL}, 422, "always on script 'controlnet' not found"),
         ("POST", I2I, {**SMALL}, 404, "init"),
         ("POST", I2I, {"init_images": "abc", **SMALL}, 422, "init_images"),
         ("POST", I2I, {"init_images": [5], **SMALL}, 422, "init_images"),

@@ -107,11 +107,15 @@ class Source:
             self.picture, self.run_mask = self.crop.image, self.crop.mask
             return
         self.picture = images.resize_to_multiple(self.original, factor, args.resize)
+        if self.mask is not None:  # as diffusers' mask processor resizes a mask to the image's size
+            self.run_mask = self.mask if self.mask.size == size else self.mask.resize(size, Image.Resampling.LANCZOS)
+            try:  # a few white pixels can vanish in the resize: refused here, before any model loads or file is written
+                inpaint.load_mask(self.run_mask, size)
+            except ValueError as e:
+                raise UsageError(f"--mask {self.mask_path!r} resized to {size[0]}x{size[1]}: {e}") from None
         if self.picture.size != self.original.size and not quiet:
             (w, h), name = self.original.size, f" {self.path}" if args.images else ""
             print(f"resizing the input image{name} from {w}x{h} to {size[0]}x{size[1]} (multiples of {factor} px)", file=sys.stderr)
-        if self.mask is not None:  # as diffusers' mask processor resizes a mask to the image's size
-            self.run_mask = self.mask if self.mask.size == size else self.mask.resize(size, Image.Resampling.LANCZOS)
 
     @property
     def size(self) -> tuple:
@@ -162,15 +166,13 @@ def read_mask(path: str, size: tuple, args) -> Image.Image:
     """The mask as the run reads it: checked (a picture, no transparency, the input's size, neither all black nor
     all white), inverted for --invert-mask (before blurring, as A1111), blurred by --mask-blur."""
     try:
-        mask = inpaint.load_mask(path, size)
-        if args.invert_mask:
-            mask = ImageOps.invert(mask.convert("L"))
+        # Inverted before any check, so that "all black" and "all white" speak of the mask the run reads.
+        mask = ImageOps.invert(inpaint.read_mask_picture(path).convert("L")) if args.invert_mask else path
         return inpaint.load_mask(mask, size, args.mask_blur)
     except ValueError as e:
         message = str(e)
-        if args.invert_mask and "all white" in message:  # load_mask checks the file before it is inverted
-            message = "the mask is all white, all black once inverted (--invert-mask): nothing to repaint"
-        raise UsageError(message if repr(path) in message else f"--mask {path!r}: {message}") from None
+        what = f"--mask {path!r}" + (" once inverted (--invert-mask)" if args.invert_mask else "")
+        raise UsageError(message if repr(path) in message else f"{what}: {message}") from None
 
 
 def inpaint_fields(args, source: Source) -> dict:
@@ -214,6 +216,8 @@ def main(argv=None, prog: str = PROG):
     model, _ = cli.check_before_loading(args, picture_size=largest.size, n_sources=len(sources), one_batch=interim)
     if model.inpainting and not masked:
         raise UsageError(f"--model {args.model!r} is an inpainting model (its UNet reads a mask): give --mask MASK")
+    for source in sources:  # from the configs' VAE factor: a mask the resize empties is refused before loading
+        source.prepare(args, model.latent_factor, quiet=group.rank != 0)
     inpaint_strength = (StableDiffusionXL if model.is_xl else StableDiffusion).inpaint_strength
     strength = args.strength if args.strength is not None else inpaint_strength if masked else DEFAULT_STRENGTH
     strengths = TRIANGLE_STRENGTHS if args.generate_triangle else [strength]
@@ -229,8 +233,6 @@ def main(argv=None, prog: str = PROG):
     check_steps(steps, strengths, args.generate_triangle)
     if group.rank == 0:
         cli.report_prompt(args, sd, args.prompt, steps, cfg)
-    for source in sources:
-        source.prepare(args, sd.latent_factor, quiet=group.rank != 0)
     first = sources[0]
     cli.check_controls(sd, cli.controls_for(args, *first.picture.size, first.crop), *first.picture.size)
     seed = None if args.seed_list else group.broadcast_seed(lambda: cli.draw_seed(args.seed))

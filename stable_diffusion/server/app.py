@@ -146,6 +146,10 @@ def create_app(settings: generation.Settings, credentials: dict | None = None) -
             value = a1111.as_int("CLIP_stop_at_last_layers", changes["CLIP_stop_at_last_layers"])
             if value < 1:
                 raise ApiError(422, f"CLIP_stop_at_last_layers must be at least 1, got {value}")
+            changes = {**changes, "CLIP_stop_at_last_layers": value}  # stored as the int the generations read
+        if "show_progress_every_n_steps" in changes:  # A1111's preview period (0 or -1: no previews)
+            every = a1111.as_int("show_progress_every_n_steps", changes["show_progress_every_n_steps"])
+            changes = {**changes, "show_progress_every_n_steps": every}
         name = changes.get("sd_model_checkpoint")
         if name is not None:
             name = a1111.as_str("sd_model_checkpoint", name)

@@ -117,6 +117,8 @@ def plan(mode: str, body, models: Models, settings: Settings) -> Plan:
         raise ApiError(422, "subseed_strength: variation seeds are not supported by this server; send 0")
     if request["script_name"]:
         raise ApiError(422, f"script {request['script_name']!r} not found (this server runs no scripts)")
+    if request["alwayson_scripts"]:  # ControlNet and the other extensions' arguments: refused, not ignored, as A1111 refuses a missing one
+        raise ApiError(422, f"always on script {next(iter(request['alwayson_scripts']))!r} not found (this server runs no scripts)")
     for name in ("steps", "batch_size", "n_iter"):
         if request[name] < 1:
             raise ApiError(422, f"field {name!r}: must be at least 1, got {request[name]}")
@@ -250,7 +252,7 @@ def _generate(job, plan: Plan, sd, models: Models, settings: Settings):
             latents = sd.generate_latents(prompt, n_images=len(batch), latents=noise, **common)
         else:
             latents = source.generate(prompt, len(batch), noise, common)
-        x = _denoise(job, sd, latents, calls, settings.preview_every)
+        x = _denoise(job, sd, latents, calls, max(models.options["show_progress_every_n_steps"], 0))
         if x is None:
             continue
         decoded = np.asarray(sd.decode(x))
