@@ -216,8 +216,6 @@ def main(argv=None, prog: str = PROG):
     model, _ = cli.check_before_loading(args, picture_size=largest.size, n_sources=len(sources), one_batch=interim)
     if model.inpainting and not masked:
         raise UsageError(f"--model {args.model!r} is an inpainting model (its UNet reads a mask): give --mask MASK")
-    for source in sources:  # from the configs' VAE factor: a mask the resize empties is refused before loading
-        source.prepare(args, model.latent_factor, quiet=group.rank != 0)
     inpaint_strength = (StableDiffusionXL if model.is_xl else StableDiffusion).inpaint_strength
     strength = args.strength if args.strength is not None else inpaint_strength if masked else DEFAULT_STRENGTH
     strengths = TRIANGLE_STRENGTHS if args.generate_triangle else [strength]
@@ -226,6 +224,8 @@ def main(argv=None, prog: str = PROG):
     inputs = [path for s in sources for path in (s.path, s.mask_path) if path] + [spec.image for spec in args.controls]
     cli.check_written_paths(files_to_write(output, args, model.steps(args), strengths, len(sources), model.calls), inputs=inputs)
 
+    for source in sources:  # from the configs' VAE factor: a mask the resize empties is refused before loading
+        source.prepare(args, model.latent_factor, quiet=group.rank != 0)
     sd = cli.load(args)
     steps, cfg = cli.steps_and_cfg(args, sd)
     if masked and args.cfg is None and sd.defaults.cfg_weight > 0:  # a distilled model keeps its 0
